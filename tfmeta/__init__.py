@@ -1,0 +1,31 @@
+"""tfmeta: meta-learning ("learning to learn") for TensorFlow and Keras 3.
+
+Pipeline: a task distribution (`tfmeta.tasks`) yields batches of episodes as a `tf.data.Dataset`; a
+`MetaLearner` (a `keras.Model`, e.g. `MAML` or `Reptile`) meta-trains any Keras learner on them with `fit`,
+reports pre/post-adaptation metrics with `evaluate`, and returns an adapted Keras model with `adapt`.
+"""
+
+from tfmeta import layers, models, tasks
+from tfmeta.algorithms import MAML, Reptile
+from tfmeta.inner_loop import Adaptation, inner_loop
+from tfmeta.meta_learner import MetaLearner
+from tfmeta.partition import Partition
+from tfmeta.update_rules import Chain, ClipByGlobalNorm, Sgd, UpdateRule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAML",
+    "Adaptation",
+    "Chain",
+    "ClipByGlobalNorm",
+    "MetaLearner",
+    "Partition",
+    "Reptile",
+    "Sgd",
+    "UpdateRule",
+    "inner_loop",
+    "layers",
+    "models",
+    "tasks",
+]

@@ -1,0 +1,21 @@
+"""Registers tfmeta's and Keras' building blocks with gin. Import before parsing gin files.
+
+Keras layers and models are registered with `gin.external_configurable` (decorating a Keras 3 `Layer`
+subclass with `@gin.configurable` breaks its construction), so gin files write e.g. `MAML.inner_steps = 5`.
+"""
+
+import gin
+import keras
+
+import tfmeta
+from tfmeta import experiment  # noqa: F401  (registers Experiment)
+
+for _cls in (tfmeta.MAML, tfmeta.Reptile, tfmeta.Sgd, tfmeta.ClipByGlobalNorm, tfmeta.Chain, tfmeta.Partition):
+    gin.external_configurable(_cls, module="tfmeta")
+for _fn in (tfmeta.models.mlp, tfmeta.models.conv_net):
+    gin.external_configurable(_fn, module="tfmeta.models")
+gin.external_configurable(tfmeta.tasks.SineTasks, module="tfmeta.tasks")
+for _optimizer in (keras.optimizers.Adam, keras.optimizers.AdamW, keras.optimizers.SGD, keras.optimizers.RMSprop):
+    gin.external_configurable(_optimizer, module="keras.optimizers")
+for _schedule in (keras.optimizers.schedules.CosineDecay, keras.optimizers.schedules.PolynomialDecay):
+    gin.external_configurable(_schedule, module="keras.optimizers.schedules")

@@ -1,0 +1,167 @@
+"""A gin-configured meta-training run: what `tools/train.py` and `tools/evaluate.py` execute.
+
+Training checkpoints the meta-learner and its optimizer at the end of every epoch. A restarted run restores
+the last checkpoint and continues the episode stream at the next batch (episodes depend only on the seed and
+their index), so a run killed and restarted ends exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable, Optional, Union
+
+import gin
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfmeta import evaluation
+from tfmeta.meta_learner import MetaLearner
+from tfmeta.tasks import TaskDistribution
+
+
+class _CheckpointEachEpoch(keras.callbacks.Callback):
+    """Saves a checkpoint after every epoch whose loss is finite."""
+
+    def __init__(self, manager: tf.train.CheckpointManager):
+        super().__init__()
+        self.manager = manager
+
+    def on_epoch_end(self, epoch, logs=None):
+        if np.isfinite((logs or {}).get("loss", np.nan)):
+            self.manager.save(checkpoint_number=epoch + 1)
+
+
+@gin.configurable
+class Experiment:
+    """Meta-training and evaluation of one meta-learner on one task distribution.
+
+    Args:
+      meta_learner: a callable returning the `MetaLearner` (in gin: `@MAML`, configured with `MAML.*`).
+      tasks: the meta-training task distribution.
+      eval_tasks: the held-out task distribution (default: `tasks`, drawn with other seeds).
+      optimizer: a callable returning the Keras optimizer of the outer loop.
+      meta_batch_size: tasks per meta-step.
+      num_steps: meta-steps in total; a multiple of `steps_per_epoch`.
+      steps_per_epoch: meta-steps between checkpoints, progress lines and validation.
+      seed: seed of the learner's initialisation and of the training episodes.
+      validation_tasks: held-out tasks evaluated after every epoch (`val_*` logs).
+      eval_num_tasks, eval_steps, eval_seed: the final evaluation: query loss after 0..`eval_steps` inner
+        steps on `eval_num_tasks` held-out tasks drawn with `eval_seed` (validation uses `eval_seed + 1`).
+      jit_compile: passed to `compile`; "auto" means no XLA on CPU.
+      verbose: `fit`'s progress output (1: progress bar, 2: a line per epoch; "auto": a progress bar on a
+        terminal, lines otherwise).
+    """
+
+    def __init__(
+        self,
+        meta_learner: Callable[[], MetaLearner] = gin.REQUIRED,
+        tasks: TaskDistribution = gin.REQUIRED,
+        eval_tasks: Optional[TaskDistribution] = None,
+        optimizer: Callable[[], keras.optimizers.Optimizer] = keras.optimizers.Adam,
+        meta_batch_size: int = 25,
+        num_steps: int = 70_000,
+        steps_per_epoch: int = 1000,
+        seed: int = 0,
+        validation_tasks: int = 100,
+        eval_num_tasks: int = 600,
+        eval_steps: int = 10,
+        eval_seed: int = 1_000_000,
+        jit_compile: Union[bool, str] = "auto",
+        verbose: Union[int, str] = "auto",
+    ):
+        if num_steps < 1 or steps_per_epoch < 1 or num_steps % steps_per_epoch:
+            raise ValueError(
+                f"`num_steps` ({num_steps}) must be a positive multiple of `steps_per_epoch` ({steps_per_epoch})."
+            )
+        if seed in (eval_seed, eval_seed + 1):
+            raise ValueError(f"`seed` ({seed}) must differ from `eval_seed` and `eval_seed + 1` ({eval_seed}).")
+        self.meta_learner = meta_learner
+        self.tasks = tasks
+        self.eval_tasks = tasks if eval_tasks is None else eval_tasks
+        self.optimizer = optimizer
+        self.meta_batch_size = meta_batch_size
+        self.num_steps = num_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.seed = seed
+        self.validation_tasks = validation_tasks
+        self.eval_num_tasks = eval_num_tasks
+        self.eval_steps = eval_steps
+        self.eval_seed = eval_seed
+        self.jit_compile = jit_compile
+        self.verbose = verbose
+
+    def build(self) -> MetaLearner:
+        """The compiled meta-learner, with its optimizer's variables created (so checkpoints can restore them)."""
+        meta_learner = self.meta_learner()
+        meta_learner.compile(optimizer=self.optimizer(), jit_compile=self.jit_compile)
+        meta_learner.optimizer.build(meta_learner.meta_variables)
+        return meta_learner
+
+    def checkpoints(self, meta_learner: MetaLearner, model_dir: str) -> tf.train.CheckpointManager:
+        checkpoint = tf.train.Checkpoint(meta_learner=meta_learner, optimizer=meta_learner.optimizer)
+        return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=3)
+
+    def train(self, model_dir: str) -> dict:
+        """Meta-trains (resuming from the last checkpoint in `model_dir`), evaluates, writes `metrics.json`."""
+        keras.utils.set_random_seed(self.seed)
+        meta_learner = self.build()
+        manager = self.checkpoints(meta_learner, model_dir)
+        if manager.latest_checkpoint:
+            manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        done = int(meta_learner.optimizer.iterations)
+        if done:
+            print(f"Resuming from {manager.latest_checkpoint} after {done} meta-steps.")
+        validation = None
+        if self.validation_tasks:
+            validation = self.eval_tasks.dataset(self.validation_tasks, seed=self.eval_seed + 1, num_batches=1)
+        history = meta_learner.fit(
+            self.tasks.dataset(self.meta_batch_size, seed=self.seed, start=done),
+            epochs=self.num_steps // self.steps_per_epoch,
+            initial_epoch=done // self.steps_per_epoch,
+            steps_per_epoch=self.steps_per_epoch,
+            validation_data=validation,
+            callbacks=[
+                keras.callbacks.TerminateOnNaN(),
+                _CheckpointEachEpoch(manager),
+                keras.callbacks.TensorBoard(os.path.join(model_dir, "logs")),
+            ],
+            verbose=(1 if sys.stdout.isatty() else 2) if self.verbose == "auto" else self.verbose,
+            shuffle=False,
+        )
+        steps = int(meta_learner.optimizer.iterations)
+        if meta_learner.stop_training and steps < self.num_steps:
+            raise FloatingPointError(
+                f"meta-training stopped at meta-step {steps}: the loss is not finite. The last good checkpoint "
+                f"is {manager.latest_checkpoint}; lower the learning rates or inspect the data."
+            )
+        results = {
+            "meta_steps": steps,
+            "train": {k: float(v[-1]) for k, v in history.history.items()},
+            "eval": _summary(self.evaluate(meta_learner)),
+        }
+        with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        return results
+
+    def restore(self, model_dir: str) -> MetaLearner:
+        """The meta-learner as of the last checkpoint in `model_dir`."""
+        meta_learner = self.build()
+        manager = self.checkpoints(meta_learner, model_dir)
+        if not manager.latest_checkpoint:
+            raise FileNotFoundError(f"no checkpoint in {os.path.join(model_dir, 'checkpoints')}: train first.")
+        manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        return meta_learner
+
+    def evaluate(self, meta_learner: MetaLearner) -> dict:
+        """The adaptation curve on the held-out tasks (see `evaluation.adaptation_curve`)."""
+        return evaluation.adaptation_curve(
+            meta_learner, self.eval_tasks, num_tasks=self.eval_num_tasks, steps=self.eval_steps, seed=self.eval_seed
+        )
+
+
+def _summary(curve: dict) -> dict:
+    """An adaptation curve without its per-task values."""
+    return {k: ({s: v for s, v in c.items() if s != "per_task"} if isinstance(c, dict) else c) for k, c in curve.items()}

@@ -1,0 +1,67 @@
+"""The inner loop: K steps of an update rule on a task's support loss, unrolled in Python."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import tensorflow as tf
+
+from tfmeta.update_rules import UpdateRule
+
+LossFn = Callable[[list, list], tuple[tf.Tensor, list]]
+
+
+@dataclasses.dataclass
+class Adaptation:
+    """Result of an inner loop.
+
+    params: the adapted fast parameters.
+    state: the learner's non-trainable state (BatchNorm statistics, RNG seeds) after the last forward pass.
+    losses: the support loss before each step.
+    trajectory: if requested, the fast parameters before step 1, after step 1, ..., after the last step.
+    """
+
+    params: list[tf.Tensor]
+    state: list[tf.Tensor]
+    losses: list[tf.Tensor]
+    trajectory: Optional[list[list[tf.Tensor]]] = None
+
+
+def inner_loop(
+    loss_fn: LossFn,
+    params: list[tf.Tensor],
+    state: list[tf.Tensor],
+    rule: UpdateRule,
+    steps: int,
+    *,
+    first_order: bool = False,
+    keep_trajectory: bool = False,
+    rule_state: Any = None,
+) -> Adaptation:
+    """Adapts `params` with `steps` steps of `rule` on `loss_fn(params, state) -> (loss, state)`.
+
+    The loop is unrolled in Python (`steps` is static), so an enclosing `tf.GradientTape` differentiates
+    through every step: this gives MAML's second-order meta-gradient. With `first_order=True` the inner
+    gradients are treated as constants, which gives first-order MAML. The learner's variables are not read or
+    written here: everything flows through `params` and `state`.
+    """
+    if steps < 0:
+        raise ValueError(f"inner loop `steps` must be >= 0; got {steps}.")
+    params = list(params)
+    rule_state = rule.init_state(params) if rule_state is None else rule_state
+    trajectory = [params] if keep_trajectory else None
+    losses = []
+    for step in range(steps):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(params)
+            loss, state = loss_fn(params, state)
+        grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        if first_order:
+            grads = [tf.stop_gradient(g) for g in grads]
+        updates, rule_state = rule.update(grads, rule_state, params, step)
+        params = [p + u for p, u in zip(params, updates)]
+        losses.append(loss)
+        if keep_trajectory:
+            trajectory.append(params)
+    return Adaptation(params=params, state=list(state), losses=losses, trajectory=trajectory)

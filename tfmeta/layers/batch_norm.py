@@ -1,0 +1,100 @@
+"""Batch normalisation with exact higher-order gradients, and the two test-time policies of meta-learning."""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+from keras import ops
+
+STATISTICS = ("batch", "running")
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """`keras.layers.BatchNormalization` whose second-order gradients are exact.
+
+    Keras computes the batch variance with `tf.nn.moments`, which stops the gradient through the mean inside
+    the variance: first derivatives stay exact, but MAML's meta-gradient (a derivative of a gradient) comes out
+    wrong by a few percent. This layer computes `mean((x - mean(x))**2)` without the stop-gradient.
+
+    statistics: what the layer normalises with at inference (`training=False`).
+      "batch": the statistics of the current batch, as in the MAML paper and learn2learn (transductive: a
+        query batch is normalised with its own statistics). The moving averages are still tracked in training.
+      "running": the moving averages, as Keras does.
+    In training (`training=True`) the layer always uses batch statistics and updates the moving averages.
+    """
+
+    def __init__(self, statistics: str = "batch", **kwargs):
+        if statistics not in STATISTICS:
+            raise ValueError(f"BatchNormalization `statistics` must be one of {STATISTICS}; got {statistics!r}.")
+        for unsupported in ("renorm", "synchronized"):
+            if kwargs.get(unsupported):
+                raise ValueError(f"tfmeta BatchNormalization does not support `{unsupported}=True`.")
+        super().__init__(**kwargs)
+        self.statistics = statistics
+
+    def call(self, inputs, training=None, mask=None):
+        if (training and self.trainable) or self.statistics == "running":
+            return super().call(inputs, training=training, mask=mask)
+        # Batch statistics at inference, leaving the moving averages untouched.
+        inputs = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        mean, variance = self._moments(inputs, mask)
+        outputs = ops.batch_normalization(
+            x=inputs,
+            mean=mean,
+            variance=variance,
+            axis=self.axis,
+            offset=ops.cast(self.beta, inputs.dtype) if self.center else None,
+            scale=ops.cast(self.gamma, inputs.dtype) if self.scale else None,
+            epsilon=self.epsilon,
+        )
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _moments(self, inputs, mask):
+        if mask is not None:
+            return super()._moments(inputs, mask)
+        axes = self._reduction_axes
+        mean = ops.mean(inputs, axis=axes, keepdims=True)
+        variance = ops.mean(ops.square(inputs - mean), axis=axes)
+        return ops.squeeze(mean, axis=axes), variance
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "statistics": self.statistics}
+
+
+def inexact_batch_norms(model: keras.Layer) -> list[keras.Layer]:
+    """The layers of `model` that are Keras' own BatchNormalization (inexact second-order gradients)."""
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=True)  # every nested layer, also in subclassed models
+        if isinstance(layer, keras.layers.BatchNormalization) and not isinstance(layer, BatchNormalization)
+    ]
+
+
+def warn_inexact_batch_norm(model: keras.Layer) -> None:
+    """Warns if second-order meta-gradients through `model` would be wrong because of Keras' BatchNormalization."""
+    layers = inexact_batch_norms(model)
+    if layers:
+        warnings.warn(
+            f"Learner '{model.name}' uses keras.layers.BatchNormalization ({', '.join(l.name for l in layers)}), "
+            "whose second-order gradients are inexact on the TensorFlow backend (a stop-gradient inside "
+            "tf.nn.moments): second-order meta-gradients will be off by a few percent. Build the learner with "
+            "tfmeta.layers.BatchNormalization, or convert it with tfmeta.layers.exact_batch_norm(learner).",
+            stacklevel=3,
+        )
+
+
+def exact_batch_norm(model: keras.Model) -> keras.Model:
+    """A copy of a functional or Sequential `model`, with the same weights, whose Keras BatchNormalization layers
+    are replaced by tfmeta's (with `statistics="running"`, so that inference behaves as before)."""
+
+    def clone(layer):
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.BatchNormalization) and not isinstance(layer, BatchNormalization):
+            return BatchNormalization.from_config({**config, "statistics": "running"})
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy

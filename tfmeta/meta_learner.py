@@ -1,0 +1,357 @@
+"""`MetaLearner`: a Keras model that meta-trains a learner model on batches of episodes with `fit`.
+
+An episode batch is a dict of `support_x`, `support_y`, `query_x`, `query_y`, each with a leading task
+dimension. `train_step` computes one meta-gradient per task (`task_gradients`, the only thing an algorithm
+defines), averages them over the tasks and applies them with the compiled Keras optimizer. `test_step` adapts
+to each task's support set and reports the query loss and metrics before and after adaptation.
+
+The learner is adapted functionally: its variables are read once per task and every adapted forward pass goes
+through `learner.stateless_call` with substituted parameter values; the inner loop never writes a variable.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import keras
+import tensorflow as tf
+
+from tfmeta import partition as partition_lib
+from tfmeta.inner_loop import Adaptation, inner_loop
+from tfmeta.update_rules import Sgd, UpdateRule
+
+EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
+TASK_PARALLELISM = ("map_fn", "unrolled", "vectorized_map")
+
+Metric = Union[str, Callable[[tf.Tensor, tf.Tensor], tf.Tensor]]
+
+
+def check_steps(value: int, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{argument}` must be a non-negative integer; got {value!r}.")
+    return value
+
+
+def _resolve_metric(metric: Metric) -> tuple[str, Callable]:
+    if callable(metric):
+        return metric.__name__, metric
+    fn = getattr(keras.metrics, metric, None) or keras.saving.get_registered_object(metric)
+    if not callable(fn) or isinstance(fn, type):
+        raise ValueError(
+            f"`metrics` entry {metric!r} is not a per-example metric function such as "
+            "'sparse_categorical_accuracy' or 'mean_absolute_error'."
+        )
+    return metric, fn
+
+
+def _spec(tensors) -> list[tf.TensorSpec]:
+    return [tf.TensorSpec(t.shape, t.dtype) for t in tensors]
+
+
+def _is_seed_state(variable) -> bool:
+    return variable.name == "seed_generator_state"
+
+
+class MetaLearner(keras.Model):
+    """Base class of meta-learners over a Keras `learner`.
+
+    Args:
+      learner: any built Keras model; its trainable variables are the meta-learned initialisation.
+      loss: the task loss, a Keras loss name, function or `keras.losses.Loss` (averaged over examples).
+      metrics: per-example metric functions or their `keras.metrics` names, reported on the query set.
+      update_rule: the inner-loop rule (default `Sgd(0.01)`); its variables are meta-learned with the learner.
+      inner_steps: inner-loop steps during meta-training.
+      eval_inner_steps: inner-loop steps in `evaluate` and `adapt` (default: `inner_steps`).
+      partition: which learner variables the inner loop adapts (default: all).
+      task_parallelism: how the tasks of a meta-batch are computed: "map_fn" (`tf.map_fn`, default: fast to
+        trace, and on a par with the others at run time; see docs/performance.md), "unrolled" (a Python loop,
+        needs a static meta-batch size) or "vectorized_map" (`tf.vectorized_map`; fastest for small MLPs
+        without XLA, pathological with XLA).
+    """
+
+    def __init__(
+        self,
+        learner: keras.Model,
+        loss: Union[str, Callable] = "mse",
+        metrics: Sequence[Metric] = (),
+        update_rule: Optional[UpdateRule] = None,
+        inner_steps: int = 1,
+        eval_inner_steps: Optional[int] = None,
+        partition: Optional[partition_lib.Partition] = None,
+        task_parallelism: str = "map_fn",
+        name: Optional[str] = None,
+    ):
+        super().__init__(name=name)
+        if not isinstance(learner, keras.Model):
+            raise TypeError(f"`learner` must be a keras.Model; got {type(learner).__name__}.")
+        if not learner.built:
+            raise ValueError(
+                f"`learner` '{learner.name}' is not built: build it (e.g. with keras.Input or by calling it on "
+                "a batch) so that its variables exist before meta-learning."
+            )
+        if update_rule is not None and not isinstance(update_rule, UpdateRule):
+            raise TypeError(f"`update_rule` must be a tfmeta UpdateRule; got {type(update_rule).__name__}.")
+        if task_parallelism not in TASK_PARALLELISM:
+            raise ValueError(f"`task_parallelism` must be one of {TASK_PARALLELISM}; got {task_parallelism!r}.")
+        self.learner = learner
+        self.partition = partition if partition is not None else partition_lib.Partition()
+        self.fast_mask = self.partition.mask(learner)
+        self.update_rule = update_rule if update_rule is not None else Sgd(0.01)
+        fast_variables, _ = partition_lib.split(learner.trainable_variables, self.fast_mask)
+        try:
+            self.update_rule.check_params([v.shape for v in fast_variables])
+        except ValueError as error:
+            raise ValueError(f"`update_rule` does not match the partition's fast variables: {error}") from None
+        self.inner_steps = check_steps(inner_steps, "inner_steps")
+        self.eval_inner_steps = check_steps(
+            inner_steps if eval_inner_steps is None else eval_inner_steps, "eval_inner_steps"
+        )
+        self.task_parallelism = task_parallelism
+        self.task_loss = keras.losses.get(loss)
+        self.task_metrics = dict(_resolve_metric(m) for m in metrics)
+        self._log_dtype = keras.backend.standardize_dtype(learner.dtype)
+        names = ["loss", *self.task_metrics]
+        self._trackers = {n: keras.metrics.Mean(name=n) for n in names + [f"pre_adapt_{n}" for n in names]}
+        self.built = True  # Nothing to build: stops `fit` from tracing the model on an episode.
+
+    # ----------------------------------------------------------------------------------------------- pieces
+
+    @property
+    def meta_variables(self) -> list[keras.Variable]:
+        """What the outer loop learns: the learner's trainable variables, then the update rule's."""
+        return self.learner.trainable_variables + self.update_rule.trainable_variables
+
+    @property
+    def metrics(self) -> list[keras.metrics.Metric]:
+        return list(self._trackers.values())
+
+    def call(self, inputs, training=False):
+        """The learner at the meta-learned initialisation."""
+        return self.learner(inputs, training=training)
+
+    def read_params(self) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+        """The learner's current (fast, slow) trainable values; read inside a tape to differentiate them."""
+        values = [tf.convert_to_tensor(v) for v in self.learner.trainable_variables]
+        return partition_lib.split(values, self.fast_mask)
+
+    def forward(self, fast, slow, state, x, training: bool):
+        """The learner's output for fast parameter values `fast`: returns `(outputs, new_state)`."""
+        trainable = partition_lib.merge(fast, slow, self.fast_mask)
+        return self.learner.stateless_call(trainable, state, x, training=training)
+
+    def loss_value(self, y_true, y_pred) -> tf.Tensor:
+        """The task loss averaged over examples."""
+        return tf.reduce_mean(self.task_loss(y_true, y_pred))
+
+    def metric_values(self, y_true, y_pred) -> dict[str, tf.Tensor]:
+        return {n: tf.reduce_mean(tf.cast(fn(y_true, y_pred), self._log_dtype)) for n, fn in self.task_metrics.items()}
+
+    def adapt_params(
+        self, fast, slow, state, x, y, steps: int, *, training: bool, first_order: bool = False,
+        keep_trajectory: bool = False,
+    ) -> Adaptation:
+        """Runs the inner loop from `fast` on the examples `(x, y)` of one task."""
+
+        def support_loss(params, state):
+            predictions, state = self.forward(params, slow, state, x, training=training)
+            return self.loss_value(y, predictions), state
+
+        return inner_loop(
+            support_loss, fast, state, self.update_rule, steps,
+            first_order=first_order, keep_trajectory=keep_trajectory,
+        )
+
+    def task_gradients(self, episode: dict, state: list) -> tuple[list, dict, list]:
+        """For one task: the meta-gradient for each of `meta_variables`, the scalar logs named by
+        `train_log_names()` and the learner's non-trainable state after the task. Algorithms implement this."""
+        raise NotImplementedError
+
+    def train_log_names(self) -> list[str]:
+        """The logs `task_gradients` returns: the loss and the task metrics after adaptation."""
+        return ["loss", *self.task_metrics]
+
+    # ----------------------------------------------------------------------------------- meta-batches
+
+    def compute_meta_gradients(self, episodes: dict) -> tuple[list, dict, list]:
+        """The meta-gradient of a batch of episodes (the mean over tasks), the mean logs and the new state."""
+        episodes = self.check_episodes(episodes)
+        state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+        seed_offset = [
+            tf.constant([1, 0], v.dtype) if _is_seed_state(v) else None for v in self.learner.non_trainable_variables
+        ]
+
+        def one_task(index, episode):
+            # Each task draws its own random stream (dropout masks): offset the seed of every seed generator.
+            task_state = [s if o is None else s + tf.cast(index, s.dtype) * o for s, o in zip(state, seed_offset)]
+            grads, logs, new_state = self.task_gradients(episode, task_state)
+            return grads, {k: tf.cast(v, self._log_dtype) for k, v in logs.items()}, new_state
+
+        signature = (_spec(self.meta_variables), self._log_spec(self.train_log_names()), _spec(state))
+        grads, logs, states = self.map_tasks(one_task, episodes, signature)
+        grads = [tf.reduce_mean(g, axis=0) for g in grads]
+        logs = {k: tf.reduce_mean(v, axis=0) for k, v in logs.items()}
+        # Statistics are averaged over tasks; seed states continue from task 0, whose offset is zero.
+        new_state = [
+            s[0] if _is_seed_state(v) or not s.dtype.is_floating else tf.reduce_mean(s, axis=0)
+            for v, s in zip(self.learner.non_trainable_variables, states)
+        ]
+        return grads, logs, new_state
+
+    def train_step(self, episodes):
+        grads, logs, state = self.compute_meta_gradients(episodes)
+        self.optimizer.apply(grads, self.meta_variables)
+        for variable, value in zip(self.learner.non_trainable_variables, state):
+            variable.assign(value)
+        return self._update_trackers(logs)
+
+    def evaluate_tasks(self, episodes: dict, steps: Optional[int] = None, at_steps: Optional[Sequence[int]] = None) -> dict:
+        """Adapts to each task's support set with `steps` inner steps (default `eval_inner_steps`, in inference
+        mode) and returns, per task, the query loss and metrics after each of `at_steps` steps (default: before
+        and after adaptation) as tensors of shape `[tasks, len(at_steps)]`."""
+        episodes = self.check_episodes(episodes)
+        steps = check_steps(self.eval_inner_steps if steps is None else steps, "steps")
+        at_steps = (0, steps) if at_steps is None else tuple(at_steps)
+        if not all(0 <= k <= steps for k in at_steps):
+            raise ValueError(f"`at_steps` must lie in [0, {steps}]; got {at_steps}.")
+        state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+
+        def one_task(index, episode):
+            fast, slow = self.read_params()
+            adaptation = self.adapt_params(
+                fast, slow, state, episode["support_x"], episode["support_y"], steps,
+                training=False, keep_trajectory=True,
+            )
+            results = []
+            for k in at_steps:
+                predictions, _ = self.forward(adaptation.trajectory[k], slow, state, episode["query_x"], training=False)
+                results.append({"loss": self.loss_value(episode["query_y"], predictions),
+                                **self.metric_values(episode["query_y"], predictions)})
+            return {n: tf.cast(tf.stack([r[n] for r in results]), self._log_dtype) for n in results[0]}
+
+        signature = {n: tf.TensorSpec([len(at_steps)], self._log_dtype) for n in ["loss", *self.task_metrics]}
+        return self.map_tasks(one_task, episodes, signature)
+
+    def test_step(self, episodes):
+        results = self.evaluate_tasks(episodes)
+        logs = {}
+        for name, values in results.items():
+            logs[name] = tf.reduce_mean(values[:, -1])
+            logs[f"pre_adapt_{name}"] = tf.reduce_mean(values[:, 0])
+        return self._update_trackers(logs)
+
+    def map_tasks(self, fn: Callable, episodes: dict, signature):
+        """Applies `fn(task_index, episode)` to every task of a batch and stacks the results."""
+        tasks = episodes["support_x"].shape[0]
+        if self.task_parallelism == "unrolled":
+            if tasks is None:
+                raise ValueError(
+                    "task_parallelism='unrolled' needs a static number of tasks per meta-batch: batch the "
+                    "episodes with drop_remainder=True."
+                )
+            outputs = [fn(tf.constant(i), tf.nest.map_structure(lambda t: t[i], episodes)) for i in range(tasks)]
+            return tf.nest.map_structure(lambda *xs: tf.stack(xs), *outputs)
+        indices = tf.range(tf.shape(episodes["support_x"])[0])
+        if self.task_parallelism == "vectorized_map":
+            return tf.vectorized_map(lambda args: fn(*args), (indices, episodes))
+        return tf.map_fn(lambda args: fn(*args), (indices, episodes), fn_output_signature=signature)
+
+    # ------------------------------------------------------------------------------------------ adapt
+
+    def adapt(self, support_x, support_y, steps: Optional[int] = None) -> keras.Model:
+        """Adapts the learner to one task's support set and returns it as a new Keras model.
+
+        The result is a copy of the learner (same architecture) carrying the adapted weights: it can `predict`,
+        be saved and be trained further. Adaptation runs in inference mode, as in `evaluate`.
+        """
+        steps = check_steps(self.eval_inner_steps if steps is None else steps, "steps")
+        support_x = tf.convert_to_tensor(support_x)
+        support_y = tf.convert_to_tensor(support_y)
+        expected = self.learner.inputs[0].shape[1:] if getattr(self.learner, "inputs", None) else None
+        if expected is not None and not tf.TensorShape(expected).is_compatible_with(support_x.shape[1:]):
+            raise ValueError(
+                f"`support_x` must have shape [examples, {', '.join(map(str, expected))}] for learner "
+                f"'{self.learner.name}'; got {tuple(support_x.shape)}."
+            )
+        if support_x.shape[0] == 0 or support_x.shape[0] != support_y.shape[0]:
+            raise ValueError(
+                "`support_x` and `support_y` must hold the same number (>= 1) of examples; got shapes "
+                f"{tuple(support_x.shape)} and {tuple(support_y.shape)}."
+            )
+        fast, slow = self.read_params()
+        state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+        adaptation = self.adapt_params(fast, slow, state, support_x, support_y, steps, training=False)
+        adapted = keras.models.clone_model(self.learner)
+        if not adapted.built:
+            adapted(support_x[:1])
+        values = partition_lib.merge(adaptation.params, slow, self.fast_mask) + state
+        variables = adapted.trainable_variables + adapted.non_trainable_variables
+        if [tuple(v.shape) for v in variables] != [tuple(t.shape) for t in values]:
+            raise ValueError(f"keras.models.clone_model did not reproduce learner '{self.learner.name}' faithfully.")
+        for variable, value in zip(variables, values):
+            variable.assign(value)
+        return adapted
+
+    # -------------------------------------------------------------------------------------- utilities
+
+    def check_episodes(self, episodes: dict) -> dict:
+        """Validates the static shapes of a batch of episodes; returns the four arrays it uses."""
+        if not isinstance(episodes, dict) or not all(k in episodes for k in EPISODE_KEYS):
+            found = sorted(episodes) if isinstance(episodes, dict) else type(episodes).__name__
+            raise ValueError(f"episodes must be a dict with keys {EPISODE_KEYS}; got {found}.")
+        e = {k: episodes[k] for k in EPISODE_KEYS}
+        sx, sy, qx, qy = (e[k].shape for k in EPISODE_KEYS)
+        for split, x, y in (("support", sx, sy), ("query", qx, qy)):
+            if x.rank is not None and x.rank < 3:
+                raise ValueError(
+                    f"episodes['{split}_x'] must have shape [tasks, examples, features...]; got {tuple(x)}."
+                )
+            if not x[:2].is_compatible_with(y[:2]):
+                raise ValueError(
+                    f"episodes['{split}_x'] and episodes['{split}_y'] disagree on [tasks, examples]: "
+                    f"{tuple(x)} vs {tuple(y)}."
+                )
+        if not sx[2:].is_compatible_with(qx[2:]):
+            raise ValueError(
+                f"support and query features differ: episodes['support_x'] has shape {tuple(sx)}, "
+                f"episodes['query_x'] has {tuple(qx)}."
+            )
+        if not sy[2:].is_compatible_with(qy[2:]):
+            raise ValueError(
+                f"support and query targets differ: episodes['support_y'] has shape {tuple(sy)}, "
+                f"episodes['query_y'] has {tuple(qy)}."
+            )
+        if sx[1] == 0:
+            raise ValueError("episodes['support_x'] holds no support example (K must be >= 1).")
+        return e
+
+    def _log_spec(self, names) -> dict:
+        return {n: tf.TensorSpec([], self._log_dtype) for n in names}
+
+    def _update_trackers(self, logs: dict) -> dict:
+        for name, value in logs.items():
+            self._trackers[name].update_state(value)
+        return {name: self._trackers[name].result() for name in logs}
+
+    # ------------------------------------------------------------------------------------ serialisation
+
+    def get_config(self) -> dict:
+        return {
+            "learner": keras.saving.serialize_keras_object(self.learner),
+            "loss": keras.losses.serialize(self.task_loss),
+            "metrics": list(self.task_metrics),
+            "update_rule": keras.saving.serialize_keras_object(self.update_rule),
+            "inner_steps": self.inner_steps,
+            "eval_inner_steps": self.eval_inner_steps,
+            "partition": self.partition.get_config(),
+            "task_parallelism": self.task_parallelism,
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict):
+        config = dict(config)
+        config["learner"] = keras.saving.deserialize_keras_object(config["learner"])
+        config["update_rule"] = keras.saving.deserialize_keras_object(config["update_rule"])
+        config["loss"] = keras.losses.deserialize(config["loss"])
+        config["partition"] = partition_lib.Partition(**config["partition"])
+        return cls(**config)

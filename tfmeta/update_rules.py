@@ -1,0 +1,125 @@
+"""Inner-loop update rules: composable transformations of gradients into parameter updates (optax-style).
+
+A rule sees the fast parameters of one task. `build(param_shapes)` creates its meta-parameters (learned step
+sizes, preconditioners, ...) as Keras variables, so they are meta-trained and checkpointed with the
+meta-learner that owns the rule. `init_state(params)` gives per-task state (momentum buffers, ...), and
+`update(grads, state, params, step)` returns `(updates, state)`; the inner loop then sets
+`params <- params + updates`. `step` is the Python index of the inner step, for rules that differ per step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import keras
+import tensorflow as tf
+
+Shapes = Sequence[Sequence[int]]
+
+
+class UpdateRule(keras.layers.Layer):
+    """Base class of inner-loop update rules. Subclasses implement `update` and, if they learn, `build`."""
+
+    def build(self, param_shapes: Shapes) -> None:
+        self.param_shapes = [tuple(s) for s in param_shapes]
+
+    def init_state(self, params: Sequence[tf.Tensor]) -> Any:
+        """Per-task state threaded through the inner steps; stateless rules keep `()`."""
+        return ()
+
+    def update(self, grads: list[tf.Tensor], state: Any, params: list[tf.Tensor], step: int):
+        """Returns `(updates, state)` for one inner step."""
+        raise NotImplementedError
+
+    def check_params(self, param_shapes: Shapes) -> None:
+        """Builds the rule for these fast parameters, or checks that it was built for the same shapes."""
+        shapes = [tuple(s) for s in param_shapes]
+        if not self.built:
+            self.build(shapes)
+        elif self.param_shapes != shapes:
+            raise ValueError(
+                f"update rule '{self.name}' was built for parameters of shapes {self.param_shapes}, but the "
+                f"partition's fast variables have shapes {shapes}."
+            )
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+class Sgd(UpdateRule):
+    """Gradient descent, `update = -learning_rate * grad`: MAML's inner rule.
+
+    `learning_rate` is one step size for all fast variables, or a list with one per fast variable
+    (fixed, not meta-learned).
+    """
+
+    def __init__(self, learning_rate: float | Sequence[float] = 0.01, **kwargs):
+        super().__init__(**kwargs)
+        rates = list(learning_rate) if isinstance(learning_rate, (list, tuple)) else [learning_rate]
+        if not all(isinstance(r, (int, float)) and math.isfinite(r) and r >= 0 for r in rates):
+            raise ValueError(f"Sgd `learning_rate` must be finite and non-negative; got {learning_rate!r}.")
+        self.learning_rate = learning_rate
+
+    def build(self, param_shapes: Shapes) -> None:
+        rates = self.learning_rate
+        if not isinstance(rates, (list, tuple)):
+            rates = [rates] * len(param_shapes)
+        if len(rates) != len(param_shapes):
+            raise ValueError(
+                f"Sgd has {len(rates)} values of `learning_rate` but there are {len(param_shapes)} fast parameters."
+            )
+        self._rates = rates
+        super().build(param_shapes)
+
+    def update(self, grads, state, params, step):
+        return [-tf.cast(rate, g.dtype) * g for rate, g in zip(self._rates, grads)], state
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "learning_rate": self.learning_rate}
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+class ClipByGlobalNorm(UpdateRule):
+    """Rescales the updates so that their global norm is at most `max_norm` (stabilises large inner steps)."""
+
+    def __init__(self, max_norm: float = 10.0, **kwargs):
+        super().__init__(**kwargs)
+        if not max_norm > 0:
+            raise ValueError(f"ClipByGlobalNorm `max_norm` must be positive; got {max_norm!r}.")
+        self.max_norm = max_norm
+
+    def update(self, grads, state, params, step):
+        clipped, _ = tf.clip_by_global_norm(grads, self.max_norm)
+        return clipped, state
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "max_norm": self.max_norm}
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+class Chain(UpdateRule):
+    """Applies rules in order, each to the previous one's output: `Chain([ClipByGlobalNorm(1.0), Sgd(0.4)])`."""
+
+    def __init__(self, rules: Sequence[UpdateRule], **kwargs):
+        super().__init__(**kwargs)
+        rules = [keras.saving.deserialize_keras_object(r) if isinstance(r, dict) else r for r in rules]
+        if not rules or not all(isinstance(r, UpdateRule) for r in rules):
+            raise TypeError(f"Chain `rules` must be a non-empty list of UpdateRule; got {rules!r}.")
+        self.rules = rules
+
+    def build(self, param_shapes: Shapes) -> None:
+        for rule in self.rules:
+            rule.check_params(param_shapes)
+        super().build(param_shapes)
+
+    def init_state(self, params):
+        return tuple(rule.init_state(params) for rule in self.rules)
+
+    def update(self, grads, state, params, step):
+        new_state = []
+        for rule, rule_state in zip(self.rules, state):
+            grads, rule_state = rule.update(grads, rule_state, params, step)
+            new_state.append(rule_state)
+        return grads, tuple(new_state)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "rules": [keras.saving.serialize_keras_object(r) for r in self.rules]}

@@ -1,0 +1,43 @@
+"""Evaluates the last checkpoint of a run on held-out tasks: eval.json and PNG plots in --model_dir.
+
+  python tools/evaluate.py --gin_file=gin_configs/maml_sine.gin --model_dir=runs/maml_sine
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402  (sets TF's log level before TensorFlow is imported)
+from absl import app  # noqa: E402
+
+FLAGS = common.FLAGS
+
+
+def main(argv):
+    del argv
+    common.parse_gin()
+    from tfmeta import plotting
+    from tfmeta.experiment import Experiment
+    from tfmeta.tasks import SineTasks
+
+    experiment = Experiment()
+    meta_learner = experiment.restore(FLAGS.model_dir)
+    curve = experiment.evaluate(meta_learner)
+    curve["meta_steps"] = int(meta_learner.optimizer.iterations)
+    with open(os.path.join(FLAGS.model_dir, "eval.json"), "w") as f:
+        json.dump(curve, f)
+    plotting.plot_adaptation_curve(curve, os.path.join(FLAGS.model_dir, "eval_curve.png"))
+    if isinstance(experiment.eval_tasks, SineTasks):
+        plotting.plot_sine_adaptation(
+            meta_learner, experiment.eval_tasks, os.path.join(FLAGS.model_dir, "eval_tasks.png"),
+            seed=experiment.eval_seed, steps=(1, experiment.eval_steps),
+        )
+    for k, (mean, ci) in enumerate(zip(curve["loss"]["mean"], curve["loss"]["ci95"])):
+        print(f"{k:2d} inner steps: query loss {mean:.4f} ± {ci:.4f} (95% CI, {curve['num_tasks']} tasks)")
+    print(f"Wrote eval.json, eval_curve.png and plots to {FLAGS.model_dir}")
+
+
+if __name__ == "__main__":
+    app.run(main)
