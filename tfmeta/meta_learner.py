@@ -109,7 +109,7 @@ class MetaLearner(keras.Model):
         self.task_parallelism = task_parallelism
         self.task_loss = keras.losses.get(loss)
         self.task_metrics = dict(_resolve_metric(m) for m in metrics)
-        self._log_dtype = keras.backend.standardize_dtype(learner.dtype)
+        self._log_dtype = keras.backend.standardize_dtype(learner.trainable_variables[0].dtype)
         names = ["loss", *self.task_metrics]
         self._trackers = {n: keras.metrics.Mean(name=n) for n in names + [f"pre_adapt_{n}" for n in names]}
         self.built = True  # Nothing to build: stops `fit` from tracing the model on an episode.

@@ -71,7 +71,7 @@ class Sgd(UpdateRule):
         super().build(param_shapes)
 
     def update(self, grads, state, params, step):
-        return [-tf.cast(rate, g.dtype) * g for rate, g in zip(self._rates, grads)], state
+        return [-tf.convert_to_tensor(rate, g.dtype) * g for rate, g in zip(self._rates, grads)], state
 
     def get_config(self) -> dict:
         return {**super().get_config(), "learning_rate": self.learning_rate}

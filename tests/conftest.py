@@ -1,0 +1,39 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+
+
+def random_episodes(tasks=3, support=5, query=7, features=(2,), targets=(1,), dtype="float64", seed=0):
+    """Random regression episodes (support and query disjoint draws)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "support_x": tf.constant(rng.normal(size=(tasks, support, *features)), dtype),
+        "support_y": tf.constant(rng.normal(size=(tasks, support, *targets)), dtype),
+        "query_x": tf.constant(rng.normal(size=(tasks, query, *features)), dtype),
+        "query_y": tf.constant(rng.normal(size=(tasks, query, *targets)), dtype),
+    }
+
+
+def classification_episodes(tasks=2, ways=3, shots=2, queries=3, shape=(6, 6, 1), dtype="float64", seed=0):
+    rng = np.random.default_rng(seed)
+    labels = lambda n: tf.constant(np.tile(np.arange(ways), (tasks, n)), tf.int32)  # noqa: E731
+    return {
+        "support_x": tf.constant(rng.normal(size=(tasks, ways * shots, *shape)), dtype),
+        "support_y": labels(shots),
+        "query_x": tf.constant(rng.normal(size=(tasks, ways * queries, *shape)), dtype),
+        "query_y": labels(queries),
+    }
+
+
+def values(variables):
+    return [np.array(tf.convert_to_tensor(v)) for v in variables]

@@ -1,0 +1,174 @@
+"""The adaptation engine: functional inner loops, partitions, state threading, adapt, Keras integration."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfmeta
+from conftest import classification_episodes, random_episodes, values
+
+
+def sine_meta(**kwargs):
+    return tfmeta.MAML(tfmeta.models.mlp(), update_rule=tfmeta.Sgd(0.01), **kwargs)
+
+
+def sine_episodes(tasks=4, seed=0):
+    return tfmeta.tasks.SineTasks(10).sample(tf.constant([seed, 0], tf.int64), tasks)
+
+
+def conv_meta(**kwargs):
+    learner = tfmeta.models.conv_net(input_shape=(6, 6, 1), outputs=3, filters=4, blocks=2)
+    return tfmeta.MAML(learner, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       metrics=["sparse_categorical_accuracy"], update_rule=tfmeta.Sgd(0.4), **kwargs)
+
+
+def test_inner_loops_never_change_the_learner_variables():
+    meta = conv_meta(inner_steps=2, eval_inner_steps=3)
+    episodes = classification_episodes(dtype="float32")
+    before = values(meta.learner.variables)
+    meta.compute_meta_gradients(episodes)
+    meta.evaluate_tasks(episodes)
+    meta.adapt(episodes["support_x"][0], episodes["support_y"][0])
+    for a, b in zip(before, values(meta.learner.variables)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_adapt_returns_a_keras_model_equal_to_the_functional_adapted_forward_pass(tmp_path):
+    meta = conv_meta(eval_inner_steps=3)
+    episodes = classification_episodes(dtype="float32")
+    sx, sy, qx = episodes["support_x"][0], episodes["support_y"][0], episodes["query_x"][0]
+    adapted = meta.adapt(sx, sy)
+    fast, slow = meta.read_params()
+    state = values(meta.learner.non_trainable_variables)
+    adaptation = meta.adapt_params(fast, slow, state, sx, sy, 3, training=False)
+    expected, _ = meta.forward(adaptation.params, slow, state, qx, training=False)
+    np.testing.assert_allclose(adapted.predict(qx, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(meta.learner.predict(qx, verbose=0), expected)
+
+    path = str(tmp_path / "adapted.keras")
+    adapted.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path).predict(qx, verbose=0), expected, rtol=1e-5, atol=1e-6)
+
+    adapted.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    weights = values(adapted.trainable_variables)
+    adapted.fit(sx, sy, epochs=1, verbose=0)
+    assert any(not np.allclose(a, b) for a, b in zip(weights, values(adapted.trainable_variables)))
+
+
+def test_partition_limits_adaptation_to_fast_variables():
+    learner = tfmeta.models.mlp()
+    meta = tfmeta.MAML(learner, partition=tfmeta.Partition(fast="head"), update_rule=tfmeta.Sgd(0.1))
+    episodes = sine_episodes()
+    adapted = meta.adapt(episodes["support_x"][0], episodes["support_y"][0], steps=2)
+    for original, new in zip(learner.trainable_variables, adapted.trainable_variables):
+        changed = not np.allclose(np.array(tf.convert_to_tensor(original)), np.array(tf.convert_to_tensor(new)))
+        assert changed == original.path.startswith("head/"), original.path
+    # Slow variables are still meta-learned: their meta-gradients are non-zero.
+    grads, _, _ = meta.compute_meta_gradients(episodes)
+    assert all(float(tf.reduce_sum(tf.abs(g))) > 0 for g in grads)
+
+
+def test_partition_selectors():
+    learner = tfmeta.models.mlp()
+    paths = [v.path for v in learner.trainable_variables]
+    assert paths == ["hidden_0/kernel", "hidden_0/bias", "hidden_1/kernel", "hidden_1/bias", "head/kernel", "head/bias"]
+    assert tfmeta.Partition(slow="head").mask(learner) == (True,) * 4 + (False,) * 2
+    assert tfmeta.Partition(fast=["hidden_*/kernel"]).mask(learner) == (True, False, True, False, False, False)
+    assert tfmeta.Partition(fast=lambda v: v.path.endswith("bias")).mask(learner) == (False, True) * 3
+    with pytest.raises(ValueError, match="matches no trainable variable"):
+        tfmeta.Partition(fast="body").mask(learner)
+    with pytest.raises(ValueError, match="selects no fast variable"):
+        tfmeta.Partition(fast="head", slow="head").mask(learner)
+
+
+def test_batch_norm_statistics_move_and_dropout_masks_differ_per_task_and_step():
+    inputs = keras.Input((3,))
+    h = keras.layers.Dense(16, activation="relu")(inputs)
+    h = keras.layers.Dropout(0.5)(h)
+    h = tfmeta.layers.BatchNormalization()(h)
+    learner = keras.Model(inputs, keras.layers.Dense(1)(h))
+    meta = tfmeta.MAML(learner, update_rule=tfmeta.Sgd(0.1))
+    meta.compile(keras.optimizers.SGD(0.0))  # meta-steps that change only the state, not the weights
+    one = random_episodes(tasks=1, features=(3,), dtype="float32")
+    two = {k: tf.concat([v, v], 0) for k, v in one.items()}
+    # Two copies of the same task: equal grads would mean both copies drew the same dropout masks.
+    grads_one = meta.compute_meta_gradients(one)[0]
+    grads_two = meta.compute_meta_gradients(two)[0]
+    assert any(not np.allclose(a, b) for a, b in zip(grads_one, grads_two))
+    state = values(learner.non_trainable_variables)
+    meta.train_step(two)
+    moved = values(learner.non_trainable_variables)
+    assert all(not np.array_equal(a, b) for a, b in zip(state, moved))  # the seed and both statistics
+    # The next meta-step draws new masks: same weights and data, different meta-gradients.
+    second = meta.compute_meta_gradients(two)[0]
+    assert any(not np.allclose(a, b) for a, b in zip(grads_two, second))
+
+
+def test_fit_evaluate_and_callbacks(tmp_path):
+    meta = sine_meta(eval_inner_steps=5)
+    meta.compile(keras.optimizers.Adam(1e-3))
+    data = tfmeta.tasks.SineTasks(10).dataset(8, seed=0)
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(str(tmp_path / "meta.keras")),
+        keras.callbacks.ModelCheckpoint(str(tmp_path / "meta.weights.h5"), save_weights_only=True),
+        keras.callbacks.TensorBoard(str(tmp_path / "logs")),
+        keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False),
+    ]
+    history = meta.fit(data, epochs=2, steps_per_epoch=5, callbacks=callbacks, verbose=0)
+    assert history.history["loss"][-1] > 0
+    logs = meta.evaluate(tfmeta.tasks.SineTasks(10).dataset(20, seed=1, num_batches=2), return_dict=True, verbose=0)
+    assert set(logs) == {"loss", "pre_adapt_loss"}
+    assert os.listdir(tmp_path / "logs")
+    assert (tmp_path / "backup" / "latest.weights.h5").exists()
+
+    episodes = sine_episodes()
+    restored = keras.models.load_model(str(tmp_path / "meta.keras"))
+    assert isinstance(restored, tfmeta.MAML) and restored.eval_inner_steps == 5
+    np.testing.assert_allclose(restored.evaluate_tasks(episodes)["loss"], meta.evaluate_tasks(episodes)["loss"],
+                               rtol=1e-6)
+    # BackupAndRestore resumes a new run from the backup: weights and optimizer state.
+    resumed = sine_meta(eval_inner_steps=5)
+    resumed.compile(keras.optimizers.Adam(1e-3))
+    resumed.fit(data, epochs=2, steps_per_epoch=5, verbose=0,
+                callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False)])
+    assert int(resumed.optimizer.iterations) == 10
+    np.testing.assert_allclose(resumed.evaluate_tasks(episodes)["loss"], meta.evaluate_tasks(episodes)["loss"],
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "rmsprop", "adamw"])
+def test_compiles_with_any_keras_optimizer_with_and_without_xla(optimizer, jit_compile):
+    meta = sine_meta(metrics=["mean_absolute_error"])
+    meta.compile(keras.optimizers.get({"class_name": optimizer, "config": {"learning_rate": 1e-3}}),
+                 jit_compile=jit_compile)
+    before = values(meta.meta_variables)
+    history = meta.fit(tfmeta.tasks.SineTasks(10).dataset(5, seed=0), epochs=1, steps_per_epoch=3, verbose=0)
+    assert set(history.history) == {"loss", "mean_absolute_error"}
+    assert all(not np.array_equal(a, b) for a, b in zip(before, values(meta.meta_variables)))
+
+
+def test_multi_step_query_loss_weights():
+    meta = tfmeta.MAML(tfmeta.models.mlp(), inner_steps=3, query_step_weights=[0.0, 0.0, 1.0])
+    plain = tfmeta.MAML(meta.learner, inner_steps=3)
+    episodes = sine_episodes()
+    for a, b in zip(meta.compute_meta_gradients(episodes)[0], plain.compute_meta_gradients(episodes)[0]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    weighted = tfmeta.MAML(meta.learner, inner_steps=3, query_step_weights=[0.2, 0.3, 0.5])
+    assert not np.allclose(weighted.compute_meta_gradients(episodes)[0][0], plain.compute_meta_gradients(episodes)[0][0])
+
+
+def test_update_rules_compose():
+    meta = tfmeta.MAML(tfmeta.models.mlp(), update_rule=tfmeta.Chain([tfmeta.ClipByGlobalNorm(1e-3), tfmeta.Sgd(1.0)]))
+    episodes = sine_episodes()
+    fast, slow = meta.read_params()
+    adaptation = meta.adapt_params(fast, slow, [], episodes["support_x"][0], episodes["support_y"][0], 1, training=True)
+    step = tf.linalg.global_norm([a - b for a, b in zip(adaptation.params, fast)])
+    assert float(step) == pytest.approx(1e-3, rel=1e-4)
+    per_variable = tfmeta.MAML(meta.learner, update_rule=tfmeta.Sgd([0.0] * 5 + [0.1]))
+    adaptation = per_variable.adapt_params(fast, slow, [], episodes["support_x"][0], episodes["support_y"][0], 1,
+                                           training=True)
+    assert [bool(np.any(np.array(a) != np.array(b))) for a, b in zip(adaptation.params, fast)] == [False] * 5 + [True]

@@ -1,0 +1,169 @@
+"""Meta-gradients checked against finite differences and hand computations (float64)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfmeta
+from conftest import classification_episodes, random_episodes, values
+
+
+def small_mlp():
+    return tfmeta.models.mlp(input_shape=(2,), hidden_units=(6, 5), outputs=1, activation="tanh", dtype="float64")
+
+
+def small_conv(activation="tanh", pooling="average", dtype="float64"):
+    return tfmeta.models.conv_net(
+        input_shape=(6, 6, 1), outputs=3, filters=3, blocks=2, activation=activation, pooling=pooling, dtype=dtype
+    )
+
+
+def meta_loss(meta, episodes):
+    return float(meta.compute_meta_gradients(episodes)[1]["loss"])
+
+
+def check_finite_differences(meta, episodes, grads, directions=3, eps=1e-5, rtol=1e-6):
+    """The directional derivative along random directions equals a central finite difference."""
+    rng = np.random.default_rng(1)
+    theta = values(meta.meta_variables)
+    for _ in range(directions):
+        direction = [rng.normal(size=t.shape) for t in theta]
+        for sign, target in ((1, "plus"), (-1, "minus")):
+            for v, t, d in zip(meta.meta_variables, theta, direction):
+                v.assign(t + sign * eps * d)
+            if target == "plus":
+                plus = meta_loss(meta, episodes)
+            else:
+                minus = meta_loss(meta, episodes)
+        for v, t in zip(meta.meta_variables, theta):
+            v.assign(t)
+        numeric = (plus - minus) / (2 * eps)
+        analytic = sum(float(np.sum(np.array(g) * d)) for g, d in zip(grads, direction))
+        assert analytic == pytest.approx(numeric, rel=rtol, abs=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_second_order_mlp_matches_finite_differences(mode):
+    meta = tfmeta.MAML(small_mlp(), update_rule=tfmeta.Sgd(0.3), inner_steps=2)
+    episodes = random_episodes()
+    compute = {
+        "eager": meta.compute_meta_gradients,
+        "function": tf.function(meta.compute_meta_gradients),
+        "xla": tf.function(meta.compute_meta_gradients, jit_compile=True),
+    }[mode]
+    grads, _, _ = compute(episodes)
+    check_finite_differences(meta, episodes, grads)
+
+
+def test_second_order_conv_with_exact_batch_norm_matches_finite_differences():
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
+    meta = tfmeta.MAML(small_conv(), loss=loss, update_rule=tfmeta.Sgd(0.5))
+    episodes = classification_episodes()
+    grads, _, _ = tf.function(meta.compute_meta_gradients)(episodes)
+    check_finite_differences(meta, episodes, grads, rtol=1e-5)
+
+
+def test_keras_batch_norm_warns_and_exact_copy_does_not():
+    learner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization(),
+                                keras.layers.Dense(1)])
+    with pytest.warns(UserWarning, match="exact_batch_norm"):
+        tfmeta.MAML(learner)
+    exact = tfmeta.layers.exact_batch_norm(learner)
+    assert not tfmeta.layers.inexact_batch_norms(exact)
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    np.testing.assert_allclose(exact(x, training=False), learner(x, training=False), rtol=1e-6)
+    np.testing.assert_allclose(exact(x, training=True), learner(x, training=True), rtol=1e-5, atol=1e-6)
+    with warnings_as_errors():
+        tfmeta.MAML(exact)
+        tfmeta.MAML(learner, first_order=True)
+
+
+def warnings_as_errors():
+    import warnings
+
+    context = warnings.catch_warnings()
+    context.__enter__()
+    warnings.simplefilter("error")
+
+    class _Exit:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            context.__exit__(*exc)
+
+    return _Exit()
+
+
+def test_relu_max_pool_batch_norm_conv_gets_finite_second_order_gradients():
+    meta = tfmeta.MAML(small_conv("relu", "max", dtype="float32"),
+                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), update_rule=tfmeta.Sgd(0.4))
+    grads, logs, _ = tf.function(meta.compute_meta_gradients)(classification_episodes(dtype="float32"))
+    assert all(np.isfinite(g).all() for g in grads)
+    assert np.isfinite(logs["loss"])
+    assert sum(float(np.abs(g).sum()) for g in grads) > 0
+
+
+def manual_adapt(learner, x, y, lr, steps):
+    """Plain gradient descent written with variable assignments, independent of tfmeta's functional path."""
+    for _ in range(steps):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(learner(x) - y))
+        for v, g in zip(learner.trainable_variables, tape.gradient(loss, learner.trainable_variables)):
+            v.assign_sub(lr * g)
+
+
+def test_first_order_equals_analytic_formula_and_differs_from_second_order():
+    learner = small_mlp()
+    episodes = random_episodes()
+    second = tfmeta.MAML(learner, update_rule=tfmeta.Sgd(0.3), inner_steps=2)
+    first = tfmeta.MAML(learner, update_rule=tfmeta.Sgd(0.3), inner_steps=2, first_order=True)
+    first_grads, _, _ = first.compute_meta_gradients(episodes)
+    second_grads, _, _ = second.compute_meta_gradients(episodes)
+
+    theta = values(learner.trainable_variables)
+    expected = [np.zeros_like(t) for t in theta]
+    for i in range(3):
+        manual_adapt(learner, episodes["support_x"][i], episodes["support_y"][i], 0.3, 2)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(learner(episodes["query_x"][i]) - episodes["query_y"][i]))
+        for e, g in zip(expected, tape.gradient(loss, learner.trainable_variables)):
+            e += np.array(g) / 3
+        for v, t in zip(learner.trainable_variables, theta):
+            v.assign(t)
+    for got, want in zip(first_grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    difference = sum(np.abs(np.array(f) - np.array(s)).sum() for f, s in zip(first_grads, second_grads))
+    assert difference > 1e-3 * sum(np.abs(np.array(s)).sum() for s in second_grads)
+
+
+def test_reptile_update_equals_hand_computation():
+    learner = small_mlp()
+    episodes = random_episodes()
+    epsilon, alpha, steps = 0.5, 0.1, 3
+    meta = tfmeta.Reptile(learner, update_rule=tfmeta.Sgd(alpha), inner_steps=steps)
+    meta.compile(keras.optimizers.SGD(epsilon))
+    theta = values(learner.trainable_variables)
+    expected = [t.copy() for t in theta]
+    for i in range(3):
+        x = tf.concat([episodes["support_x"][i], episodes["query_x"][i]], 0)
+        y = tf.concat([episodes["support_y"][i], episodes["query_y"][i]], 0)
+        manual_adapt(learner, x, y, alpha, steps)
+        for e, t, phi in zip(expected, theta, values(learner.trainable_variables)):
+            e += epsilon * (phi - t) / 3
+        for v, t in zip(learner.trainable_variables, theta):
+            v.assign(t)
+    meta.train_step(episodes)
+    for got, want in zip(values(learner.trainable_variables), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["unrolled", "vectorized_map"])
+def test_task_parallelism_modes_agree(mode):
+    learner = small_mlp()
+    reference = tfmeta.MAML(learner, update_rule=tfmeta.Sgd(0.3), inner_steps=2)
+    other = tfmeta.MAML(learner, update_rule=tfmeta.Sgd(0.3), inner_steps=2, task_parallelism=mode)
+    episodes = random_episodes()
+    for a, b in zip(reference.compute_meta_gradients(episodes)[0], tf.function(other.compute_meta_gradients)(episodes)[0]):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
