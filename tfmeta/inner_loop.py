@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import tensorflow as tf
 
@@ -37,7 +37,6 @@ def inner_loop(
     *,
     first_order: bool = False,
     keep_trajectory: bool = False,
-    rule_state: Any = None,
 ) -> Adaptation:
     """Adapts `params` with `steps` steps of `rule` on `loss_fn(params, state) -> (loss, state)`.
 
@@ -49,7 +48,7 @@ def inner_loop(
     if steps < 0:
         raise ValueError(f"inner loop `steps` must be >= 0; got {steps}.")
     params = list(params)
-    rule_state = rule.init_state(params) if rule_state is None else rule_state
+    rule_state = rule.init_state(params)
     trajectory = [params] if keep_trajectory else None
     losses = []
     for step in range(steps):

@@ -197,7 +197,8 @@ class MetaLearner(keras.Model):
         ]
         return grads, logs, new_state
 
-    def train_step(self, episodes):
+    def train_step(self, data):
+        episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)  # `train_on_batch` passes (x, None, None)
         grads, logs, state = self.compute_meta_gradients(episodes)
         self.optimizer.apply(grads, self.meta_variables)
         for variable, value in zip(self.learner.non_trainable_variables, state):
@@ -231,7 +232,8 @@ class MetaLearner(keras.Model):
         signature = {n: tf.TensorSpec([len(at_steps)], self._log_dtype) for n in ["loss", *self.task_metrics]}
         return self.map_tasks(one_task, episodes, signature)
 
-    def test_step(self, episodes):
+    def test_step(self, data):
+        episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         results = self.evaluate_tasks(episodes)
         logs = {}
         for name, values in results.items():

@@ -1,0 +1,154 @@
+"""Times tfmeta meta-steps on the peer benchmark's workloads (../shared/bench/peer/README.md).
+
+Each configuration (workload x task parallelism x XLA) runs in its own process, so that the first step
+(tracing and compilation) and the peak resident memory are measured cleanly. A step is Keras' own compiled
+train function (`make_train_function`, as `fit` runs it) on episodes drawn with NumPy as the peer does.
+
+  python benchmarks/meta_step.py --workloads a,b --modes map_fn,unrolled,vectorized_map --xla off,on
+
+Prints one JSON line per configuration and a Markdown table at the end.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+WORKLOADS = {
+    "a": dict(name="sine MLP, 25 tasks, 1 step, 2nd order", model="mlp", tasks=25, support=10, query=10,
+              steps=1, lr=0.01, first_order=False),
+    "b": dict(name="conv4(64) 28x28x1, 5w1s, 32 tasks, 1 step, 2nd order", model="conv", shape=(28, 28, 1),
+              filters=64, tasks=32, ways=5, shots=1, queries=15, steps=1, lr=0.4, first_order=False),
+    "c": dict(name="conv4(64) 28x28x1, 5w1s, 32 tasks, 5 steps, 2nd order", model="conv", shape=(28, 28, 1),
+              filters=64, tasks=32, ways=5, shots=1, queries=15, steps=5, lr=0.4, first_order=False),
+    "d": dict(name="conv4(64) 28x28x1, 5w1s, 32 tasks, 1 step, 1st order", model="conv", shape=(28, 28, 1),
+              filters=64, tasks=32, ways=5, shots=1, queries=15, steps=1, lr=0.4, first_order=True),
+    "e": dict(name="conv4(32) 84x84x3, 5w1s, 4 tasks, 5 steps, 2nd order", model="conv", shape=(84, 84, 3),
+              filters=32, tasks=4, ways=5, shots=1, queries=15, steps=5, lr=0.01, first_order=False),
+}
+
+
+def episodes(config, rng, np):
+    """The peer's NumPy draws (sine: amplitude, phase, x; conv: support then query images), channels-last."""
+    b = config["tasks"]
+    if config["model"] == "mlp":
+        k, q = config["support"], config["query"]
+        amplitude = rng.uniform(0.1, 5.0, size=b)
+        phase = rng.uniform(0.0, np.pi, size=b)
+        x = rng.uniform(-5.0, 5.0, size=(b, k + q, 1))
+        y = (amplitude[:, None, None] * np.sin(x - phase[:, None, None])).astype(np.float32)
+        x = x.astype(np.float32)
+        return {"support_x": x[:, :k], "support_y": y[:, :k], "query_x": x[:, k:], "query_y": y[:, k:]}
+    n, k, q = config["ways"], config["shots"], config["queries"]
+    h, w, c = config["shape"]
+    xs = rng.standard_normal((b, n * k, c, h, w), dtype=np.float32).transpose(0, 1, 3, 4, 2)
+    xq = rng.standard_normal((b, n * q, c, h, w), dtype=np.float32).transpose(0, 1, 3, 4, 2)
+    labels = lambda m: np.tile(np.repeat(np.arange(n, dtype=np.int32), m), (b, 1))  # noqa: E731
+    return {"support_x": xs, "support_y": labels(k), "query_x": xq, "query_y": labels(q)}
+
+
+def others_cpu():
+    """Machine-wide busy CPU seconds minus our own, to report contention from other processes."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    busy = (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / os.sysconf("SC_CLK_TCK")
+    own = sum(os.times()[:4])
+    return busy - own
+
+
+def run_one(args):
+    """Child process: one configuration, one JSON line."""
+    import numpy as np
+    import tensorflow as tf
+    import keras
+
+    import tfmeta
+
+    config = WORKLOADS[args.workload]
+    keras.utils.set_random_seed(args.seed)
+    if config["model"] == "mlp":
+        learner = tfmeta.models.mlp()
+        loss = "mse"
+    else:
+        learner = tfmeta.models.conv_net(config["shape"], outputs=config["ways"], filters=config["filters"])
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    meta = tfmeta.MAML(learner, loss=loss, update_rule=tfmeta.Sgd(config["lr"]), inner_steps=config["steps"],
+                       first_order=config["first_order"], task_parallelism=args.mode)
+    meta.compile(keras.optimizers.Adam(1e-3), jit_compile=args.xla == "on")
+    rng = np.random.default_rng(args.seed)
+    batches = [episodes(config, rng, np) for _ in range(1 + args.warmup + args.steps)]
+    stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    iterator = iter(tf.data.Dataset.from_tensor_slices(stacked))
+    meta.make_train_function()
+    train_function = meta.train_function
+
+    times, others = [], []
+    for i in range(1 + args.warmup + args.steps):
+        other0, t0 = others_cpu(), time.perf_counter()
+        logs = train_function(iterator)
+        float(logs["loss"])
+        elapsed = time.perf_counter() - t0
+        if i == 0:
+            first_step = elapsed
+        elif i > args.warmup:
+            times.append(elapsed)
+            others.append((others_cpu() - other0) / (elapsed * os.cpu_count()))
+    times = np.array(times)
+    print(json.dumps({
+        "workload": args.workload, "name": config["name"], "task_parallelism": args.mode, "xla": args.xla,
+        "median_s": float(np.median(times)), "p10_s": float(np.percentile(times, 10)),
+        "p90_s": float(np.percentile(times, 90)), "steps": len(times), "first_step_s": first_step,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "others_cpu_frac": float(np.median(others)), "threads": os.cpu_count(),
+        "tensorflow": tf.__version__, "keras": keras.__version__, "tfmeta": tfmeta.__version__,
+    }), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="a,b")
+    parser.add_argument("--modes", default="map_fn,unrolled,vectorized_map")
+    parser.add_argument("--xla", default="off,on")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.workload:
+        return run_one(args)
+
+    rows = []
+    for workload in args.workloads.split(","):
+        for mode in args.modes.split(","):
+            for xla in args.xla.split(","):
+                command = [sys.executable, __file__, f"--workload={workload}", f"--mode={mode}", f"--xla={xla}",
+                           f"--steps={args.steps}", f"--warmup={args.warmup}", f"--seed={args.seed}"]
+                env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+                try:
+                    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
+                    lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
+                    row = json.loads(lines[-1]) if lines else {
+                        "workload": workload, "task_parallelism": mode, "xla": xla,
+                        "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+                except subprocess.TimeoutExpired:
+                    row = {"workload": workload, "task_parallelism": mode, "xla": xla,
+                           "error": f"timed out after {args.timeout:.0f} s"}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    print("\n| workload | tasks computed with | XLA | median s/step | p10-p90 | first step s | peak RSS GB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['workload']} | {r['task_parallelism']} | {r['xla']} | failed: {r['error']} | | | |")
+        else:
+            print(f"| {r['workload']} | {r['task_parallelism']} | {r['xla']} | {r['median_s']:.4f} | "
+                  f"{r['p10_s']:.4f}-{r['p90_s']:.4f} | {r['first_step_s']:.1f} | {r['peak_rss_gb']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
