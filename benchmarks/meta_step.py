@@ -61,9 +61,9 @@ def others_cpu():
 
 def run_one(args):
     """Child process: one configuration, one JSON line."""
+    import keras
     import numpy as np
     import tensorflow as tf
-    import keras
 
     import tfmeta
 
@@ -131,7 +131,7 @@ def main():
                 env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
                 try:
                     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
-                    lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
+                    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
                     row = json.loads(lines[-1]) if lines else {
                         "workload": workload, "task_parallelism": mode, "xla": xla,
                         "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]}

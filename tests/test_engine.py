@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import classification_episodes, random_episodes, values
 
 import tfmeta
-from conftest import classification_episodes, random_episodes, values
 
 
 def sine_meta(**kwargs):
@@ -158,7 +158,8 @@ def test_multi_step_query_loss_weights():
     for a, b in zip(meta.compute_meta_gradients(episodes)[0], plain.compute_meta_gradients(episodes)[0]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     weighted = tfmeta.MAML(meta.learner, inner_steps=3, query_step_weights=[0.2, 0.3, 0.5])
-    assert not np.allclose(weighted.compute_meta_gradients(episodes)[0][0], plain.compute_meta_gradients(episodes)[0][0])
+    weighted_grads = weighted.compute_meta_gradients(episodes)[0]
+    assert not np.allclose(weighted_grads[0], plain.compute_meta_gradients(episodes)[0][0])
 
 
 def test_update_rules_compose():
@@ -172,3 +173,28 @@ def test_update_rules_compose():
     adaptation = per_variable.adapt_params(fast, slow, [], episodes["support_x"][0], episodes["support_y"][0], 1,
                                            training=True)
     assert [bool(np.any(np.array(a) != np.array(b))) for a, b in zip(adaptation.params, fast)] == [False] * 5 + [True]
+
+
+def test_batch_norm_test_time_policies():
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(16, 4)).astype("float32")
+    batch = tfmeta.layers.BatchNormalization(statistics="batch")
+    running = tfmeta.layers.BatchNormalization(statistics="running")
+    for layer in (batch, running):
+        layer.build((None, 4))
+    normalized = np.array(batch(x, training=False))  # MAML's policy: the batch's own statistics
+    np.testing.assert_allclose(normalized.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(normalized.std(0), 1.0, atol=1e-3)
+    np.testing.assert_array_equal(np.array(tf.convert_to_tensor(batch.moving_mean)), 0.0)  # inference: no update
+    np.testing.assert_allclose(running(x, training=False), x / np.sqrt(1 + running.epsilon), rtol=1e-6)
+    running(x, training=True)  # training: batch statistics, and the moving averages move
+    assert np.all(np.array(tf.convert_to_tensor(running.moving_mean)) > 0)
+    with pytest.raises(ValueError, match="statistics"):
+        tfmeta.layers.BatchNormalization(statistics="moving")
+
+
+def test_train_and_test_on_batch():
+    meta = sine_meta()
+    meta.compile(keras.optimizers.Adam(1e-3))
+    episodes = sine_episodes()
+    assert set(meta.train_on_batch(episodes, return_dict=True)) == {"loss"}
+    assert set(meta.test_on_batch(episodes, return_dict=True)) == {"loss", "pre_adapt_loss"}

@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import random_episodes
 
 import tfmeta
-from conftest import random_episodes
 from tfmeta.experiment import Experiment
 
 

@@ -177,4 +177,5 @@ class Experiment:
 
 def _summary(curve: dict) -> dict:
     """An adaptation curve without its per-task values."""
-    return {k: ({s: v for s, v in c.items() if s != "per_task"} if isinstance(c, dict) else c) for k, c in curve.items()}
+    drop = lambda entry: {k: v for k, v in entry.items() if k != "per_task"}  # noqa: E731
+    return {name: drop(entry) if isinstance(entry, dict) else entry for name, entry in curve.items()}

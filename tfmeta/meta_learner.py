@@ -205,7 +205,9 @@ class MetaLearner(keras.Model):
             variable.assign(value)
         return self._update_trackers(logs)
 
-    def evaluate_tasks(self, episodes: dict, steps: Optional[int] = None, at_steps: Optional[Sequence[int]] = None) -> dict:
+    def evaluate_tasks(
+        self, episodes: dict, steps: Optional[int] = None, at_steps: Optional[Sequence[int]] = None
+    ) -> dict:
         """Adapts to each task's support set with `steps` inner steps (default `eval_inner_steps`, in inference
         mode) and returns, per task, the query loss and metrics after each of `at_steps` steps (default: before
         and after adaptation) as tensors of shape `[tasks, len(at_steps)]`."""
@@ -250,7 +252,7 @@ class MetaLearner(keras.Model):
                     "task_parallelism='unrolled' needs a static number of tasks per meta-batch: batch the "
                     "episodes with drop_remainder=True."
                 )
-            outputs = [fn(tf.constant(i), tf.nest.map_structure(lambda t: t[i], episodes)) for i in range(tasks)]
+            outputs = [fn(tf.constant(i), {k: v[i] for k, v in episodes.items()}) for i in range(tasks)]
             return tf.nest.map_structure(lambda *xs: tf.stack(xs), *outputs)
         indices = tf.range(tf.shape(episodes["support_x"])[0])
         if self.task_parallelism == "vectorized_map":

@@ -74,10 +74,10 @@ def inexact_batch_norms(model: keras.Layer) -> list[keras.Layer]:
 
 def warn_inexact_batch_norm(model: keras.Layer) -> None:
     """Warns if second-order meta-gradients through `model` would be wrong because of Keras' BatchNormalization."""
-    layers = inexact_batch_norms(model)
-    if layers:
+    names = ", ".join(layer.name for layer in inexact_batch_norms(model))
+    if names:
         warnings.warn(
-            f"Learner '{model.name}' uses keras.layers.BatchNormalization ({', '.join(l.name for l in layers)}), "
+            f"Learner '{model.name}' uses keras.layers.BatchNormalization ({names}), "
             "whose second-order gradients are inexact on the TensorFlow backend (a stop-gradient inside "
             "tf.nn.moments): second-order meta-gradients will be off by a few percent. Build the learner with "
             "tfmeta.layers.BatchNormalization, or convert it with tfmeta.layers.exact_batch_norm(learner).",
