@@ -6,16 +6,22 @@ reports pre/post-adaptation metrics with `evaluate`, and returns an adapted Kera
 """
 
 from tfmeta import layers, models, tasks
-from tfmeta.algorithms import MAML, Reptile
+from tfmeta.algorithms import IMAML, MAML, Reptile
 from tfmeta.inner_loop import Adaptation, inner_loop
 from tfmeta.meta_learner import MetaLearner
 from tfmeta.partition import Partition
-from tfmeta.update_rules import Chain, ClipByGlobalNorm, Sgd, UpdateRule
+from tfmeta.update_rules import LSLR, Chain, ClipByGlobalNorm, LearnedSgd, MetaCurvature, MetaSGD, MTNetMask, Sgd, UpdateRule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IMAML",
+    "LSLR",
     "MAML",
+    "LearnedSgd",
+    "MTNetMask",
+    "MetaCurvature",
+    "MetaSGD",
     "Adaptation",
     "Chain",
     "ClipByGlobalNorm",

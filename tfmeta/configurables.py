@@ -10,7 +10,11 @@ import keras
 import tfmeta
 from tfmeta import experiment  # noqa: F401  (registers Experiment)
 
-for _cls in (tfmeta.MAML, tfmeta.Reptile, tfmeta.Sgd, tfmeta.ClipByGlobalNorm, tfmeta.Chain, tfmeta.Partition):
+for _cls in (
+    tfmeta.MAML, tfmeta.Reptile, tfmeta.IMAML, tfmeta.Partition,
+    tfmeta.Sgd, tfmeta.ClipByGlobalNorm, tfmeta.Chain, tfmeta.MetaSGD, tfmeta.LSLR, tfmeta.MetaCurvature,
+    tfmeta.MTNetMask,
+):
     gin.external_configurable(_cls, module="tfmeta")
 for _fn in (tfmeta.models.mlp, tfmeta.models.conv_net):
     gin.external_configurable(_fn, module="tfmeta.models")

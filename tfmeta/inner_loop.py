@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable, Optional
+import threading
+from typing import Callable, Iterator, Optional
 
 import tensorflow as tf
 
 from tfmeta.update_rules import UpdateRule
 
 LossFn = Callable[[list, list], tuple[tf.Tensor, list]]
+
+_context = threading.local()
+
+
+@contextlib.contextmanager
+def at_step(step: int) -> Iterator[None]:
+    """Marks the forward passes traced inside as belonging to inner step `step` (0: before adaptation).
+
+    Layers whose behaviour depends on the inner step (MAML++'s per-step batch norm) read it with
+    `current_step()`. The inner loop sets it for every support pass; a query pass after k steps sets k.
+    """
+    previous = getattr(_context, "step", None)
+    _context.step = step
+    try:
+        yield
+    finally:
+        _context.step = previous
+
+
+def current_step() -> Optional[int]:
+    """The inner step being traced, or None outside an adaptation."""
+    return getattr(_context, "step", None)
 
 
 @dataclasses.dataclass
@@ -37,22 +61,25 @@ def inner_loop(
     *,
     first_order: bool = False,
     keep_trajectory: bool = False,
+    training: bool = True,
+    seed: Optional[tf.Tensor] = None,
 ) -> Adaptation:
     """Adapts `params` with `steps` steps of `rule` on `loss_fn(params, state) -> (loss, state)`.
 
     The loop is unrolled in Python (`steps` is static), so an enclosing `tf.GradientTape` differentiates
     through every step: this gives MAML's second-order meta-gradient. With `first_order=True` the inner
     gradients are treated as constants, which gives first-order MAML. The learner's variables are not read or
-    written here: everything flows through `params` and `state`.
+    written here: everything flows through `params` and `state`. `training` and the stateless `seed` are
+    passed to the rule's per-task state (e.g. MT-Nets sample their masks from it in training).
     """
     if steps < 0:
         raise ValueError(f"inner loop `steps` must be >= 0; got {steps}.")
     params = list(params)
-    rule_state = rule.init_state(params)
+    rule_state = rule.init_state(params, training=training, seed=seed)
     trajectory = [params] if keep_trajectory else None
     losses = []
     for step in range(steps):
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
+        with tf.GradientTape(watch_accessed_variables=False) as tape, at_step(step):
             tape.watch(params)
             loss, state = loss_fn(params, state)
         grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)

@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 from tfmeta import partition as partition_lib
-from tfmeta.inner_loop import Adaptation, inner_loop
+from tfmeta.inner_loop import Adaptation, at_step, inner_loop
 from tfmeta.update_rules import Sgd, UpdateRule
 
 EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
@@ -112,6 +112,7 @@ class MetaLearner(keras.Model):
         self._log_dtype = keras.backend.standardize_dtype(learner.trainable_variables[0].dtype)
         names = ["loss", *self.task_metrics]
         self._trackers = {n: keras.metrics.Mean(name=n) for n in names + [f"pre_adapt_{n}" for n in names]}
+        self.task_seeds = keras.random.SeedGenerator(name="task_seeds")  # for update rules that sample
         self.built = True  # Nothing to build: stops `fit` from tracing the model on an episode.
 
     # ----------------------------------------------------------------------------------------------- pieces
@@ -134,10 +135,19 @@ class MetaLearner(keras.Model):
         values = [tf.convert_to_tensor(v) for v in self.learner.trainable_variables]
         return partition_lib.split(values, self.fast_mask)
 
-    def forward(self, fast, slow, state, x, training: bool):
-        """The learner's output for fast parameter values `fast`: returns `(outputs, new_state)`."""
+    def forward(self, fast, slow, state, x, training: bool, step: Optional[int] = None):
+        """The learner's output for fast parameter values `fast`: returns `(outputs, new_state)`. `step` marks
+        a query pass after that many inner steps (for layers that depend on the step)."""
         trainable = partition_lib.merge(fast, slow, self.fast_mask)
-        return self.learner.stateless_call(trainable, state, x, training=training)
+        if step is None:
+            return self.learner.stateless_call(trainable, state, x, training=training)
+        with at_step(step):
+            return self.learner.stateless_call(trainable, state, x, training=training)
+
+    def meta_step(self) -> tf.Tensor:
+        """Meta-steps taken so far (the optimizer's iteration count; 0 before `compile`), for schedules."""
+        optimizer = getattr(self, "optimizer", None)
+        return tf.constant(0, tf.int64) if optimizer is None else tf.cast(optimizer.iterations, tf.int64)
 
     def loss_value(self, y_true, y_pred) -> tf.Tensor:
         """The task loss averaged over examples."""
@@ -148,7 +158,7 @@ class MetaLearner(keras.Model):
 
     def adapt_params(
         self, fast, slow, state, x, y, steps: int, *, training: bool, first_order: bool = False,
-        keep_trajectory: bool = False,
+        keep_trajectory: bool = False, seed: Optional[tf.Tensor] = None,
     ) -> Adaptation:
         """Runs the inner loop from `fast` on the examples `(x, y)` of one task."""
 
@@ -158,12 +168,13 @@ class MetaLearner(keras.Model):
 
         return inner_loop(
             support_loss, fast, state, self.update_rule, steps,
-            first_order=first_order, keep_trajectory=keep_trajectory,
+            first_order=first_order, keep_trajectory=keep_trajectory, training=training, seed=seed,
         )
 
-    def task_gradients(self, episode: dict, state: list) -> tuple[list, dict, list]:
+    def task_gradients(self, episode: dict, state: list, seed: tf.Tensor) -> tuple[list, dict, list]:
         """For one task: the meta-gradient for each of `meta_variables`, the scalar logs named by
-        `train_log_names()` and the learner's non-trainable state after the task. Algorithms implement this."""
+        `train_log_names()` and the learner's non-trainable state after the task. `seed` is a stateless seed
+        of the task, for update rules that sample. Algorithms implement this."""
         raise NotImplementedError
 
     def train_log_names(self) -> list[str]:
@@ -179,11 +190,13 @@ class MetaLearner(keras.Model):
         seed_offset = [
             tf.constant([1, 0], v.dtype) if _is_seed_state(v) else None for v in self.learner.non_trainable_variables
         ]
+        batch_seed = self.task_seeds.next()
 
         def one_task(index, episode):
             # Each task draws its own random stream (dropout masks): offset the seed of every seed generator.
             task_state = [s if o is None else s + tf.cast(index, s.dtype) * o for s, o in zip(state, seed_offset)]
-            grads, logs, new_state = self.task_gradients(episode, task_state)
+            seed = tf.random.experimental.stateless_fold_in(batch_seed, index)
+            grads, logs, new_state = self.task_gradients(episode, task_state, seed)
             return grads, {k: tf.cast(v, self._log_dtype) for k, v in logs.items()}, new_state
 
         signature = (_spec(self.meta_variables), self._log_spec(self.train_log_names()), _spec(state))
@@ -226,7 +239,9 @@ class MetaLearner(keras.Model):
             )
             results = []
             for k in at_steps:
-                predictions, _ = self.forward(adaptation.trajectory[k], slow, state, episode["query_x"], training=False)
+                predictions, _ = self.forward(
+                    adaptation.trajectory[k], slow, state, episode["query_x"], training=False, step=k
+                )
                 results.append({"loss": self.loss_value(episode["query_y"], predictions),
                                 **self.metric_values(episode["query_y"], predictions)})
             return {n: tf.cast(tf.stack([r[n] for r in results]), self._log_dtype) for n in results[0]}

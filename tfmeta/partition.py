@@ -22,8 +22,9 @@ class Partition:
 
     `fast` and `slow` each take None, a glob or a list of globs, or a predicate on the Keras variable. Globs are
     matched against variable paths (`"dense_1/kernel"`), their prefixes and their layer names (`"head"`,
-    `"block_*"`). A variable is fast if `fast` selects it (None: every variable) and `slow` does not.
-    ANIL is `Partition(fast="head")`, BOIL is `Partition(slow="head")`.
+    `"block_*"`). A variable is fast if `fast` selects it (None: every variable), `slow` does not, and it does
+    not belong to a layer marked `meta_only` (T-Nets' transforms, per-step batch norm, warp layers), which is
+    always slow. ANIL is `Partition(fast="head")`, BOIL is `Partition(slow="head")`.
     """
 
     def __init__(self, fast: Selector = None, slow: Selector = None):
@@ -42,7 +43,13 @@ class Partition:
         variables = learner.trainable_variables
         fast = _select(variables, self.fast, "fast", default=True)
         slow = _select(variables, self.slow, "slow", default=False)
-        mask = tuple(f and not s for f, s in zip(fast, slow))
+        meta_only = {
+            id(v)
+            for layer in learner._flatten_layers(include_self=True)  # every nested layer, also in subclasses
+            if getattr(layer, "meta_only", False)
+            for v in layer.trainable_variables
+        }
+        mask = tuple(f and not s and id(v) not in meta_only for f, s, v in zip(fast, slow, variables))
         if not any(mask):
             raise ValueError(
                 f"partition selects no fast variable of learner '{learner.name}' (fast={self.fast!r}, "

@@ -1,6 +1,12 @@
-"""Meta-learning algorithms, each a `MetaLearner` that states only how a task's meta-gradient is computed."""
+"""Meta-learning algorithms, each a `MetaLearner` that states only how a task's meta-gradient is computed.
 
+Variants that differ from MAML only in the inner-loop rule, the partition or the learner (Meta-SGD, LSLR,
+Meta-Curvature, MT-Nets, ANIL, BOIL, T-Nets) are MAML with an update rule (`tfmeta.update_rules`), a
+`tfmeta.Partition` or a layer (`tfmeta.layers`); `gin_configs/` holds one config per method.
+"""
+
+from tfmeta.algorithms.imaml import IMAML
 from tfmeta.algorithms.maml import MAML
 from tfmeta.algorithms.reptile import Reptile
 
-__all__ = ["MAML", "Reptile"]
+__all__ = ["IMAML", "MAML", "Reptile"]

@@ -24,11 +24,13 @@ class Reptile(MetaLearner):
         if self.inner_steps < 1:
             raise ValueError(f"Reptile needs `inner_steps` >= 1; got {self.inner_steps}.")
 
-    def task_gradients(self, episode, state):
+    def task_gradients(self, episode, state, seed):
         x = tf.concat([episode["support_x"], episode["query_x"]], axis=0)
         y = tf.concat([episode["support_y"], episode["query_y"]], axis=0)
         fast, slow = self.read_params()
-        adaptation = self.adapt_params(fast, slow, state, x, y, self.inner_steps, training=True, first_order=True)
+        adaptation = self.adapt_params(
+            fast, slow, state, x, y, self.inner_steps, training=True, first_order=True, seed=seed
+        )
         fast_grads = iter([theta - phi for theta, phi in zip(fast, adaptation.params)])
         grads = [next(fast_grads) if is_fast else tf.zeros_like(v)
                  for v, is_fast in zip(self.learner.trainable_variables, self.fast_mask)]

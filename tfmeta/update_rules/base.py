@@ -1,16 +1,17 @@
-"""Inner-loop update rules: composable transformations of gradients into parameter updates (optax-style).
+"""The update-rule interface and the basic rules: SGD, clipping, composition.
 
 A rule sees the fast parameters of one task. `build(param_shapes)` creates its meta-parameters (learned step
-sizes, preconditioners, ...) as Keras variables, so they are meta-trained and checkpointed with the
-meta-learner that owns the rule. `init_state(params)` gives per-task state (momentum buffers, ...), and
-`update(grads, state, params, step)` returns `(updates, state)`; the inner loop then sets
-`params <- params + updates`. `step` is the Python index of the inner step, for rules that differ per step.
+sizes, preconditioners, masks, ...) as Keras variables, so they are meta-trained and checkpointed with the
+meta-learner that owns the rule. `init_state(params, training=..., seed=...)` gives per-task state (momentum
+buffers, sampled masks, ...), and `update(grads, state, params, step)` returns `(updates, state)`; the inner
+loop then sets `params <- params + updates`. `step` is the Python index of the inner step, for rules that
+differ per step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import keras
 import tensorflow as tf
@@ -24,8 +25,11 @@ class UpdateRule(keras.layers.Layer):
     def build(self, param_shapes: Shapes) -> None:
         self.param_shapes = [tuple(s) for s in param_shapes]
 
-    def init_state(self, params: Sequence[tf.Tensor]) -> Any:
-        """Per-task state threaded through the inner steps; stateless rules keep `()`."""
+    def init_state(
+        self, params: Sequence[tf.Tensor], *, training: bool = True, seed: Optional[tf.Tensor] = None
+    ) -> Any:
+        """Per-task state threaded through the inner steps; stateless rules keep `()`. `training` tells
+        meta-training from evaluation; `seed` is a stateless per-task seed for rules that sample."""
         return ()
 
     def update(self, grads: list[tf.Tensor], state: Any, params: list[tf.Tensor], step: int):
@@ -111,8 +115,8 @@ class Chain(UpdateRule):
             rule.check_params(param_shapes)
         super().build(param_shapes)
 
-    def init_state(self, params):
-        return tuple(rule.init_state(params) for rule in self.rules)
+    def init_state(self, params, *, training=True, seed=None):
+        return tuple(rule.init_state(params, training=training, seed=seed) for rule in self.rules)
 
     def update(self, grads, state, params, step):
         new_state = []

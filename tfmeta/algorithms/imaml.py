@@ -1,0 +1,115 @@
+"""Implicit MAML (Rajeswaran, Finn, Kakade & Levine, NeurIPS 2019)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import keras
+import tensorflow as tf
+
+from tfmeta import partition as partition_lib
+from tfmeta.inner_loop import inner_loop
+from tfmeta.meta_learner import MetaLearner
+
+
+def _dot(a, b) -> tf.Tensor:
+    return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(a, b)])
+
+
+def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int) -> list:
+    """Approximately solves A x = b for a symmetric A given as `matvec`, from x = 0, with `steps`
+    conjugate-gradient iterations (unrolled; exact after as many iterations as unknowns if A is positive
+    definite). A neural network's Hessian can be indefinite: the iterations stop at the first direction of
+    non-positive curvature (as truncated CG does), instead of stepping to infinity along it."""
+    x = [tf.zeros_like(t) for t in b]
+    r = list(b)
+    p = list(b)
+    rr = _dot(r, r)
+    active = tf.constant(True)
+    for _ in range(steps):
+        ap = matvec(p)
+        curvature = _dot(p, ap)
+        active = tf.logical_and(active, curvature > 0)
+        alpha = tf.where(active, tf.math.divide_no_nan(rr, curvature), tf.zeros_like(rr))
+        x = [xi + alpha * pi for xi, pi in zip(x, p)]
+        r = [ri - alpha * api for ri, api in zip(r, ap)]
+        rr_next = _dot(r, r)
+        p = [ri + tf.math.divide_no_nan(rr_next, rr) * pi for ri, pi in zip(r, p)]
+        rr = rr_next
+    return x
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+class IMAML(MetaLearner):
+    """Implicit MAML: meta-gradients by the implicit function theorem instead of through the inner loop.
+
+    Adaptation (in meta-training and at evaluation) minimises the support loss plus (λ/2)‖φ − θ‖² with
+    `inner_steps` steps of the update rule from θ. The meta-gradient for the fast parameters is
+    (I + H/λ)⁻¹ ∇_φ L_query(φ), with H the Hessian of the support loss at the adapted φ, computed with `cg_steps`
+    iterations of conjugate gradient on Hessian-vector products. Nothing is differentiated through the inner
+    steps, so memory does not grow with their number. Slow variables get the query gradient at φ; update-rule
+    variables get no meta-gradient.
+
+    Args:
+      regularization: λ > 0, the strength of the proximal term.
+      cg_steps: conjugate-gradient iterations.
+      **kwargs: see `MetaLearner`.
+    """
+
+    def __init__(self, learner: keras.Model, regularization: float = 1.0, cg_steps: int = 5, **kwargs):
+        super().__init__(learner, **kwargs)
+        if not regularization > 0:
+            raise ValueError(f"`regularization` (λ) must be positive; got {regularization!r}.")
+        if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
+            raise ValueError(f"`cg_steps` must be a positive integer; got {cg_steps!r}.")
+        self.regularization = float(regularization)
+        self.cg_steps = cg_steps
+
+    def adapt_params(self, fast, slow, state, x, y, steps, *, training, first_order=False, keep_trajectory=False,
+                     seed=None):
+        anchor = [tf.stop_gradient(p) for p in fast]
+        regularization = self.regularization
+
+        def regularized_loss(params, state):
+            predictions, state = self.forward(params, slow, state, x, training=training)
+            proximal = tf.add_n([tf.reduce_sum(tf.square(p - a)) for p, a in zip(params, anchor)])
+            return self.loss_value(y, predictions) + tf.cast(regularization / 2, proximal.dtype) * proximal, state
+
+        return inner_loop(regularized_loss, fast, state, self.update_rule, steps, first_order=True,
+                          keep_trajectory=keep_trajectory, training=training, seed=seed)
+
+    def task_gradients(self, episode, state, seed):
+        fast, slow = self.read_params()
+        adaptation = self.adapt_params(
+            fast, slow, state, episode["support_x"], episode["support_y"], self.inner_steps, training=True, seed=seed
+        )
+        phi = [tf.stop_gradient(p) for p in adaptation.params]
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(phi + slow)
+            predictions, new_state = self.forward(phi, slow, adaptation.state, episode["query_x"], training=True)
+            query_loss = self.loss_value(episode["query_y"], predictions)
+        phi_grads, slow_grads = tape.gradient(query_loss, [phi, slow],
+                                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+        def hessian_vector_product(vector):
+            with tf.GradientTape(watch_accessed_variables=False) as outer:
+                outer.watch(phi)
+                with tf.GradientTape(watch_accessed_variables=False) as inner:
+                    inner.watch(phi)
+                    support, _ = self.forward(phi, slow, state, episode["support_x"], training=True)
+                    loss = self.loss_value(episode["support_y"], support)
+                grads = inner.gradient(loss, phi, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                projection = _dot(grads, [tf.stop_gradient(v) for v in vector])
+            return outer.gradient(projection, phi, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+        def matvec(vector):
+            hv = hessian_vector_product(vector)
+            return [v + h / tf.cast(self.regularization, h.dtype) for v, h in zip(vector, hv)]
+
+        implicit = conjugate_gradient(matvec, phi_grads, self.cg_steps)
+        grads = partition_lib.merge(implicit, slow_grads, self.fast_mask)
+        grads += [tf.zeros_like(v) for v in self.update_rule.trainable_variables]
+        return grads, {"loss": query_loss, **self.metric_values(episode["query_y"], predictions)}, new_state
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "regularization": self.regularization, "cg_steps": self.cg_steps}

@@ -1,0 +1,23 @@
+"""T-Nets' meta-learned linear transformations (Lee & Choi, ICML 2018)."""
+
+from __future__ import annotations
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+class LinearTransform(keras.layers.Layer):
+    """`y = x @ T` over the last axis (features, or channels of a feature map: a 1x1 convolution).
+
+    T is square and identity-initialised, so inserting the layer changes nothing until T is meta-learned.
+    The layer is `meta_only`: the inner loop never adapts it (`Partition` keeps its variables slow).
+    """
+
+    meta_only = True
+
+    def build(self, input_shape):
+        units = input_shape[-1]
+        self.kernel = self.add_weight(shape=(units, units), initializer="identity", name="kernel")
+
+    def call(self, inputs):
+        return keras.ops.matmul(inputs, keras.ops.cast(self.kernel, inputs.dtype))

@@ -1,0 +1,13 @@
+"""Inner-loop update rules: composable transformations of gradients into parameter updates (optax-style).
+
+A rule sees the fast parameters of one task; its meta-parameters are Keras variables owned by the
+meta-learner. See `base.UpdateRule` for the interface.
+"""
+
+from tfmeta.update_rules.base import Chain, ClipByGlobalNorm, Sgd, UpdateRule
+from tfmeta.update_rules.learned_sgd import LSLR, LearnedSgd, MetaSGD
+from tfmeta.update_rules.masks import MTNetMask
+from tfmeta.update_rules.meta_curvature import MetaCurvature
+
+__all__ = ["LSLR", "Chain", "ClipByGlobalNorm", "LearnedSgd", "MTNetMask", "MetaCurvature", "MetaSGD", "Sgd",
+           "UpdateRule"]

@@ -1,0 +1,82 @@
+"""Gradient descent with meta-learned step sizes: Meta-SGD (Li et al., 2017) and MAML++'s LSLR
+(Antoniou et al., 2019)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from tfmeta.update_rules.base import Shapes, UpdateRule
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+class LearnedSgd(UpdateRule):
+    """`update = -alpha * grad` with alpha meta-learned, initialised to `initial_learning_rate`.
+
+    per_element: one step size per parameter element (Meta-SGD's α ⊙ ∇L) or one per variable (LSLR).
+    steps: None to share the step sizes across inner steps, or the number of inner steps, each with its own
+      step sizes (LSLR); inner steps past `steps` (e.g. a longer evaluation) reuse the last step's.
+    """
+
+    def __init__(self, initial_learning_rate: float = 0.01, per_element: bool = True, steps: Optional[int] = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"`steps` must be None or a positive integer; got {steps!r}.")
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.per_element = per_element
+        self.steps = steps
+
+    def build(self, param_shapes: Shapes) -> None:
+        leading = (self.steps,) if self.steps else ()
+        self.learning_rates = [
+            self.add_weight(
+                shape=leading + (tuple(shape) if self.per_element else ()),
+                initializer=self._initializer,
+                name=f"learning_rate_{i}",
+            )
+            for i, shape in enumerate(param_shapes)
+        ]
+        super().build(param_shapes)
+
+    def _initializer(self, shape, dtype=None):
+        # Not keras.initializers.Constant, which rounds the value through float32 before casting to float64.
+        return tf.fill(shape, tf.constant(self.initial_learning_rate, dtype))
+
+    def update(self, grads, state, params, step):
+        rates = self.learning_rates
+        if self.steps:
+            rates = [rate[min(step, self.steps - 1)] for rate in rates]
+        return [-tf.cast(rate, g.dtype) * g for rate, g in zip(rates, grads)], state
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "initial_learning_rate": self.initial_learning_rate,
+                "per_element": self.per_element, "steps": self.steps}
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+class MetaSGD(LearnedSgd):
+    """Meta-SGD: a meta-learned step size for every parameter element, shared by the inner steps."""
+
+    def __init__(self, initial_learning_rate: float = 0.01, **kwargs):
+        super().__init__(initial_learning_rate, per_element=True, steps=None, **kwargs)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        del config["per_element"], config["steps"]
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+class LSLR(LearnedSgd):
+    """MAML++'s learned per-layer per-step learning rates: one step size per variable and inner step."""
+
+    def __init__(self, initial_learning_rate: float = 0.01, steps: int = 1, **kwargs):
+        super().__init__(initial_learning_rate, per_element=False, steps=steps, **kwargs)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        del config["per_element"]
+        return config
