@@ -6,10 +6,16 @@ train function (`make_train_function`, as `fit` runs it) on episodes drawn with 
 
   python benchmarks/meta_step.py --workloads a,b --modes map_fn,unrolled,vectorized_map --xla off,on
 
-Prints one JSON line per configuration and a Markdown table at the end.
+Prints one JSON line per configuration and a Markdown table at the end. `--algorithms` and `--inner_steps`
+override the workload's algorithm (MAML by default; iMAML solves the inner problem with the same steps and
+5 CG steps) and its number of inner steps, e.g. for memory against inner steps:
+
+  python benchmarks/meta_step.py --workloads b --modes map_fn --xla off --algorithms maml,imaml \
+      --inner_steps 1,5,10,20 --tasks 4 --steps 3 --warmup 1
 """
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -67,7 +73,9 @@ def run_one(args):
 
     import tfmeta
 
-    config = WORKLOADS[args.workload]
+    config = dict(WORKLOADS[args.workload])
+    config["steps"] = int(args.inner_steps) if args.inner_steps else config["steps"]
+    config["tasks"] = args.tasks or config["tasks"]
     keras.utils.set_random_seed(args.seed)
     if config["model"] == "mlp":
         learner = tfmeta.models.mlp()
@@ -75,8 +83,12 @@ def run_one(args):
     else:
         learner = tfmeta.models.conv_net(config["shape"], outputs=config["ways"], filters=config["filters"])
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    meta = tfmeta.MAML(learner, loss=loss, update_rule=tfmeta.Sgd(config["lr"]), inner_steps=config["steps"],
-                       first_order=config["first_order"], task_parallelism=args.mode)
+    common = dict(loss=loss, update_rule=tfmeta.Sgd(config["lr"]), inner_steps=config["steps"],
+                  task_parallelism=args.mode)
+    if args.algorithm == "imaml":
+        meta = tfmeta.IMAML(learner, cg_steps=5, **common)
+    else:
+        meta = tfmeta.MAML(learner, first_order=config["first_order"], **common)
     meta.compile(keras.optimizers.Adam(1e-3), jit_compile=args.xla == "on")
     rng = np.random.default_rng(args.seed)
     batches = [episodes(config, rng, np) for _ in range(1 + args.warmup + args.steps)]
@@ -98,7 +110,8 @@ def run_one(args):
             others.append((others_cpu() - other0) / (elapsed * os.cpu_count()))
     times = np.array(times)
     print(json.dumps({
-        "workload": args.workload, "name": config["name"], "task_parallelism": args.mode, "xla": args.xla,
+        "workload": args.workload, "name": config["name"], "algorithm": args.algorithm,
+        "inner_steps": config["steps"], "tasks": config["tasks"], "task_parallelism": args.mode, "xla": args.xla,
         "median_s": float(np.median(times)), "p10_s": float(np.percentile(times, 10)),
         "p90_s": float(np.percentile(times, 90)), "steps": len(times), "first_step_s": first_step,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -115,39 +128,51 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--algorithms", default="maml", help="maml (as the workload says) or imaml")
+    parser.add_argument("--inner_steps", default="", help="override the workloads' inner steps (a list)")
+    parser.add_argument("--tasks", type=int, default=0, help="override the tasks per meta-batch")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--algorithm", default="maml", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.workload:
         return run_one(args)
 
     rows = []
-    for workload in args.workloads.split(","):
-        for mode in args.modes.split(","):
-            for xla in args.xla.split(","):
-                command = [sys.executable, __file__, f"--workload={workload}", f"--mode={mode}", f"--xla={xla}",
-                           f"--steps={args.steps}", f"--warmup={args.warmup}", f"--seed={args.seed}"]
-                env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-                try:
-                    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
-                    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-                    row = json.loads(lines[-1]) if lines else {
-                        "workload": workload, "task_parallelism": mode, "xla": xla,
-                        "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-                except subprocess.TimeoutExpired:
-                    row = {"workload": workload, "task_parallelism": mode, "xla": xla,
-                           "error": f"timed out after {args.timeout:.0f} s"}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    print("\n| workload | tasks computed with | XLA | median s/step | p10-p90 | first step s | peak RSS GB |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    inner_steps_list = args.inner_steps.split(",") if args.inner_steps else [""]
+    configurations = itertools.product(
+        args.workloads.split(","), args.algorithms.split(","), inner_steps_list, args.modes.split(","),
+        args.xla.split(","),
+    )
+    for workload, algorithm, inner_steps, mode, xla in configurations:
+        command = [sys.executable, __file__, f"--workload={workload}", f"--mode={mode}", f"--xla={xla}",
+                   f"--algorithm={algorithm}", f"--steps={args.steps}", f"--warmup={args.warmup}",
+                   f"--seed={args.seed}", f"--tasks={args.tasks}"]
+        if inner_steps:
+            command.append(f"--inner_steps={inner_steps}")
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        failed = {"workload": workload, "algorithm": algorithm, "task_parallelism": mode, "xla": xla,
+                  "inner_steps": inner_steps}
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            row = json.loads(lines[-1]) if lines else {
+                **failed, "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+        except subprocess.TimeoutExpired:
+            row = {**failed, "error": f"timed out after {args.timeout:.0f} s"}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print("\n| workload | algorithm | inner steps | tasks computed with | XLA | median s/step | p10-p90 | first step s "
+          "| peak RSS GB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
+        head = f"| {r['workload']} | {r['algorithm']} | {r['inner_steps']} | {r['task_parallelism']} | {r['xla']} |"
         if "error" in r:
-            print(f"| {r['workload']} | {r['task_parallelism']} | {r['xla']} | failed: {r['error']} | | | |")
+            print(f"{head} failed: {r['error']} | | | |")
         else:
-            print(f"| {r['workload']} | {r['task_parallelism']} | {r['xla']} | {r['median_s']:.4f} | "
-                  f"{r['p10_s']:.4f}-{r['p90_s']:.4f} | {r['first_step_s']:.1f} | {r['peak_rss_gb']:.2f} |")
+            print(f"{head} {r['median_s']:.4f} | {r['p10_s']:.4f}-{r['p90_s']:.4f} | {r['first_step_s']:.1f} | "
+                  f"{r['peak_rss_gb']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -227,3 +227,14 @@ def test_imaml_equals_the_true_meta_gradient_when_the_inner_problem_is_solved():
     episodes = random_episodes(tasks=2)
     grads, _, _ = tf.function(meta.compute_meta_gradients)(episodes)
     check_finite_differences(meta, episodes, grads, directions=2, eps=1e-4, rtol=1e-4)
+
+
+def test_learned_rules_compose_with_first_order_meta_gradients():
+    learner = small_mlp()
+    episodes = random_episodes()
+    meta = tfmeta.MAML(learner, update_rule=tfmeta.MetaSGD(0.3, dtype="float64"), inner_steps=2, first_order=True)
+    grads, _, _ = meta.compute_meta_gradients(episodes)
+    n = len(learner.trainable_variables)
+    assert_lists_close(grads[:n], maml_grads(learner, episodes, first_order=True))
+    # First order stops the gradient through the inner gradients, not through the step sizes.
+    assert all(float(tf.reduce_sum(tf.abs(g))) > 0 for g in grads[n:])

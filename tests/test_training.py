@@ -4,8 +4,10 @@ import json
 import os
 
 import gin
+import numpy as np
 import pytest
 
+import tfmeta
 import tfmeta.configurables  # noqa: F401  (registers the gin configurables)
 from tfmeta.experiment import Experiment
 
@@ -43,3 +45,27 @@ def test_same_seed_same_numbers(tmp_path):
     assert other["eval"]["loss"]["mean"] != first["eval"]["loss"]["mean"]
     with open(tmp_path / "a" / "metrics.json") as f:
         assert json.load(f) == json.loads(json.dumps(first))
+
+
+CONFIGS = {
+    "metasgd_sine.gin": lambda m: isinstance(m.update_rule, tfmeta.MetaSGD),
+    "metacurvature_sine.gin": lambda m: isinstance(m.update_rule, tfmeta.MetaCurvature),
+    "anil_sine.gin": lambda m: m.fast_mask == (False,) * 4 + (True,) * 2,
+    "boil_sine.gin": lambda m: m.fast_mask == (True,) * 4 + (False,) * 2,
+    "tnet_sine.gin": lambda m: sum(isinstance(layer, tfmeta.layers.LinearTransform) for layer in m.learner.layers) == 3,
+    "mtnet_sine.gin": lambda m: isinstance(m.update_rule.rules[0], tfmeta.MTNetMask),
+    "mamlpp_sine.gin": lambda m: (isinstance(m.update_rule, tfmeta.LSLR) and m.inner_steps == 5
+                                  and m.multi_step_loss_annealing == 7000 and m.first_order_steps == 7000
+                                  and "cosine" in str(m.optimizer.get_config()["learning_rate"]).lower()),
+    "imaml_sine.gin": lambda m: isinstance(m, tfmeta.IMAML) and m.regularization == 10.0,
+}
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_family_configs_build_and_train(config, tmp_path):
+    exp = experiment(config, "Experiment.num_steps = 100", "Experiment.steps_per_epoch = 50",
+                     "Experiment.eval_num_tasks = 20")
+    meta = exp.build()
+    assert CONFIGS[config](meta)
+    results = exp.train(str(tmp_path))
+    assert results["meta_steps"] == 100 and np.isfinite(results["train"]["loss"])

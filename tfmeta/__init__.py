@@ -10,7 +10,8 @@ from tfmeta.algorithms import IMAML, MAML, Reptile
 from tfmeta.inner_loop import Adaptation, inner_loop
 from tfmeta.meta_learner import MetaLearner
 from tfmeta.partition import Partition
-from tfmeta.update_rules import LSLR, Chain, ClipByGlobalNorm, LearnedSgd, MetaCurvature, MetaSGD, MTNetMask, Sgd, UpdateRule
+from tfmeta.update_rules import (LSLR, Chain, ClipByGlobalNorm, LearnedSgd, MetaCurvature, MetaSGD, MTNetMask, Sgd,
+                                 UpdateRule)
 
 __version__ = "0.1.0"
 
