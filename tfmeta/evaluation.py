@@ -8,7 +8,7 @@ import statistics
 import numpy as np
 import tensorflow as tf
 
-from tfmeta.meta_learner import MetaLearner
+from tfmeta.episodic import EpisodicLearner
 from tfmeta.tasks import TaskDistribution
 
 
@@ -23,7 +23,7 @@ def mean_confidence_interval(values, confidence: float = 0.95) -> tuple[float, f
 
 
 def adaptation_curve(
-    meta_learner: MetaLearner,
+    meta_learner: EpisodicLearner,
     tasks: TaskDistribution,
     num_tasks: int = 600,
     steps: int = 10,

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmeta import evaluation
-from tfmeta.meta_learner import MetaLearner
+from tfmeta.episodic import EpisodicLearner
 from tfmeta.tasks import TaskDistribution
 
 
@@ -39,7 +39,8 @@ class Experiment:
     """Meta-training and evaluation of one meta-learner on one task distribution.
 
     Args:
-      meta_learner: a callable returning the `MetaLearner` (in gin: `@MAML`, configured with `MAML.*`).
+      meta_learner: a callable returning the meta-learner, an `EpisodicLearner` (in gin: `@MAML`, configured
+        with `MAML.*`).
       tasks: the meta-training task distribution.
       eval_tasks: the held-out task distribution (default: `tasks`, drawn with other seeds).
       optimizer: a callable returning the Keras optimizer of the outer loop.
@@ -61,7 +62,7 @@ class Experiment:
 
     def __init__(
         self,
-        meta_learner: Callable[[], MetaLearner] = gin.REQUIRED,
+        meta_learner: Callable[[], EpisodicLearner] = gin.REQUIRED,
         tasks: TaskDistribution = gin.REQUIRED,
         eval_tasks: Optional[TaskDistribution] = None,
         optimizer: Callable[[], keras.optimizers.Optimizer] = keras.optimizers.Adam,
@@ -104,7 +105,7 @@ class Experiment:
         self.steps_per_execution = steps_per_execution
         self.verbose = verbose
 
-    def build(self) -> MetaLearner:
+    def build(self) -> EpisodicLearner:
         """The compiled meta-learner, with its optimizer's variables created (so checkpoints can restore them)."""
         meta_learner = self.meta_learner()
         meta_learner.compile(
@@ -113,7 +114,7 @@ class Experiment:
         meta_learner.optimizer.build(meta_learner.meta_variables)
         return meta_learner
 
-    def checkpoints(self, meta_learner: MetaLearner, model_dir: str) -> tf.train.CheckpointManager:
+    def checkpoints(self, meta_learner: EpisodicLearner, model_dir: str) -> tf.train.CheckpointManager:
         checkpoint = tf.train.Checkpoint(meta_learner=meta_learner, optimizer=meta_learner.optimizer)
         return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=3)
 
@@ -159,7 +160,7 @@ class Experiment:
             json.dump(results, f, indent=2)
         return results
 
-    def restore(self, model_dir: str) -> MetaLearner:
+    def restore(self, model_dir: str) -> EpisodicLearner:
         """The meta-learner as of the last checkpoint in `model_dir`."""
         meta_learner = self.build()
         manager = self.checkpoints(meta_learner, model_dir)
@@ -168,7 +169,7 @@ class Experiment:
         manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         return meta_learner
 
-    def evaluate(self, meta_learner: MetaLearner) -> dict:
+    def evaluate(self, meta_learner: EpisodicLearner) -> dict:
         """The adaptation curve on the held-out tasks (see `evaluation.adaptation_curve`)."""
         return evaluation.adaptation_curve(
             meta_learner, self.eval_tasks, num_tasks=self.eval_num_tasks, steps=self.eval_steps, seed=self.eval_seed

@@ -1,9 +1,10 @@
-"""`MetaLearner`: a Keras model that meta-trains a learner model on batches of episodes with `fit`.
+"""`MetaLearner`: the base of gradient-based meta-learners, which adapt a learner model by an inner loop.
 
 An episode batch is a dict of `support_x`, `support_y`, `query_x`, `query_y`, each with a leading task
-dimension. `train_step` computes one meta-gradient per task (`task_gradients`, the only thing an algorithm
-defines), averages them over the tasks and applies them with the compiled Keras optimizer. `test_step` adapts
-to each task's support set and reports the query loss and metrics before and after adaptation.
+dimension (see `tfmeta.episodic`). `train_step` computes one meta-gradient per task (`task_gradients`, the
+only thing an algorithm defines), averages them over the tasks and applies them with the compiled Keras
+optimizer. `test_step` adapts to each task's support set and reports the query loss and metrics before and
+after adaptation.
 
 The learner is adapted functionally: its variables are read once per task and every adapted forward pass goes
 through `learner.stateless_call` with substituted parameter values; the inner loop never writes a variable.
@@ -17,31 +18,15 @@ import keras
 import tensorflow as tf
 
 from tfmeta import partition as partition_lib
+from tfmeta.episodic import EpisodicLearner, Metric
 from tfmeta.inner_loop import Adaptation, at_step, inner_loop
 from tfmeta.update_rules import Sgd, UpdateRule
-
-EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
-TASK_PARALLELISM = ("map_fn", "unrolled", "vectorized_map")
-
-Metric = Union[str, Callable[[tf.Tensor, tf.Tensor], tf.Tensor]]
 
 
 def check_steps(value: int, argument: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"`{argument}` must be a non-negative integer; got {value!r}.")
     return value
-
-
-def _resolve_metric(metric: Metric) -> tuple[str, Callable]:
-    if callable(metric):
-        return metric.__name__, metric
-    fn = getattr(keras.metrics, metric, None) or keras.saving.get_registered_object(metric)
-    if not callable(fn) or isinstance(fn, type):
-        raise ValueError(
-            f"`metrics` entry {metric!r} is not a per-example metric function such as "
-            "'sparse_categorical_accuracy' or 'mean_absolute_error'."
-        )
-    return metric, fn
 
 
 def _spec(tensors) -> list[tf.TensorSpec]:
@@ -52,21 +37,16 @@ def _is_seed_state(variable) -> bool:
     return variable.name == "seed_generator_state"
 
 
-class MetaLearner(keras.Model):
-    """Base class of meta-learners over a Keras `learner`.
+class MetaLearner(EpisodicLearner):
+    """Base class of gradient-based meta-learners over a Keras `learner`, adapted by an inner loop.
 
     Args:
       learner: any built Keras model; its trainable variables are the meta-learned initialisation.
-      loss: the task loss, a Keras loss name, function or `keras.losses.Loss` (averaged over examples).
-      metrics: per-example metric functions or their `keras.metrics` names, reported on the query set.
+      loss, metrics, task_parallelism: see `EpisodicLearner`.
       update_rule: the inner-loop rule (default `Sgd(0.01)`); its variables are meta-learned with the learner.
       inner_steps: inner-loop steps during meta-training.
       eval_inner_steps: inner-loop steps in `evaluate` and `adapt` (default: `inner_steps`).
       partition: which learner variables the inner loop adapts (default: all).
-      task_parallelism: how the tasks of a meta-batch are computed: "map_fn" (`tf.map_fn`, default: fast to
-        trace, and on a par with the others at run time; see docs/performance.md), "unrolled" (a Python loop,
-        needs a static meta-batch size) or "vectorized_map" (`tf.vectorized_map`; fastest for small MLPs
-        without XLA, pathological with XLA).
     """
 
     def __init__(
@@ -81,19 +61,9 @@ class MetaLearner(keras.Model):
         task_parallelism: str = "map_fn",
         name: Optional[str] = None,
     ):
-        super().__init__(name=name)
-        if not isinstance(learner, keras.Model):
-            raise TypeError(f"`learner` must be a keras.Model; got {type(learner).__name__}.")
-        if not learner.built:
-            raise ValueError(
-                f"`learner` '{learner.name}' is not built: build it (e.g. with keras.Input or by calling it on "
-                "a batch) so that its variables exist before meta-learning."
-            )
         if update_rule is not None and not isinstance(update_rule, UpdateRule):
             raise TypeError(f"`update_rule` must be a tfmeta UpdateRule; got {type(update_rule).__name__}.")
-        if task_parallelism not in TASK_PARALLELISM:
-            raise ValueError(f"`task_parallelism` must be one of {TASK_PARALLELISM}; got {task_parallelism!r}.")
-        self.learner = learner
+        super().__init__(learner, loss=loss, metrics=metrics, task_parallelism=task_parallelism, name=name)
         self.partition = partition if partition is not None else partition_lib.Partition()
         self.fast_mask = self.partition.mask(learner)
         self.update_rule = update_rule if update_rule is not None else Sgd(0.01)
@@ -106,12 +76,6 @@ class MetaLearner(keras.Model):
         self.eval_inner_steps = check_steps(
             inner_steps if eval_inner_steps is None else eval_inner_steps, "eval_inner_steps"
         )
-        self.task_parallelism = task_parallelism
-        self.task_loss = keras.losses.get(loss)
-        self.task_metrics = dict(_resolve_metric(m) for m in metrics)
-        self._log_dtype = keras.backend.standardize_dtype(learner.trainable_variables[0].dtype)
-        names = ["loss", *self.task_metrics]
-        self._trackers = {n: keras.metrics.Mean(name=n) for n in names + [f"pre_adapt_{n}" for n in names]}
         self.task_seeds = keras.random.SeedGenerator(name="task_seeds")  # for update rules that sample
         self.built = True  # Nothing to build: stops `fit` from tracing the model on an episode.
 
@@ -122,9 +86,10 @@ class MetaLearner(keras.Model):
         """What the outer loop learns: the learner's trainable variables, then the update rule's."""
         return self.learner.trainable_variables + self.update_rule.trainable_variables
 
-    @property
-    def metrics(self) -> list[keras.metrics.Metric]:
-        return list(self._trackers.values())
+    def log_names(self) -> list[str]:
+        """The query loss and metrics after adaptation, and before it (`pre_adapt_*`, in `evaluate`)."""
+        names = super().log_names()
+        return names + [f"pre_adapt_{n}" for n in names]
 
     def call(self, inputs, training=False):
         """The learner at the meta-learned initialisation."""
@@ -148,13 +113,6 @@ class MetaLearner(keras.Model):
         """Meta-steps taken so far (the optimizer's iteration count; 0 before `compile`), for schedules."""
         optimizer = getattr(self, "optimizer", None)
         return tf.constant(0, tf.int64) if optimizer is None else tf.cast(optimizer.iterations, tf.int64)
-
-    def loss_value(self, y_true, y_pred) -> tf.Tensor:
-        """The task loss averaged over examples."""
-        return tf.reduce_mean(self.task_loss(y_true, y_pred))
-
-    def metric_values(self, y_true, y_pred) -> dict[str, tf.Tensor]:
-        return {n: tf.reduce_mean(tf.cast(fn(y_true, y_pred), self._log_dtype)) for n, fn in self.task_metrics.items()}
 
     def adapt_params(
         self, fast, slow, state, x, y, steps: int, *, training: bool, first_order: bool = False,
@@ -249,31 +207,6 @@ class MetaLearner(keras.Model):
         signature = {n: tf.TensorSpec([len(at_steps)], self._log_dtype) for n in ["loss", *self.task_metrics]}
         return self.map_tasks(one_task, episodes, signature)
 
-    def test_step(self, data):
-        episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        results = self.evaluate_tasks(episodes)
-        logs = {}
-        for name, values in results.items():
-            logs[name] = tf.reduce_mean(values[:, -1])
-            logs[f"pre_adapt_{name}"] = tf.reduce_mean(values[:, 0])
-        return self._update_trackers(logs)
-
-    def map_tasks(self, fn: Callable, episodes: dict, signature):
-        """Applies `fn(task_index, episode)` to every task of a batch and stacks the results."""
-        tasks = episodes["support_x"].shape[0]
-        if self.task_parallelism == "unrolled":
-            if tasks is None:
-                raise ValueError(
-                    "task_parallelism='unrolled' needs a static number of tasks per meta-batch: batch the "
-                    "episodes with drop_remainder=True."
-                )
-            outputs = [fn(tf.constant(i), {k: v[i] for k, v in episodes.items()}) for i in range(tasks)]
-            return tf.nest.map_structure(lambda *xs: tf.stack(xs), *outputs)
-        indices = tf.range(tf.shape(episodes["support_x"])[0])
-        if self.task_parallelism == "vectorized_map":
-            return tf.vectorized_map(lambda args: fn(*args), (indices, episodes))
-        return tf.map_fn(lambda args: fn(*args), (indices, episodes), fn_output_signature=signature)
-
     # ------------------------------------------------------------------------------------------ adapt
 
     def adapt(self, support_x, support_y, steps: Optional[int] = None) -> keras.Model:
@@ -283,19 +216,7 @@ class MetaLearner(keras.Model):
         be saved and be trained further. Adaptation runs in inference mode, as in `evaluate`.
         """
         steps = check_steps(self.eval_inner_steps if steps is None else steps, "steps")
-        support_x = tf.convert_to_tensor(support_x)
-        support_y = tf.convert_to_tensor(support_y)
-        expected = self.learner.inputs[0].shape[1:] if getattr(self.learner, "inputs", None) else None
-        if expected is not None and not tf.TensorShape(expected).is_compatible_with(support_x.shape[1:]):
-            raise ValueError(
-                f"`support_x` must have shape [examples, {', '.join(map(str, expected))}] for learner "
-                f"'{self.learner.name}'; got {tuple(support_x.shape)}."
-            )
-        if support_x.shape[0] == 0 or support_x.shape[0] != support_y.shape[0]:
-            raise ValueError(
-                "`support_x` and `support_y` must hold the same number (>= 1) of examples; got shapes "
-                f"{tuple(support_x.shape)} and {tuple(support_y.shape)}."
-            )
+        support_x, support_y = self.check_support(support_x, support_y)
         fast, slow = self.read_params()
         state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
         adaptation = self.adapt_params(fast, slow, state, support_x, support_y, steps, training=False)
@@ -310,67 +231,20 @@ class MetaLearner(keras.Model):
             variable.assign(value)
         return adapted
 
-    # -------------------------------------------------------------------------------------- utilities
-
-    def check_episodes(self, episodes: dict) -> dict:
-        """Validates the static shapes of a batch of episodes; returns the four arrays it uses."""
-        if not isinstance(episodes, dict) or not all(k in episodes for k in EPISODE_KEYS):
-            found = sorted(episodes) if isinstance(episodes, dict) else type(episodes).__name__
-            raise ValueError(f"episodes must be a dict with keys {EPISODE_KEYS}; got {found}.")
-        e = {k: episodes[k] for k in EPISODE_KEYS}
-        sx, sy, qx, qy = (e[k].shape for k in EPISODE_KEYS)
-        for split, x, y in (("support", sx, sy), ("query", qx, qy)):
-            if x.rank is not None and x.rank < 3:
-                raise ValueError(
-                    f"episodes['{split}_x'] must have shape [tasks, examples, features...]; got {tuple(x)}."
-                )
-            if not x[:2].is_compatible_with(y[:2]):
-                raise ValueError(
-                    f"episodes['{split}_x'] and episodes['{split}_y'] disagree on [tasks, examples]: "
-                    f"{tuple(x)} vs {tuple(y)}."
-                )
-        if not sx[2:].is_compatible_with(qx[2:]):
-            raise ValueError(
-                f"support and query features differ: episodes['support_x'] has shape {tuple(sx)}, "
-                f"episodes['query_x'] has {tuple(qx)}."
-            )
-        if not sy[2:].is_compatible_with(qy[2:]):
-            raise ValueError(
-                f"support and query targets differ: episodes['support_y'] has shape {tuple(sy)}, "
-                f"episodes['query_y'] has {tuple(qy)}."
-            )
-        if sx[1] == 0:
-            raise ValueError("episodes['support_x'] holds no support example (K must be >= 1).")
-        return e
-
-    def _log_spec(self, names) -> dict:
-        return {n: tf.TensorSpec([], self._log_dtype) for n in names}
-
-    def _update_trackers(self, logs: dict) -> dict:
-        for name, value in logs.items():
-            self._trackers[name].update_state(value)
-        return {name: self._trackers[name].result() for name in logs}
-
     # ------------------------------------------------------------------------------------ serialisation
 
     def get_config(self) -> dict:
         return {
-            "learner": keras.saving.serialize_keras_object(self.learner),
-            "loss": keras.losses.serialize(self.task_loss),
-            "metrics": list(self.task_metrics),
+            **super().get_config(),
             "update_rule": keras.saving.serialize_keras_object(self.update_rule),
             "inner_steps": self.inner_steps,
             "eval_inner_steps": self.eval_inner_steps,
             "partition": self.partition.get_config(),
-            "task_parallelism": self.task_parallelism,
-            "name": self.name,
         }
 
     @classmethod
     def from_config(cls, config: dict):
         config = dict(config)
-        config["learner"] = keras.saving.deserialize_keras_object(config["learner"])
         config["update_rule"] = keras.saving.deserialize_keras_object(config["update_rule"])
-        config["loss"] = keras.losses.deserialize(config["loss"])
         config["partition"] = partition_lib.Partition(**config["partition"])
-        return cls(**config)
+        return super().from_config(config)

@@ -1,0 +1,207 @@
+"""`EpisodicLearner`: the base of every meta-learner, a Keras model trained with `fit` on batches of episodes.
+
+An episode batch is a dict of `support_x`, `support_y`, `query_x`, `query_y`, each with a leading task
+dimension. Subclasses define how a meta-batch trains the model (`train_step`), how a task is evaluated after
+adapting to its support set (`evaluate_tasks`) and what `adapt` returns; this class holds what they share:
+the learner, the task loss and metrics, episode validation, per-task mapping, `test_step` and logging.
+Gradient-based meta-learners derive from `tfmeta.MetaLearner`, metric learners from `tfmeta.MetricLearner`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import keras
+import tensorflow as tf
+
+from tfmeta import losses
+
+EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
+TASK_PARALLELISM = ("map_fn", "unrolled", "vectorized_map")
+
+Metric = Union[str, Callable[[tf.Tensor, tf.Tensor], tf.Tensor]]
+
+
+def resolve_metric(metric: Metric) -> tuple[str, Callable]:
+    """(name, per-example function) of a metric given as a function or a `keras.metrics` name."""
+    if callable(metric):
+        return metric.__name__, metric
+    fn = getattr(keras.metrics, metric, None) or keras.saving.get_registered_object(metric)
+    if not callable(fn) or isinstance(fn, type):
+        raise ValueError(
+            f"`metrics` entry {metric!r} is not a per-example metric function such as "
+            "'sparse_categorical_accuracy' or 'mean_absolute_error'."
+        )
+    return metric, fn
+
+
+class EpisodicLearner(keras.Model):
+    """Base class of meta-learners over a Keras `learner` (see the module docstring).
+
+    Args:
+      learner: any built Keras model: the learner adapted by gradient-based methods, the embedding of metric
+        learners.
+      loss: the task loss, a Keras loss name, function or `keras.losses.Loss` (averaged over examples).
+      metrics: per-example metric functions or their `keras.metrics` names, reported on the query set.
+      task_parallelism: how per-task computations of a meta-batch run: "map_fn" (`tf.map_fn`, default: fast to
+        trace, and on a par with the others at run time; see docs/performance.md), "unrolled" (a Python loop,
+        needs a static meta-batch size) or "vectorized_map" (`tf.vectorized_map`; fastest for small MLPs
+        without XLA, pathological with XLA).
+    """
+
+    def __init__(
+        self,
+        learner: keras.Model,
+        loss: Union[str, Callable] = "mse",
+        metrics: Sequence[Metric] = (),
+        task_parallelism: str = "map_fn",
+        name: Optional[str] = None,
+    ):
+        super().__init__(name=name)
+        if not isinstance(learner, keras.Model):
+            raise TypeError(f"`learner` must be a keras.Model; got {type(learner).__name__}.")
+        if not learner.built:
+            raise ValueError(
+                f"`learner` '{learner.name}' is not built: build it (e.g. with keras.Input or by calling it on "
+                "a batch) so that its variables exist before meta-learning."
+            )
+        if task_parallelism not in TASK_PARALLELISM:
+            raise ValueError(f"`task_parallelism` must be one of {TASK_PARALLELISM}; got {task_parallelism!r}.")
+        self.learner = learner
+        self.task_parallelism = task_parallelism
+        self.task_loss = losses.get(loss)
+        self.task_metrics = dict(resolve_metric(m) for m in metrics)
+        self._log_dtype = keras.backend.standardize_dtype(learner.trainable_variables[0].dtype)
+        self._trackers = {n: keras.metrics.Mean(name=n) for n in self.log_names()}
+
+    def log_names(self) -> list[str]:
+        """The names `fit` and `evaluate` log: the query loss and metrics after adaptation."""
+        return ["loss", *self.task_metrics]
+
+    @property
+    def meta_variables(self) -> list[keras.Variable]:
+        """What the outer loop learns (the optimizer's variables are built for these)."""
+        return self.trainable_variables
+
+    @property
+    def metrics(self) -> list[keras.metrics.Metric]:
+        return list(self._trackers.values())
+
+    def loss_value(self, y_true, y_pred) -> tf.Tensor:
+        """The task loss averaged over examples."""
+        return tf.reduce_mean(self.task_loss(y_true, y_pred))
+
+    def metric_values(self, y_true, y_pred) -> dict[str, tf.Tensor]:
+        return {n: tf.reduce_mean(tf.cast(fn(y_true, y_pred), self._log_dtype)) for n, fn in self.task_metrics.items()}
+
+    def evaluate_tasks(
+        self, episodes: dict, steps: Optional[int] = None, at_steps: Optional[Sequence[int]] = None
+    ) -> dict:
+        """Adapts to each task's support set and returns, per task, the query loss and metrics as tensors of
+        shape `[tasks, len(at_steps)]`: after each of `at_steps` inner steps for gradient-based learners (of
+        `steps` in all); learners without inner steps give the same values at every entry."""
+        raise NotImplementedError
+
+    def test_step(self, data):
+        episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        results = self.evaluate_tasks(episodes)
+        logs = {}
+        for name, values in results.items():
+            logs[name] = tf.reduce_mean(values[:, -1])
+            if f"pre_adapt_{name}" in self._trackers:
+                logs[f"pre_adapt_{name}"] = tf.reduce_mean(values[:, 0])
+        return self._update_trackers(logs)
+
+    def adapt(self, support_x, support_y, steps: Optional[int] = None) -> keras.Model:
+        """A Keras model adapted to one task's support set, that `predict`s its queries."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------------------------- utilities
+
+    def map_tasks(self, fn: Callable, episodes: dict, signature):
+        """Applies `fn(task_index, episode)` to every task of a batch and stacks the results."""
+        tasks = episodes["support_x"].shape[0]
+        if self.task_parallelism == "unrolled":
+            if tasks is None:
+                raise ValueError(
+                    "task_parallelism='unrolled' needs a static number of tasks per meta-batch: batch the "
+                    "episodes with drop_remainder=True."
+                )
+            outputs = [fn(tf.constant(i), {k: v[i] for k, v in episodes.items()}) for i in range(tasks)]
+            return tf.nest.map_structure(lambda *xs: tf.stack(xs), *outputs)
+        indices = tf.range(tf.shape(episodes["support_x"])[0])
+        if self.task_parallelism == "vectorized_map":
+            return tf.vectorized_map(lambda args: fn(*args), (indices, episodes))
+        return tf.map_fn(lambda args: fn(*args), (indices, episodes), fn_output_signature=signature)
+
+    def check_episodes(self, episodes: dict) -> dict:
+        """Validates the static shapes of a batch of episodes; returns the four arrays it uses."""
+        if not isinstance(episodes, dict) or not all(k in episodes for k in EPISODE_KEYS):
+            found = sorted(episodes) if isinstance(episodes, dict) else type(episodes).__name__
+            raise ValueError(f"episodes must be a dict with keys {EPISODE_KEYS}; got {found}.")
+        e = {k: tf.convert_to_tensor(episodes[k]) for k in EPISODE_KEYS}
+        sx, sy, qx, qy = (e[k].shape for k in EPISODE_KEYS)
+        for split, x, y in (("support", sx, sy), ("query", qx, qy)):
+            if x.rank is not None and x.rank < 3:
+                raise ValueError(
+                    f"episodes['{split}_x'] must have shape [tasks, examples, features...]; got {tuple(x)}."
+                )
+            if not x[:2].is_compatible_with(y[:2]):
+                raise ValueError(
+                    f"episodes['{split}_x'] and episodes['{split}_y'] disagree on [tasks, examples]: "
+                    f"{tuple(x)} vs {tuple(y)}."
+                )
+        if not sx[2:].is_compatible_with(qx[2:]):
+            raise ValueError(
+                f"support and query features differ: episodes['support_x'] has shape {tuple(sx)}, "
+                f"episodes['query_x'] has {tuple(qx)}."
+            )
+        if not sy[2:].is_compatible_with(qy[2:]):
+            raise ValueError(
+                f"support and query targets differ: episodes['support_y'] has shape {tuple(sy)}, "
+                f"episodes['query_y'] has {tuple(qy)}."
+            )
+        if sx[1] == 0:
+            raise ValueError("episodes['support_x'] holds no support example (K must be >= 1).")
+        return e
+
+    def check_support(self, support_x, support_y) -> tuple[tf.Tensor, tf.Tensor]:
+        """Validates one task's support set for `adapt`."""
+        support_x = tf.convert_to_tensor(support_x)
+        support_y = tf.convert_to_tensor(support_y)
+        expected = self.learner.inputs[0].shape[1:] if getattr(self.learner, "inputs", None) else None
+        if expected is not None and not tf.TensorShape(expected).is_compatible_with(support_x.shape[1:]):
+            raise ValueError(
+                f"`support_x` must have shape [examples, {', '.join(map(str, expected))}] for learner "
+                f"'{self.learner.name}'; got {tuple(support_x.shape)}."
+            )
+        if support_x.shape[0] == 0 or support_x.shape[0] != support_y.shape[0]:
+            raise ValueError(
+                "`support_x` and `support_y` must hold the same number (>= 1) of examples; got shapes "
+                f"{tuple(support_x.shape)} and {tuple(support_y.shape)}."
+            )
+        return support_x, support_y
+
+    def _log_spec(self, names) -> dict:
+        return {n: tf.TensorSpec([], self._log_dtype) for n in names}
+
+    def _update_trackers(self, logs: dict) -> dict:
+        for name, value in logs.items():
+            self._trackers[name].update_state(value)
+        return {name: self._trackers[name].result() for name in logs}
+
+    def get_config(self) -> dict:
+        return {
+            "learner": keras.saving.serialize_keras_object(self.learner),
+            "loss": keras.losses.serialize(self.task_loss),
+            "metrics": list(self.task_metrics),
+            "task_parallelism": self.task_parallelism,
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict):
+        config = dict(config)
+        config["learner"] = keras.saving.deserialize_keras_object(config["learner"])
+        config["loss"] = losses.get(config["loss"])
+        return cls(**config)

@@ -1,0 +1,31 @@
+"""Per-example losses of few-shot classification, usable by name ("scores_cross_entropy") in every learner."""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import keras
+import tensorflow as tf
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+def scores_cross_entropy(y_true, scores):
+    """Cross-entropy of integer labels under class scores read as logits (per example)."""
+    return keras.losses.sparse_categorical_crossentropy(y_true, scores, from_logits=True)
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+def relation_mse(y_true, scores):
+    """Relation Networks' loss: squared error of the relation scores against the one-hot labels (per example)."""
+    target = tf.one_hot(tf.cast(y_true, tf.int32), tf.shape(scores)[-1], dtype=scores.dtype)
+    return tf.reduce_mean(tf.square(scores - target), axis=-1)
+
+
+LOSSES = {"scores_cross_entropy": scores_cross_entropy, "relation_mse": relation_mse}
+
+
+def get(loss: Union[str, dict, Callable]) -> Callable:
+    """A loss function from a tfmeta or Keras loss name, a serialised loss or a callable."""
+    if isinstance(loss, str) and loss in LOSSES:
+        return LOSSES[loss]
+    return keras.losses.get(loss)
