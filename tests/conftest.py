@@ -37,3 +37,18 @@ def classification_episodes(tasks=2, ways=3, shots=2, queries=3, shape=(6, 6, 1)
 
 def values(variables):
     return [np.array(tf.convert_to_tensor(v)) for v in variables]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Datasets: $TFMETA_DATA_DIR, else ../shared/data beside the repository (what tfmeta.data.data_dir() reads).
+os.environ.setdefault("TFMETA_DATA_DIR", os.path.join(REPO, "..", "shared", "data"))
+OMNIGLOT = os.path.join(os.environ["TFMETA_DATA_DIR"], "omniglot")
+
+
+@pytest.fixture
+def omniglot_dir():
+    """The Omniglot archives; skips the test when they are absent."""
+    if not os.path.isdir(OMNIGLOT) or not any(f.endswith(".zip") for f in os.listdir(OMNIGLOT)):
+        pytest.skip(f"Omniglot archives not found in {OMNIGLOT} (set TFMETA_DATA_DIR to the directory holding "
+                    "omniglot/images_background_small1.zip and images_background_small2.zip)")
+    return OMNIGLOT
