@@ -5,13 +5,15 @@ Pipeline: a task distribution (`tfmeta.tasks`) yields batches of episodes as a `
 reports pre/post-adaptation metrics with `evaluate`, and returns an adapted Keras model with `adapt`.
 """
 
-from tfmeta import layers, models, tasks
+from tfmeta import data, layers, metric, models, tasks
 from tfmeta.algorithms import IMAML, MAML, Reptile
+from tfmeta.episodic import EpisodicLearner
 from tfmeta.inner_loop import Adaptation, inner_loop
 from tfmeta.meta_learner import MetaLearner
+from tfmeta.metric import MatchingNetwork, MetricLearner, PrototypicalNetwork, RelationNetwork
 from tfmeta.partition import Partition
-from tfmeta.update_rules import (LSLR, Chain, ClipByGlobalNorm, LearnedSgd, MetaCurvature, MetaSGD, MTNetMask, Sgd,
-                                 UpdateRule)
+from tfmeta.update_rules import (LSLR, Chain, ClipByGlobalNorm, InnerAdam, LearnedSgd, MetaCurvature, MetaSGD,
+                                 MTNetMask, Sgd, UpdateRule)
 
 __version__ = "0.1.0"
 
@@ -24,15 +26,23 @@ __all__ = [
     "MetaCurvature",
     "MetaSGD",
     "Adaptation",
+    "InnerAdam",
     "Chain",
     "ClipByGlobalNorm",
     "MetaLearner",
+    "EpisodicLearner",
+    "MetricLearner",
+    "PrototypicalNetwork",
+    "MatchingNetwork",
+    "RelationNetwork",
     "Partition",
     "Reptile",
     "Sgd",
     "UpdateRule",
+    "data",
     "inner_loop",
     "layers",
+    "metric",
     "models",
     "tasks",
 ]

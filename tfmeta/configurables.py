@@ -12,14 +12,18 @@ from tfmeta import experiment  # noqa: F401  (registers Experiment)
 
 for _cls in (
     tfmeta.MAML, tfmeta.Reptile, tfmeta.IMAML, tfmeta.Partition,
-    tfmeta.Sgd, tfmeta.ClipByGlobalNorm, tfmeta.Chain, tfmeta.MetaSGD, tfmeta.LSLR, tfmeta.MetaCurvature,
-    tfmeta.MTNetMask,
+    tfmeta.Sgd, tfmeta.InnerAdam, tfmeta.ClipByGlobalNorm, tfmeta.Chain, tfmeta.MetaSGD, tfmeta.LSLR,
+    tfmeta.MetaCurvature, tfmeta.MTNetMask, tfmeta.PrototypicalNetwork, tfmeta.MatchingNetwork, tfmeta.RelationNetwork,
 ):
     gin.external_configurable(_cls, module="tfmeta")
 for _fn in (tfmeta.models.mlp, tfmeta.models.conv_net):
     gin.external_configurable(_fn, module="tfmeta.models")
+gin.external_configurable(tfmeta.metric.relation_module, module="tfmeta.metric")
+for _data in (tfmeta.data.omniglot_tasks, tfmeta.data.FewShotTasks, tfmeta.data.RandomAffine):
+    gin.external_configurable(_data, module="tfmeta.data")
 gin.external_configurable(tfmeta.tasks.SineTasks, module="tfmeta.tasks")
 for _optimizer in (keras.optimizers.Adam, keras.optimizers.AdamW, keras.optimizers.SGD, keras.optimizers.RMSprop):
     gin.external_configurable(_optimizer, module="keras.optimizers")
-for _schedule in (keras.optimizers.schedules.CosineDecay, keras.optimizers.schedules.PolynomialDecay):
+for _schedule in (keras.optimizers.schedules.CosineDecay, keras.optimizers.schedules.PolynomialDecay,
+                  keras.optimizers.schedules.ExponentialDecay):
     gin.external_configurable(_schedule, module="keras.optimizers.schedules")

@@ -16,37 +16,46 @@ def mlp(
     hidden_units: Sequence[int] = (40, 40),
     outputs: int = 1,
     activation: str = "relu",
+    batch_norm: bool = False,
     transforms: bool = False,
     dtype: Optional[str] = None,
     name: str = "mlp",
 ) -> keras.Model:
     """A fully connected network; the defaults are the MAML paper's sine-regression learner (1-40-40-1, ReLU).
 
+    Inputs of higher rank (images) are flattened first. `batch_norm=True` puts tfmeta's batch norm after every
+    hidden layer, as in the MAML paper's fully connected Omniglot learner (`hidden_units=(256, 128, 64, 64)`).
+
     `transforms=True` makes it a T-Net: a meta-learned `LinearTransform` after every dense layer (before its
     activation), named `transform_<layer>`.
     """
     inputs = keras.Input(tuple(input_shape), dtype=dtype)
-    x = inputs
+    x = keras.layers.Flatten(dtype=dtype)(inputs) if len(input_shape) > 1 else inputs
     layers = [(f"hidden_{i}", units, activation) for i, units in enumerate(hidden_units)] + [("head", outputs, None)]
     for layer_name, units, layer_activation in layers:
-        x = keras.layers.Dense(units, activation=None if transforms else layer_activation, dtype=dtype,
+        separate = transforms or (batch_norm and layer_activation is not None)
+        x = keras.layers.Dense(units, activation=None if separate else layer_activation, dtype=dtype,
                                name=layer_name)(x)
         if transforms:
             x = LinearTransform(dtype=dtype, name=f"transform_{layer_name}")(x)
-            if layer_activation is not None:
-                x = keras.layers.Activation(layer_activation, dtype=dtype)(x)
+        if batch_norm and layer_activation is not None:
+            x = BatchNormalization(dtype=dtype, name=f"norm_{layer_name}")(x)
+        if separate and layer_activation is not None:
+            x = keras.layers.Activation(layer_activation, dtype=dtype)(x)
     return keras.Model(inputs, x, name=name)
 
 
 def conv_net(
     input_shape: Sequence[int] = (28, 28, 1),
-    outputs: int = 5,
+    outputs: Optional[int] = 5,
     filters: int = 64,
     blocks: int = 4,
     activation: str = "relu",
     pooling: Optional[str] = "max",
+    pooled_blocks: Optional[int] = None,
     batch_norm: bool = True,
     batch_norm_statistics: str = "batch",
+    batch_norm_momentum: float = 0.99,
     per_step_batch_norm: Optional[int] = None,
     transforms: bool = False,
     dtype: Optional[str] = None,
@@ -54,26 +63,37 @@ def conv_net(
 ) -> keras.Model:
     """The few-shot "conv4" family: `blocks` x [3x3 conv, BatchNorm, activation, 2x2 pooling], flatten, dense.
 
+    `pooling` is "max" (the standard conv4, e.g. `filters=32` for 84x84 inputs), "average", "stride" (stride-2
+    convolutions instead of pooling: the MAML paper's Omniglot network) or None. Only the first
+    `pooled_blocks` blocks pool (default: all; Relation Networks pool 2 of 4). `outputs=None` ends at the
+    feature maps (an embedding for metric learners) instead of a dense layer of `outputs` logits.
+
     Batch norm is tfmeta's (exact second-order gradients); `batch_norm_statistics` is its test-time policy
     ("batch": MAML paper, "running": moving averages); `per_step_batch_norm=K` uses MAML++'s per-step batch
-    norm for K inner steps instead. `transforms=True` adds T-Nets' `LinearTransform` (a meta-learned 1x1
-    convolution) after every convolution. `pooling=None` keeps the spatial size.
+    norm for K inner steps instead. `batch_norm_momentum` of the moving averages: Keras' 0.99, or 0.9 for
+    PyTorch's default (0.1 in its convention), which the metric learners' reference code uses.
+    `transforms=True` adds T-Nets' `LinearTransform` (a meta-learned 1x1 convolution) after every convolution.
     """
-    if pooling is not None and pooling not in POOLINGS:
-        raise ValueError(f"conv_net `pooling` must be None or one of {sorted(POOLINGS)}; got {pooling!r}.")
+    if pooling is not None and pooling not in (*POOLINGS, "stride"):
+        raise ValueError(f"conv_net `pooling` must be None, 'stride' or one of {sorted(POOLINGS)}; got {pooling!r}.")
+    pooled_blocks = blocks if pooled_blocks is None else pooled_blocks
     inputs = keras.Input(tuple(input_shape), dtype=dtype)
     x = inputs
     for i in range(blocks):
-        x = keras.layers.Conv2D(filters, 3, padding="same", dtype=dtype, name=f"conv_{i}")(x)
+        strides = 2 if pooling == "stride" and i < pooled_blocks else 1
+        x = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", dtype=dtype, name=f"conv_{i}")(x)
         if transforms:
             x = LinearTransform(dtype=dtype, name=f"transform_conv_{i}")(x)
         if per_step_batch_norm is not None:
-            x = PerStepBatchNormalization(per_step_batch_norm, statistics=batch_norm_statistics, dtype=dtype,
-                                          name=f"norm_{i}")(x)
+            x = PerStepBatchNormalization(per_step_batch_norm, statistics=batch_norm_statistics,
+                                          momentum=batch_norm_momentum, dtype=dtype, name=f"norm_{i}")(x)
         elif batch_norm:
-            x = BatchNormalization(statistics=batch_norm_statistics, dtype=dtype, name=f"norm_{i}")(x)
+            x = BatchNormalization(statistics=batch_norm_statistics, momentum=batch_norm_momentum, dtype=dtype,
+                                   name=f"norm_{i}")(x)
         x = keras.layers.Activation(activation, dtype=dtype, name=f"act_{i}")(x)
-        if pooling is not None:
+        if pooling in POOLINGS and i < pooled_blocks:
             x = POOLINGS[pooling](2, dtype=dtype, name=f"pool_{i}")(x)
+    if outputs is None:
+        return keras.Model(inputs, x, name=name)
     x = keras.layers.Flatten(dtype=dtype)(x)
     return keras.Model(inputs, keras.layers.Dense(outputs, dtype=dtype, name="head")(x), name=name)

@@ -24,3 +24,16 @@ def parse_gin() -> None:
         logging.set_verbosity(logging.WARNING)
     gin.add_config_file_search_path(REPO)
     gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings)
+
+
+def print_curve(curve: dict) -> None:
+    """Prints the query loss and metrics of an adaptation curve (mean ± 95% CI) before adaptation, after one
+    inner step and after the last one; a curve without inner steps (metric learners) has one point."""
+    names = [n for n, v in curve.items() if isinstance(v, dict) and "mean" in v]
+    print(f"On {curve['num_tasks']} held-out tasks (seed {curve['seed']}; mean ± 95% CI):")
+    last = curve["steps"][-1]
+    for k in sorted({0, min(1, last), last}):
+        where = "adapted (no inner steps)" if last == 0 else f"{k:2d} inner steps"
+        values = ", ".join(f"{n} {curve[n]['mean'][k]:.4f} ± {curve[n]['ci95'][k]:.4f}" for n in names)
+        print(f"  {where}: {values}")
+

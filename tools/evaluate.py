@@ -34,8 +34,7 @@ def main(argv):
             meta_learner, experiment.eval_tasks, os.path.join(FLAGS.model_dir, "eval_tasks.png"),
             seed=experiment.eval_seed, steps=(1, experiment.eval_steps),
         )
-    for k, (mean, ci) in enumerate(zip(curve["loss"]["mean"], curve["loss"]["ci95"])):
-        print(f"{k:2d} inner steps: query loss {mean:.4f} ± {ci:.4f} (95% CI, {curve['num_tasks']} tasks)")
+    common.print_curve(curve)
     print(f"Wrote eval.json, eval_curve.png and plots to {FLAGS.model_dir}")
 
 

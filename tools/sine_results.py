@@ -10,13 +10,13 @@ tasks, and training time) is printed and written to <out_dir>/table.md.
 
 import json
 import os
-import subprocess
 import sys
-import time
 
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import runs  # noqa: E402
+from absl import app, flags  # noqa: E402
+
 METHODS = {
     "MAML": "maml_sine.gin",
     "first-order MAML": "fomaml_sine.gin",
@@ -38,25 +38,6 @@ flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every run (e.g
 FLAGS = flags.FLAGS
 
 
-def train(config: str, shots: int, model_dir: str) -> float:
-    """Runs (or resumes) one training; returns its wall time in seconds, accumulated over resumptions."""
-    timing = os.path.join(model_dir, "wall_time.json")
-    spent = json.load(open(timing))["seconds"] if os.path.exists(timing) else 0.0
-    if os.path.exists(os.path.join(model_dir, "metrics.json")):
-        return spent
-    bindings = [f"SineTasks.num_support = {shots}", f"SineTasks.num_query = {shots}",
-                "Experiment.verbose = 2", *FLAGS.gin_bindings]
-    command = [sys.executable, os.path.join(REPO, "tools", "train.py"), f"--gin_file=gin_configs/{config}",
-               f"--model_dir={model_dir}", *[f"--gin_bindings={b}" for b in bindings]]
-    os.makedirs(model_dir, exist_ok=True)
-    start = time.time()
-    subprocess.run(command, cwd=REPO, check=True)
-    spent += time.time() - start
-    with open(timing, "w") as f:
-        json.dump({"seconds": spent}, f)
-    return spent
-
-
 def main(argv):
     del argv
     rows = ["| method | K | MSE after 1 step | MSE after 10 steps | meta-steps | training time |",
@@ -64,7 +45,9 @@ def main(argv):
     for method in FLAGS.methods:
         for shots in map(int, FLAGS.shots):
             model_dir = os.path.abspath(os.path.join(FLAGS.out_dir, f"{METHODS[method][:-4]}_k{shots}"))
-            seconds = train(METHODS[method], shots, model_dir)
+            bindings = [f"SineTasks.num_support = {shots}", f"SineTasks.num_query = {shots}",
+                        "Experiment.verbose = 2", *FLAGS.gin_bindings]
+            seconds = runs.train_once(f"gin_configs/{METHODS[method]}", model_dir, bindings)
             metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
             loss = metrics["eval"]["loss"]
             rows.append(

@@ -25,12 +25,8 @@ def main(argv):
         f.write(gin.config_str())
     experiment = Experiment()
     results = experiment.train(FLAGS.model_dir)
-    curve = results["eval"]
-    loss = curve["loss"]
-    print(f"\nAfter {results['meta_steps']} meta-steps, query loss on {curve['num_tasks']} held-out tasks "
-          "(mean ± 95% CI):")
-    for k in sorted({0, 1, curve["steps"][-1]}):
-        print(f"  {k:2d} inner steps: {loss['mean'][k]:.4f} ± {loss['ci95'][k]:.4f}")
+    print(f"\nAfter {results['meta_steps']} meta-steps:")
+    common.print_curve(results["eval"])
     print(f"Metrics written to {os.path.join(FLAGS.model_dir, 'metrics.json')}")
 
 

@@ -4,10 +4,10 @@ A rule sees the fast parameters of one task; its meta-parameters are Keras varia
 meta-learner. See `base.UpdateRule` for the interface.
 """
 
-from tfmeta.update_rules.base import Chain, ClipByGlobalNorm, Sgd, UpdateRule
+from tfmeta.update_rules.base import Chain, InnerAdam, ClipByGlobalNorm, Sgd, UpdateRule
 from tfmeta.update_rules.learned_sgd import LSLR, LearnedSgd, MetaSGD
 from tfmeta.update_rules.masks import MTNetMask
 from tfmeta.update_rules.meta_curvature import MetaCurvature
 
-__all__ = ["LSLR", "Chain", "ClipByGlobalNorm", "LearnedSgd", "MTNetMask", "MetaCurvature", "MetaSGD", "Sgd",
-           "UpdateRule"]
+__all__ = ["LSLR", "Chain", "ClipByGlobalNorm", "InnerAdam", "LearnedSgd", "MTNetMask", "MetaCurvature", "MetaSGD",
+           "Sgd", "UpdateRule"]

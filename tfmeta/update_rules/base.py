@@ -127,3 +127,35 @@ class Chain(UpdateRule):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "rules": [keras.saving.serialize_keras_object(r) for r in self.rules]}
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+class InnerAdam(UpdateRule):
+    """Adam in the inner loop (Kingma & Ba, 2015), with moments kept per task and reset for every task: Reptile's
+    inner optimiser (Nichol et al., 2018 use `beta_1=0` on Omniglot and Mini-ImageNet)."""
+
+    def __init__(self, learning_rate: float = 0.001, beta_1: float = 0.9, beta_2: float = 0.999,
+                 epsilon: float = 1e-8, **kwargs):
+        super().__init__(**kwargs)
+        if not learning_rate >= 0 or not 0 <= beta_1 < 1 or not 0 <= beta_2 < 1 or not epsilon > 0:
+            raise ValueError("InnerAdam needs learning_rate >= 0, beta_1 and beta_2 in [0, 1) and epsilon > 0; got "
+                             f"{learning_rate}, {beta_1}, {beta_2}, {epsilon}.")
+        self.learning_rate, self.beta_1, self.beta_2, self.epsilon = learning_rate, beta_1, beta_2, epsilon
+
+    def init_state(self, params, *, training=True, seed=None):
+        return tuple((tf.zeros_like(p), tf.zeros_like(p)) for p in params)
+
+    def update(self, grads, state, params, step):
+        t = step + 1
+        correction = math.sqrt(1 - self.beta_2**t) / (1 - self.beta_1**t)
+        updates, new_state = [], []
+        for g, (m, v) in zip(grads, state):
+            m = self.beta_1 * m + (1 - self.beta_1) * g
+            v = self.beta_2 * v + (1 - self.beta_2) * tf.square(g)
+            updates.append(-self.learning_rate * correction * m / (tf.sqrt(v) + self.epsilon))
+            new_state.append((m, v))
+        return updates, tuple(new_state)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "learning_rate": self.learning_rate, "beta_1": self.beta_1,
+                "beta_2": self.beta_2, "epsilon": self.epsilon}

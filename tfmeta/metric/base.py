@@ -1,0 +1,121 @@
+"""`MetricLearner`: a meta-learner that classifies each query by comparing it with the embedded support set."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import keras
+import tensorflow as tf
+
+from tfmeta.episodic import EpisodicLearner, Metric
+
+
+class MetricLearner(EpisodicLearner):
+    """Base class of metric learners: `learner` embeds every image of an episode and `scores` compares the
+    query embeddings with the support embeddings, giving one score per query and class (argmax = prediction).
+
+    Labels are 0..N-1 per episode; N is read off each batch's support labels, so a learner trained with more
+    ways than it is tested on (as Prototypical Networks are) needs no change. All images of a meta-batch are
+    embedded in one call of the learner, in training mode during `fit` (its batch norm statistics are those
+    of the meta-batch and its moving averages are updated) and in inference mode in `evaluate` and `adapt`:
+    give its batch norm moving-average statistics at inference (`conv_net(batch_norm_statistics="running")`),
+    so that a query is classified the same whichever images it is embedded with.
+
+    Args:
+      learner: the embedding network, any built Keras model.
+      loss: per-example loss of (labels, scores); default: cross-entropy with the scores as logits.
+      metrics: default: accuracy.
+    """
+
+    def __init__(
+        self,
+        learner: keras.Model,
+        loss: Union[str, Callable] = "scores_cross_entropy",
+        metrics: Sequence[Metric] = ("sparse_categorical_accuracy",),
+        name: Optional[str] = None,
+    ):
+        super().__init__(learner, loss=loss, metrics=metrics, name=name)
+        self.built = True  # Nothing to build: stops `fit` from tracing the model on an episode.
+
+    def scores(self, support: tf.Tensor, support_y: tf.Tensor, query: tf.Tensor, ways: tf.Tensor,
+               training: bool) -> tf.Tensor:
+        """Scores [tasks, queries, ways] from embeddings `support` [tasks, shots, ...], integer `support_y`
+        [tasks, shots] and `query` [tasks, queries, ...]. Subclasses implement this."""
+        raise NotImplementedError
+
+    def make_head(self, support: tf.Tensor, support_y: tf.Tensor, ways: int) -> keras.layers.Layer:
+        """A layer mapping query embeddings [n, ...] to scores [n, ways] for one task's embedded support set
+        (what `adapt` stacks on the embedding). Subclasses implement this."""
+        raise NotImplementedError
+
+    def call(self, inputs, training=False):
+        """The embedding of a batch of images."""
+        return self.learner(inputs, training=training)
+
+    def episode_scores(self, episodes: dict, training: bool) -> tf.Tensor:
+        """Embeds all images of a batch of episodes in one call and scores the queries: [tasks, queries, ways]."""
+        sx, qx = episodes["support_x"], episodes["query_x"]
+        tasks, shots, queries = tf.shape(sx)[0], tf.shape(sx)[1], tf.shape(qx)[1]
+        images = tf.concat([tf.reshape(sx, tf.concat([[-1], tf.shape(sx)[2:]], 0)),
+                            tf.reshape(qx, tf.concat([[-1], tf.shape(qx)[2:]], 0))], 0)
+        embedded = self.learner(images, training=training)
+        feature_shape = tf.shape(embedded)[1:]
+        support = tf.reshape(embedded[: tasks * shots], tf.concat([[tasks, shots], feature_shape], 0))
+        query = tf.reshape(embedded[tasks * shots:], tf.concat([[tasks, queries], feature_shape], 0))
+        support_y = tf.cast(episodes["support_y"], tf.int32)
+        ways = tf.reduce_max(support_y) + 1
+        return self.scores(support, support_y, query, ways, training=training)
+
+    def train_step(self, data):
+        episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        episodes = self.check_episodes(episodes)
+        with tf.GradientTape() as tape:
+            scores = self.episode_scores(episodes, training=True)
+            loss = self.loss_value(episodes["query_y"], scores)
+        self.optimizer.apply(tape.gradient(loss, self.meta_variables), self.meta_variables)
+        return self._update_trackers({"loss": loss, **self.metric_values(episodes["query_y"], scores)})
+
+    def evaluate_tasks(self, episodes: dict, steps: Optional[int] = None,
+                       at_steps: Optional[Sequence[int]] = None) -> dict:
+        """Per-task query loss and metrics (no inner steps: the same values at each of `at_steps`)."""
+        episodes = self.check_episodes(episodes)
+        repeats = 1 if at_steps is None else len(tuple(at_steps))
+        scores = self.episode_scores(episodes, training=False)
+        y = episodes["query_y"]
+        results = {"loss": self.task_loss(y, scores),
+                   **{n: fn(y, scores) for n, fn in self.task_metrics.items()}}
+        return {n: tf.repeat(tf.reduce_mean(tf.cast(v, self._log_dtype), axis=-1, keepdims=True), repeats, axis=1)
+                for n, v in results.items()}
+
+    def adapt(self, support_x, support_y, steps: Optional[int] = None) -> keras.Model:
+        """A Keras classifier for one task: a copy of the embedding followed by the head built from the
+        embedded support set (e.g. class prototypes); `predict` gives scores [n, ways]. `steps` is ignored."""
+        del steps
+        support_x, support_y = self.check_support(support_x, support_y)
+        support_y = tf.cast(support_y, tf.int32)
+        ways = int(tf.reduce_max(support_y)) + 1
+        missing = sorted(set(range(ways)) - set(support_y.numpy().tolist()))
+        if missing:
+            raise ValueError(f"`support_y` must hold every label 0..{ways - 1}; labels {missing} have no example.")
+        embedding = copy_model(self.learner)
+        head = self.make_head(self.learner(support_x, training=False), support_y, ways)
+        return keras.Sequential([keras.Input(support_x.shape[1:]), embedding, head], name=f"{self.name}_adapted")
+
+
+def class_sums(embeddings: tf.Tensor, labels: tf.Tensor, ways) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-class sums of `embeddings` [tasks, n, d...] by integer `labels` [tasks, n], and the class counts
+    [tasks, ways]."""
+    one_hot = tf.one_hot(labels, ways, dtype=embeddings.dtype)
+    flat = tf.reshape(embeddings, tf.concat([tf.shape(embeddings)[:2], [-1]], 0))
+    sums = tf.einsum("tnw,tnd->twd", one_hot, flat)
+    sums = tf.reshape(sums, tf.concat([tf.shape(sums)[:2], tf.shape(embeddings)[2:]], 0))
+    return sums, tf.reduce_sum(one_hot, axis=1)
+
+
+def copy_model(model: keras.Model) -> keras.Model:
+    """A copy of a built Keras model with its own variables holding the same values."""
+    copy = keras.models.clone_model(model)
+    if not copy.built:
+        copy.build(model.inputs[0].shape)
+    copy.set_weights(model.get_weights())
+    return copy

@@ -1,0 +1,27 @@
+"""Running `tools/train.py` as a subprocess, for the tools that train many configurations."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_once(config: str, model_dir: str, bindings: list) -> float:
+    """Runs (or resumes) `tools/train.py` with a gin config (relative to the repository) in a subprocess, unless
+    `model_dir` holds a finished run; returns the run's wall time in seconds, accumulated over resumptions."""
+    timing = os.path.join(model_dir, "wall_time.json")
+    spent = json.load(open(timing))["seconds"] if os.path.exists(timing) else 0.0
+    if os.path.exists(os.path.join(model_dir, "metrics.json")):
+        return spent
+    command = [sys.executable, os.path.join(REPO, "tools", "train.py"), f"--gin_file={config}",
+               f"--model_dir={model_dir}", *[f"--gin_bindings={b}" for b in bindings]]
+    os.makedirs(model_dir, exist_ok=True)
+    start = time.time()
+    subprocess.run(command, cwd=REPO, check=True)
+    spent += time.time() - start
+    with open(timing, "w") as f:
+        json.dump({"seconds": spent}, f)
+    return spent
