@@ -25,7 +25,8 @@ def maml_grads(learner, episodes, **kwargs):
     lambda: tfmeta.MetaSGD(0.3, dtype="float64"),
     lambda: tfmeta.LSLR(0.3, steps=2, dtype="float64"),
     lambda: tfmeta.MetaCurvature(0.3, dtype="float64"),
-], ids=["meta_sgd", "lslr", "meta_curvature"])
+    lambda: tfmeta.LSLR(0.3, steps=2, log_space=True, dtype="float64"),
+], ids=["meta_sgd", "lslr", "meta_curvature", "lslr_log_space"])
 def test_learned_rules_start_as_maml_and_their_meta_gradients_match_finite_differences(rule):
     learner = small_mlp()
     episodes = random_episodes()

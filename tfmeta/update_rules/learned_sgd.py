@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import keras
@@ -18,16 +19,22 @@ class LearnedSgd(UpdateRule):
     per_element: one step size per parameter element (Meta-SGD's α ⊙ ∇L) or one per variable (LSLR).
     steps: None to share the step sizes across inner steps, or the number of inner steps, each with its own
       step sizes (LSLR); inner steps past `steps` (e.g. a longer evaluation) reuse the last step's.
+    log_space: meta-learn log(alpha) instead of alpha (as the papers do): step sizes stay positive, and an
+      Adam meta-step changes them by a relative amount (about the meta learning rate) instead of an absolute
+      one, which for Adam 1e-3 and alpha = 0.01 is 10% of alpha per meta-step and can flip its sign.
     """
 
     def __init__(self, initial_learning_rate: float = 0.01, per_element: bool = True, steps: Optional[int] = None,
-                 **kwargs):
+                 log_space: bool = False, **kwargs):
         super().__init__(**kwargs)
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"`steps` must be None or a positive integer; got {steps!r}.")
+        if log_space and not initial_learning_rate > 0:
+            raise ValueError(f"`log_space` needs a positive `initial_learning_rate`; got {initial_learning_rate!r}.")
         self.initial_learning_rate = float(initial_learning_rate)
         self.per_element = per_element
         self.steps = steps
+        self.log_space = log_space
 
     def build(self, param_shapes: Shapes) -> None:
         leading = (self.steps,) if self.steps else ()
@@ -43,25 +50,26 @@ class LearnedSgd(UpdateRule):
 
     def _initializer(self, shape, dtype=None):
         # Not keras.initializers.Constant, which rounds the value through float32 before casting to float64.
-        return tf.fill(shape, tf.constant(self.initial_learning_rate, dtype))
+        value = math.log(self.initial_learning_rate) if self.log_space else self.initial_learning_rate
+        return tf.fill(shape, tf.constant(value, dtype))
 
     def update(self, grads, state, params, step):
-        rates = self.learning_rates
+        rates = [tf.exp(rate) for rate in self.learning_rates] if self.log_space else self.learning_rates
         if self.steps:
             rates = [rate[min(step, self.steps - 1)] for rate in rates]
         return [-tf.cast(rate, g.dtype) * g for rate, g in zip(rates, grads)], state
 
     def get_config(self) -> dict:
         return {**super().get_config(), "initial_learning_rate": self.initial_learning_rate,
-                "per_element": self.per_element, "steps": self.steps}
+                "per_element": self.per_element, "steps": self.steps, "log_space": self.log_space}
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")
 class MetaSGD(LearnedSgd):
     """Meta-SGD: a meta-learned step size for every parameter element, shared by the inner steps."""
 
-    def __init__(self, initial_learning_rate: float = 0.01, **kwargs):
-        super().__init__(initial_learning_rate, per_element=True, steps=None, **kwargs)
+    def __init__(self, initial_learning_rate: float = 0.01, log_space: bool = False, **kwargs):
+        super().__init__(initial_learning_rate, per_element=True, steps=None, log_space=log_space, **kwargs)
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -73,8 +81,8 @@ class MetaSGD(LearnedSgd):
 class LSLR(LearnedSgd):
     """MAML++'s learned per-layer per-step learning rates: one step size per variable and inner step."""
 
-    def __init__(self, initial_learning_rate: float = 0.01, steps: int = 1, **kwargs):
-        super().__init__(initial_learning_rate, per_element=False, steps=steps, **kwargs)
+    def __init__(self, initial_learning_rate: float = 0.01, steps: int = 1, log_space: bool = False, **kwargs):
+        super().__init__(initial_learning_rate, per_element=False, steps=steps, log_space=log_space, **kwargs)
 
     def get_config(self) -> dict:
         config = super().get_config()
