@@ -22,12 +22,14 @@ from absl import app, flags  # noqa: E402
 METHODS = {"MAML": "maml", "first-order MAML": "fomaml", "Reptile": "reptile", "Meta-SGD": "metasgd",
            "ANIL": "anil", "ProtoNets": "protonet", "Matching": "matching", "Relation": "relation"}
 SETTINGS = ("5w1s", "5w5s", "20w1s")
-# The CPU schedule: fewer meta-steps and smaller meta-batches than the papers (per method family).
+# The CPU schedule: fewer meta-steps and smaller meta-batches than the papers (per method family), so that a
+# run takes 10-50 minutes on two cores (the papers' schedules take 3-340 hours there: docs/performance.md).
 SCHEDULES = {
-    "gradient": ["Experiment.num_steps = 3000", "Experiment.steps_per_epoch = 500", "Experiment.meta_batch_size = 8"],
-    "reptile": ["Experiment.num_steps = 5000", "Experiment.steps_per_epoch = 500",
-                "PolynomialDecay.decay_steps = 5000"],
-    "metric": ["Experiment.num_steps = 5000", "Experiment.steps_per_epoch = 500"],
+    "gradient": ["Experiment.num_steps = 2000", "Experiment.steps_per_epoch = 250", "Experiment.meta_batch_size = 8"],
+    "reptile": ["Experiment.num_steps = 3000", "Experiment.steps_per_epoch = 250",
+                "PolynomialDecay.decay_steps = 3000"],
+    "metric": ["Experiment.num_steps = 2000", "Experiment.steps_per_epoch = 250", "Experiment.meta_batch_size = 1",
+               "ExponentialDecay.decay_steps = 500"],
 }
 FAMILY = {"maml": "gradient", "fomaml": "gradient", "metasgd": "gradient", "anil": "gradient", "reptile": "reptile",
           "protonet": "metric", "matching": "metric", "relation": "metric"}
