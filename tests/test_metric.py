@@ -7,6 +7,7 @@ import tensorflow as tf
 from conftest import classification_episodes
 
 import tfmeta
+from tfmeta.metric.matching import attention_lstm
 
 
 def embedding(shape=(6, 6, 1), units=4):
@@ -125,3 +126,34 @@ def test_backbones():
     assert fc.output.shape == (None, 5)
     assert [layer.units for layer in fc.layers if isinstance(layer, keras.layers.Dense)] == [256, 128, 64, 64, 5]
     assert sum(isinstance(layer, tfmeta.layers.BatchNormalization) for layer in fc.layers) == 4
+
+
+@pytest.mark.parametrize("name", list(LEARNERS))
+def test_config_round_trip(name):
+    meta = LEARNERS[name]()
+    clone = type(meta).from_config(meta.get_config())
+    assert type(clone) is type(meta) and clone.get_config()["metrics"] == meta.get_config()["metrics"]
+
+
+def test_loss_objects_give_per_task_losses():
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    meta = tfmeta.PrototypicalNetwork(embedding(), loss=loss)
+    results = meta.evaluate_tasks(classification_episodes(dtype="float32"))
+    assert results["loss"].shape == (2, 1)
+    assert type(meta).from_config(meta.get_config()).loss_object.get_config()["from_logits"]
+
+
+def test_full_context_embeddings_read_the_support_set_from_the_first_step():
+    meta = tfmeta.MatchingNetwork(embedding(), full_context_embeddings=True, processing_steps=1)
+    episodes = classification_episodes(dtype="float32")
+    query = tf.reshape(meta.learner(tf.reshape(episodes["query_x"], (-1, 6, 6, 1))), (2, 9, -1))
+    support = meta.embed_support(tf.reshape(meta.learner(tf.reshape(episodes["support_x"], (-1, 6, 6, 1))),
+                                            (2, 6, -1)))
+    a = attention_lstm(meta.query_cell, query, support, 1)
+    b = attention_lstm(meta.query_cell, query, support[::-1], 1)  # the other task's support set
+    assert not np.allclose(a, b)
+
+
+def test_batch_statistics_warn_for_metric_learners():
+    with pytest.warns(UserWarning, match="batch_norm_statistics='running'"):
+        tfmeta.PrototypicalNetwork(tfmeta.models.conv_net((6, 6, 1), outputs=None, filters=4, blocks=1))

@@ -69,7 +69,8 @@ class EpisodicLearner(keras.Model):
             raise ValueError(f"`task_parallelism` must be one of {TASK_PARALLELISM}; got {task_parallelism!r}.")
         self.learner = learner
         self.task_parallelism = task_parallelism
-        self.task_loss = losses.get(loss)
+        self.loss_object = losses.get(loss)
+        self.task_loss = losses.per_example(self.loss_object)
         self.task_metrics = dict(resolve_metric(m) for m in metrics)
         self._log_dtype = keras.backend.standardize_dtype(learner.trainable_variables[0].dtype)
         self._trackers = {n: keras.metrics.Mean(name=n) for n in self.log_names()}
@@ -193,7 +194,7 @@ class EpisodicLearner(keras.Model):
     def get_config(self) -> dict:
         return {
             "learner": keras.saving.serialize_keras_object(self.learner),
-            "loss": keras.losses.serialize(self.task_loss),
+            "loss": keras.losses.serialize(self.loss_object),
             "metrics": list(self.task_metrics),
             "task_parallelism": self.task_parallelism,
             "name": self.name,

@@ -51,6 +51,8 @@ class Experiment:
       validation_tasks: held-out tasks evaluated after every epoch (`val_*` logs).
       eval_num_tasks, eval_steps, eval_seed: the final evaluation: query loss after 0..`eval_steps` inner
         steps on `eval_num_tasks` held-out tasks drawn with `eval_seed` (validation uses `eval_seed + 1`).
+      eval_batch_size: held-out tasks evaluated per call (lower it for learners whose evaluation memory
+        grows fast with the tasks, e.g. Relation Networks on 20-way episodes).
       jit_compile: passed to `compile`; "auto" means no XLA on CPU. XLA speeds up small learners (1.5x on
         the sine MLP) but slows down the conv4 meta-step 45x on CPU (docs/performance.md).
       steps_per_execution: meta-steps per call of the compiled train function (a divisor of
@@ -74,6 +76,7 @@ class Experiment:
         eval_num_tasks: int = 600,
         eval_steps: int = 10,
         eval_seed: int = 1_000_000,
+        eval_batch_size: int = 100,
         jit_compile: Union[bool, str] = "auto",
         steps_per_execution: int = 1,
         verbose: Union[int, str] = "auto",
@@ -101,6 +104,7 @@ class Experiment:
         self.eval_num_tasks = eval_num_tasks
         self.eval_steps = eval_steps
         self.eval_seed = eval_seed
+        self.eval_batch_size = eval_batch_size
         self.jit_compile = jit_compile
         self.steps_per_execution = steps_per_execution
         self.verbose = verbose
@@ -172,7 +176,8 @@ class Experiment:
     def evaluate(self, meta_learner: EpisodicLearner) -> dict:
         """The adaptation curve on the held-out tasks (see `evaluation.adaptation_curve`)."""
         return evaluation.adaptation_curve(
-            meta_learner, self.eval_tasks, num_tasks=self.eval_num_tasks, steps=self.eval_steps, seed=self.eval_seed
+            meta_learner, self.eval_tasks, num_tasks=self.eval_num_tasks, steps=self.eval_steps, seed=self.eval_seed,
+            batch_size=self.eval_batch_size,
         )
 
 

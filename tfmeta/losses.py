@@ -25,7 +25,13 @@ LOSSES = {"scores_cross_entropy": scores_cross_entropy, "relation_mse": relation
 
 
 def get(loss: Union[str, dict, Callable]) -> Callable:
-    """A loss function from a tfmeta or Keras loss name, a serialised loss or a callable."""
+    """A loss function or `keras.losses.Loss` from a tfmeta or Keras loss name, a serialised loss or a callable."""
     if isinstance(loss, str) and loss in LOSSES:
         return LOSSES[loss]
     return keras.losses.get(loss)
+
+
+def per_example(loss: Callable) -> Callable:
+    """`loss` as a function of (y_true, y_pred) returning one value per example (a `keras.losses.Loss`
+    reduces in `__call__`; its `call` does not)."""
+    return loss.call if isinstance(loss, keras.losses.Loss) else loss

@@ -53,6 +53,7 @@ def conv_net(
     activation: str = "relu",
     pooling: Optional[str] = "max",
     pooled_blocks: Optional[int] = None,
+    global_pool: bool = False,
     batch_norm: bool = True,
     batch_norm_statistics: str = "batch",
     batch_norm_momentum: float = 0.99,
@@ -67,6 +68,8 @@ def conv_net(
     convolutions instead of pooling: the MAML paper's Omniglot network) or None. Only the first
     `pooled_blocks` blocks pool (default: all; Relation Networks pool 2 of 4). `outputs=None` ends at the
     feature maps (an embedding for metric learners) instead of a dense layer of `outputs` logits.
+    `global_pool=True` averages the last feature maps over space before the head (the MAML code's Omniglot
+    network) instead of flattening them.
 
     Batch norm is tfmeta's (exact second-order gradients); `batch_norm_statistics` is its test-time policy
     ("batch": MAML paper, "running": moving averages); `per_step_batch_norm=K` uses MAML++'s per-step batch
@@ -93,6 +96,8 @@ def conv_net(
         x = keras.layers.Activation(activation, dtype=dtype, name=f"act_{i}")(x)
         if pooling in POOLINGS and i < pooled_blocks:
             x = POOLINGS[pooling](2, dtype=dtype, name=f"pool_{i}")(x)
+    if global_pool:
+        x = keras.layers.GlobalAveragePooling2D(dtype=dtype)(x)
     if outputs is None:
         return keras.Model(inputs, x, name=name)
     x = keras.layers.Flatten(dtype=dtype)(x)

@@ -139,7 +139,8 @@ def _sources(paths: list[str]) -> list[str]:
     sources = []
     for path in paths:
         if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, a)) for a in ARCHIVES):
-            sources += [os.path.join(path, a) for a in ARCHIVES if os.path.isfile(os.path.join(path, a))]
+            found = [os.path.join(path, a) for a in ARCHIVES if os.path.isfile(os.path.join(path, a))]
+            sources += [os.path.abspath(f) for f in found]
         elif os.path.isdir(path) or zipfile.is_zipfile(path):
             sources.append(os.path.abspath(path))
         else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence, Union
 
+import warnings
+
 import keras
 import tensorflow as tf
 
@@ -35,7 +37,17 @@ class MetricLearner(EpisodicLearner):
         name: Optional[str] = None,
     ):
         super().__init__(learner, loss=loss, metrics=metrics, name=name)
+        if any(getattr(layer, "statistics", None) == "batch" for layer in learner._flatten_layers()):
+            warnings.warn(f"learner '{learner.name}' normalises with batch statistics at inference "
+                          "(statistics='batch'): a query's scores then depend on the other images embedded with it, "
+                          "and `adapt` differs from `evaluate`. Use batch_norm_statistics='running' for metric "
+                          "learners.", stacklevel=2)
         self.built = True  # Nothing to build: stops `fit` from tracing the model on an episode.
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        del config["task_parallelism"]  # tasks are embedded together, not mapped
+        return config
 
     def scores(self, support: tf.Tensor, support_y: tf.Tensor, query: tf.Tensor, ways: tf.Tensor,
                training: bool) -> tf.Tensor:

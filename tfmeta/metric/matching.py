@@ -22,17 +22,18 @@ def attend(queries, support, support_one_hot, scale):
 
 
 def attention_lstm(cell: keras.layers.LSTMCell, queries: tf.Tensor, support: tf.Tensor, steps: int) -> tf.Tensor:
-    """The full context embedding of queries [t, n, d] given the support set [t, s, d]: `steps` read steps of
-    an LSTM whose hidden state attends over the support set (Vinyals et al., 2016, appendix A.1)."""
+    """The full context embedding of queries [t, n, d] given the support set [t, s, d]: `steps` steps of an LSTM
+    whose state reads the support set by attention (Vinyals et al., 2016, appendix A.2): the read r_{k-1} of
+    h_{k-1} enters step k, added to the hidden state (the paper concatenates them; summing keeps the state at
+    size d)."""
     t, n, d = tf.shape(queries)[0], tf.shape(queries)[1], tf.shape(queries)[2]
     flat = tf.reshape(queries, [-1, d])
     h_hat, c = tf.zeros_like(flat), tf.zeros_like(flat)
-    read = tf.zeros_like(flat)
     for _ in range(steps):
-        h, (_, c) = cell(flat, [h_hat + read, c])
-        h_hat = h + flat
         attention = tf.nn.softmax(tf.matmul(tf.reshape(h_hat, [t, n, d]), support, transpose_b=True), axis=-1)
         read = tf.reshape(tf.matmul(attention, support), [-1, d])
+        h, (_, c) = cell(flat, [h_hat + read, c])
+        h_hat = h + flat
     return tf.reshape(h_hat, [t, n, d])
 
 

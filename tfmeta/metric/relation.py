@@ -13,7 +13,8 @@ from tfmeta.metric.base import MetricLearner, class_sums, copy_model
 def relation_module(input_shape: Sequence[int], filters: int = 64, hidden_units: int = 8,
                     batch_norm_momentum: float = 0.9, name: str = "relation_module") -> keras.Model:
     """The paper's relation module on a pair of concatenated feature maps [h, w, 2c]: two blocks of 3x3 conv,
-    batch norm, ReLU and 2x2 max-pooling, then a ReLU layer of `hidden_units` and a sigmoid relation score.
+    batch norm, ReLU and 2x2 max-pooling (valid: 7x7 maps end at 1x1, as in the reference code), then a ReLU
+    layer of `hidden_units` and a sigmoid relation score.
     The batch norm momentum defaults to PyTorch's (0.1 there, 0.9 in Keras' convention)."""
     inputs = keras.Input(tuple(input_shape))
     x = inputs
@@ -21,7 +22,8 @@ def relation_module(input_shape: Sequence[int], filters: int = 64, hidden_units:
         x = keras.layers.Conv2D(filters, 3, padding="same", name=f"conv_{i}")(x)
         x = keras.layers.BatchNormalization(momentum=batch_norm_momentum, name=f"norm_{i}")(x)
         x = keras.layers.ReLU()(x)
-        x = keras.layers.MaxPooling2D(2, padding="same")(x)
+        if min(x.shape[1:3]) >= 2:  # maps already 1x1 (small inputs) are not pooled further
+            x = keras.layers.MaxPooling2D(2)(x)
     x = keras.layers.Flatten()(x)
     x = keras.layers.Dense(hidden_units, activation="relu", name="hidden")(x)
     return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="score")(x), name=name)
