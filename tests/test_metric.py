@@ -157,3 +157,18 @@ def test_full_context_embeddings_read_the_support_set_from_the_first_step():
 def test_batch_statistics_warn_for_metric_learners():
     with pytest.warns(UserWarning, match="batch_norm_statistics='running'"):
         tfmeta.PrototypicalNetwork(tfmeta.models.conv_net((6, 6, 1), outputs=None, filters=4, blocks=1))
+
+
+def test_subclassed_learners_get_a_clear_error():
+    class Embedding(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(tf.reshape(x, (tf.shape(x)[0], -1)))
+
+    learner = Embedding()
+    learner(np.zeros((1, 6, 6, 1), np.float32))
+    with pytest.raises(ValueError, match="functional or Sequential Keras model"):
+        tfmeta.MatchingNetwork(learner)

@@ -57,7 +57,7 @@ def load_omniglot(paths: str | Sequence[str], image_size: int = 28, cache_dir: O
     images = _decode_all(blobs, image_size)
     classes = from_arrays(images, np.array(labels), {c: c.split("/")[0] for c in names})
     os.makedirs(cache_dir, exist_ok=True)
-    temporary = cache + ".tmp.npz"
+    temporary = f"{cache}.{os.getpid()}.tmp.npz"  # per process: concurrent first loads do not collide
     np.savez(temporary, images=classes.images, counts=classes.counts, names=np.array(classes.names),
              groups=np.array(classes.groups))
     os.replace(temporary, cache)

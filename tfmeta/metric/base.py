@@ -36,6 +36,11 @@ class MetricLearner(EpisodicLearner):
         metrics: Sequence[Metric] = ("sparse_categorical_accuracy",),
         name: Optional[str] = None,
     ):
+        if not getattr(learner, "outputs", None):
+            raise ValueError(f"a metric learner's `learner` must be a functional or Sequential Keras model (its "
+                             f"output shape sizes the comparison and `adapt` copies it); '{learner.name}' is a "
+                             f"subclassed {type(learner).__name__}: wrap it, e.g. keras.Model(inputs, "
+                             "embedding(inputs)).")
         super().__init__(learner, loss=loss, metrics=metrics, name=name)
         if any(getattr(layer, "statistics", None) == "batch" for layer in learner._flatten_layers()):
             warnings.warn(f"learner '{learner.name}' normalises with batch statistics at inference "
