@@ -5,8 +5,8 @@ Pipeline: a task distribution (`tfmeta.tasks`) yields batches of episodes as a `
 reports pre/post-adaptation metrics with `evaluate`, and returns an adapted Keras model with `adapt`.
 """
 
-from tfmeta import data, layers, metric, models, tasks
-from tfmeta.algorithms import IMAML, MAML, Reptile
+from tfmeta import data, layers, metric, models, tasks, warp
+from tfmeta.algorithms import IMAML, MAML, Leap, Reptile, WarpGrad
 from tfmeta.episodic import EpisodicLearner
 from tfmeta.inner_loop import Adaptation, inner_loop
 from tfmeta.meta_learner import MetaLearner
@@ -19,6 +19,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IMAML",
+    "Leap",
+    "WarpGrad",
+    "warp",
     "LSLR",
     "MAML",
     "LearnedSgd",

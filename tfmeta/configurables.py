@@ -11,14 +11,17 @@ import tfmeta
 from tfmeta import experiment  # noqa: F401  (registers Experiment)
 
 for _cls in (
-    tfmeta.MAML, tfmeta.Reptile, tfmeta.IMAML, tfmeta.Partition,
+    tfmeta.MAML, tfmeta.Reptile, tfmeta.IMAML, tfmeta.WarpGrad, tfmeta.Leap, tfmeta.Partition,
     tfmeta.Sgd, tfmeta.InnerAdam, tfmeta.ClipByGlobalNorm, tfmeta.Chain, tfmeta.MetaSGD, tfmeta.LSLR,
     tfmeta.MetaCurvature, tfmeta.MTNetMask, tfmeta.PrototypicalNetwork, tfmeta.MatchingNetwork, tfmeta.RelationNetwork,
 ):
     gin.external_configurable(_cls, module="tfmeta")
-for _fn in (tfmeta.models.mlp, tfmeta.models.conv_net):
+for _fn in (tfmeta.models.mlp, tfmeta.models.conv_net, tfmeta.warp.insert_warps):
     gin.external_configurable(_fn, module="tfmeta.models")
 gin.external_configurable(tfmeta.metric.relation_module, module="tfmeta.metric")
+for _warp in (tfmeta.warp.WarpConv2D, tfmeta.warp.WarpDense, tfmeta.warp.WarpScale, tfmeta.warp.WarpConvBlock,
+              tfmeta.warp.ResidualWarp, tfmeta.warp.FiLM):
+    gin.external_configurable(_warp, module="tfmeta.warp")
 for _data in (tfmeta.data.omniglot_tasks, tfmeta.data.FewShotTasks, tfmeta.data.RandomAffine):
     gin.external_configurable(_data, module="tfmeta.data")
 gin.external_configurable(tfmeta.tasks.SineTasks, module="tfmeta.tasks")

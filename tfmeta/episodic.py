@@ -88,6 +88,12 @@ class EpisodicLearner(keras.Model):
     def metrics(self) -> list[keras.metrics.Metric]:
         return list(self._trackers.values())
 
+    def meta_step(self) -> tf.Tensor:
+        """Meta-steps taken so far (by default the optimizer's iteration count; 0 before `compile`): what
+        schedules, resumption and reports count."""
+        optimizer = getattr(self, "optimizer", None)
+        return tf.constant(0, tf.int64) if optimizer is None else tf.cast(optimizer.iterations, tf.int64)
+
     def loss_value(self, y_true, y_pred) -> tf.Tensor:
         """The task loss averaged over examples."""
         return tf.reduce_mean(self.task_loss(y_true, y_pred))

@@ -129,7 +129,7 @@ class Experiment:
         manager = self.checkpoints(meta_learner, model_dir)
         if manager.latest_checkpoint:
             manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        done = int(meta_learner.optimizer.iterations)
+        done = int(meta_learner.meta_step())
         if done:
             print(f"Resuming from {manager.latest_checkpoint} after {done} meta-steps.")
         validation = None
@@ -149,7 +149,7 @@ class Experiment:
             verbose=(1 if sys.stdout.isatty() else 2) if self.verbose == "auto" else self.verbose,
             shuffle=False,
         )
-        steps = int(meta_learner.optimizer.iterations)
+        steps = int(meta_learner.meta_step())
         if meta_learner.stop_training and steps < self.num_steps:
             raise FloatingPointError(
                 f"meta-training stopped at meta-step {steps}: the loss is not finite. The last good checkpoint "

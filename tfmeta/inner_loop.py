@@ -44,12 +44,16 @@ class Adaptation:
     state: the learner's non-trainable state (BatchNorm statistics, RNG seeds) after the last forward pass.
     losses: the support loss before each step.
     trajectory: if requested, the fast parameters before step 1, after step 1, ..., after the last step.
+    grads, rule_states: with the trajectory, the support-loss gradient and the update rule's state before each
+      step (what a replay of step k needs: WarpGrad's meta-objective, Leap's meta-gradient).
     """
 
     params: list[tf.Tensor]
     state: list[tf.Tensor]
     losses: list[tf.Tensor]
     trajectory: Optional[list[list[tf.Tensor]]] = None
+    grads: Optional[list[list[tf.Tensor]]] = None
+    rule_states: Optional[list] = None
 
 
 def inner_loop(
@@ -76,7 +80,7 @@ def inner_loop(
         raise ValueError(f"inner loop `steps` must be >= 0; got {steps}.")
     params = list(params)
     rule_state = rule.init_state(params, training=training, seed=seed)
-    trajectory = [params] if keep_trajectory else None
+    trajectory, all_grads, rule_states = ([params], [], []) if keep_trajectory else (None, None, None)
     losses = []
     for step in range(steps):
         with tf.GradientTape(watch_accessed_variables=False) as tape, at_step(step):
@@ -85,9 +89,13 @@ def inner_loop(
         grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if first_order:
             grads = [tf.stop_gradient(g) for g in grads]
+        if keep_trajectory:
+            all_grads.append(grads)
+            rule_states.append(rule_state)
         updates, rule_state = rule.update(grads, rule_state, params, step)
         params = [p + u for p, u in zip(params, updates)]
         losses.append(loss)
         if keep_trajectory:
             trajectory.append(params)
-    return Adaptation(params=params, state=list(state), losses=losses, trajectory=trajectory)
+    return Adaptation(params=params, state=list(state), losses=losses, trajectory=trajectory, grads=all_grads,
+                      rule_states=rule_states)

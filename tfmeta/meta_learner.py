@@ -77,6 +77,8 @@ class MetaLearner(EpisodicLearner):
             inner_steps if eval_inner_steps is None else eval_inner_steps, "eval_inner_steps"
         )
         self.task_seeds = keras.random.SeedGenerator(name="task_seeds")  # for update rules that sample
+        context = {id(v) for v in partition_lib.context_weights(learner)}
+        self.context_mask = tuple(id(v) in context for v in self.meta_variables)
         self.built = True  # Nothing to build: stops `fit` from tracing the model on an episode.
 
     # ----------------------------------------------------------------------------------------------- pieces
@@ -108,11 +110,6 @@ class MetaLearner(EpisodicLearner):
             return self.learner.stateless_call(trainable, state, x, training=training)
         with at_step(step):
             return self.learner.stateless_call(trainable, state, x, training=training)
-
-    def meta_step(self) -> tf.Tensor:
-        """Meta-steps taken so far (the optimizer's iteration count; 0 before `compile`), for schedules."""
-        optimizer = getattr(self, "optimizer", None)
-        return tf.constant(0, tf.int64) if optimizer is None else tf.cast(optimizer.iterations, tf.int64)
 
     def adapt_params(
         self, fast, slow, state, x, y, steps: int, *, training: bool, first_order: bool = False,
@@ -159,7 +156,8 @@ class MetaLearner(EpisodicLearner):
 
         signature = (_spec(self.meta_variables), self._log_spec(self.train_log_names()), _spec(state))
         grads, logs, states = self.map_tasks(one_task, episodes, signature)
-        grads = [tf.reduce_mean(g, axis=0) for g in grads]
+        # Context parameters (task embeddings) restart from their initial value in every task: no meta-gradient.
+        grads = [tf.zeros_like(g[0]) if c else tf.reduce_mean(g, axis=0) for g, c in zip(grads, self.context_mask)]
         logs = {k: tf.reduce_mean(v, axis=0) for k, v in logs.items()}
         # Statistics are averaged over tasks; seed states continue from task 0, whose offset is zero.
         new_state = [

@@ -23,8 +23,9 @@ class Partition:
     `fast` and `slow` each take None, a glob or a list of globs, or a predicate on the Keras variable. Globs are
     matched against variable paths (`"dense_1/kernel"`), their prefixes and their layer names (`"head"`,
     `"block_*"`). A variable is fast if `fast` selects it (None: every variable), `slow` does not, and it does
-    not belong to a layer marked `meta_only` (T-Nets' transforms, per-step batch norm, warp layers), which is
-    always slow. ANIL is `Partition(fast="head")`, BOIL is `Partition(slow="head")`.
+    not belong to a layer marked `meta_only` (T-Nets' transforms, per-step batch norm, warp layers) or to a
+    layer's `slow_weights` (FiLM's projections): those are always slow.
+    ANIL is `Partition(fast="head")`, BOIL is `Partition(slow="head")`.
     """
 
     def __init__(self, fast: Selector = None, slow: Selector = None):
@@ -43,12 +44,7 @@ class Partition:
         variables = learner.trainable_variables
         fast = _select(variables, self.fast, "fast", default=True)
         slow = _select(variables, self.slow, "slow", default=False)
-        meta_only = {
-            id(v)
-            for layer in learner._flatten_layers(include_self=True)  # every nested layer, also in subclasses
-            if getattr(layer, "meta_only", False)
-            for v in layer.trainable_variables
-        }
+        meta_only = {id(v) for v in slow_weights(learner)}
         mask = tuple(f and not s and id(v) not in meta_only for f, s, v in zip(fast, slow, variables))
         if not any(mask):
             raise ValueError(
@@ -64,6 +60,23 @@ class Partition:
 
     def __repr__(self) -> str:
         return f"Partition(fast={self.fast!r}, slow={self.slow!r})"
+
+
+def _layers(learner: keras.Layer) -> list[keras.Layer]:
+    return learner._flatten_layers(include_self=True)  # every nested layer, also in subclassed models
+
+
+def slow_weights(learner: keras.Layer) -> list[keras.Variable]:
+    """The variables no inner loop adapts: those of `meta_only` layers and those layers list in `slow_weights`."""
+    return [v for layer in _layers(learner)
+            for v in (layer.trainable_variables if getattr(layer, "meta_only", False)
+                      else getattr(layer, "slow_weights", ()))]
+
+
+def context_weights(learner: keras.Layer) -> list[keras.Variable]:
+    """Task parameters that start every task from their initial value (e.g. FiLM task embeddings): meta-learners
+    give them no meta-gradient."""
+    return [v for layer in _layers(learner) for v in getattr(layer, "context_weights", ())]
 
 
 def _select(variables, selector: Selector, argument: str, default: bool) -> list[bool]:

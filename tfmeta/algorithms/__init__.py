@@ -8,5 +8,6 @@ Meta-Curvature, MT-Nets, ANIL, BOIL, T-Nets) are MAML with an update rule (`tfme
 from tfmeta.algorithms.imaml import IMAML
 from tfmeta.algorithms.maml import MAML
 from tfmeta.algorithms.reptile import Reptile
+from tfmeta.algorithms.warpgrad import Leap, WarpGrad
 
-__all__ = ["IMAML", "MAML", "Reptile"]
+__all__ = ["IMAML", "MAML", "Leap", "Reptile", "WarpGrad"]

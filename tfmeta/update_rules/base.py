@@ -4,8 +4,8 @@ A rule sees the fast parameters of one task. `build(param_shapes)` creates its m
 sizes, preconditioners, masks, ...) as Keras variables, so they are meta-trained and checkpointed with the
 meta-learner that owns the rule. `init_state(params, training=..., seed=...)` gives per-task state (momentum
 buffers, sampled masks, ...), and `update(grads, state, params, step)` returns `(updates, state)`; the inner
-loop then sets `params <- params + updates`. `step` is the Python index of the inner step, for rules that
-differ per step.
+loop then sets `params <- params + updates`. `step` is the index of the inner step, for rules that differ per
+step: a Python int in the unrolled inner loop, an int tensor when WarpGrad replays a stored step.
 """
 
 from __future__ import annotations
@@ -146,10 +146,10 @@ class InnerAdam(UpdateRule):
         return tuple((tf.zeros_like(p), tf.zeros_like(p)) for p in params)
 
     def update(self, grads, state, params, step):
-        t = step + 1
-        correction = math.sqrt(1 - self.beta_2**t) / (1 - self.beta_1**t)
         updates, new_state = [], []
         for g, (m, v) in zip(grads, state):
+            t = tf.cast(step + 1, g.dtype)
+            correction = tf.sqrt(1 - self.beta_2**t) / (1 - self.beta_1**t)
             m = self.beta_1 * m + (1 - self.beta_1) * g
             v = self.beta_2 * v + (1 - self.beta_2) * tf.square(g)
             updates.append(-self.learning_rate * correction * m / (tf.sqrt(v) + self.epsilon))

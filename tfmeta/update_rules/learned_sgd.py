@@ -56,7 +56,7 @@ class LearnedSgd(UpdateRule):
     def update(self, grads, state, params, step):
         rates = [tf.exp(rate) for rate in self.learning_rates] if self.log_space else self.learning_rates
         if self.steps:
-            rates = [rate[min(step, self.steps - 1)] for rate in rates]
+            rates = [tf.gather(rate, tf.minimum(step, self.steps - 1)) for rate in rates]
         return [-tf.cast(rate, g.dtype) * g for rate, g in zip(rates, grads)], state
 
     def get_config(self) -> dict:

@@ -1,0 +1,280 @@
+"""WarpGrad and Leap: warp layers, the warp objectives (by hand and finite differences), Leap's meta-gradient,
+the offline buffer, partitions and errors (float64 where values are compared)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import classification_episodes, random_episodes, values
+
+import tfmeta
+from tfmeta import warp
+from tfmeta.algorithms.warpgrad import leap_gradient
+
+
+def small_mlp(hidden=(6, 5)):
+    return tfmeta.models.mlp(input_shape=(2,), hidden_units=hidden, outputs=1, activation="tanh", dtype="float64")
+
+
+def small_conv():
+    return tfmeta.models.conv_net(input_shape=(6, 6, 1), outputs=3, filters=4, blocks=2, activation="tanh",
+                                  pooling="average", dtype="float64")
+
+
+def randomise(layer, scale=0.3, seed=0):
+    """Moves a warp away from the identity so that it changes the gradients."""
+    rng = np.random.default_rng(seed)
+    for v in layer.trainable_variables:
+        v.assign(np.array(v) + scale * rng.normal(size=v.shape))
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def trajectory(meta, episodes, steps=3):
+    fast, slow = meta.read_params()
+    state = [tf.convert_to_tensor(v) for v in meta.learner.non_trainable_variables]
+    return meta.adapt_params(fast, slow, state, episodes["support_x"][0], episodes["support_y"][0], steps,
+                             training=True, keep_trajectory=True).trajectory
+
+
+@pytest.mark.parametrize("kind", ["dense", "scale", "conv3", "conv1"])
+def test_identity_warps_leave_the_inner_trajectory_unchanged(kind):
+    if kind in ("dense", "scale"):
+        base, episodes = small_mlp(), random_episodes(tasks=1)
+        factory = {"dense": warp.WarpDense, "scale": warp.WarpScale}[kind]
+        warped = warp.insert_warps(base, factory, after="hidden_*")
+        loss = "mse"
+    else:
+        base, episodes = small_conv(), classification_episodes(tasks=1)
+        size = int(kind[-1])
+        warped = warp.insert_warps(
+            base, lambda layer: warp.WarpConv2D(size, name=f"warp_{layer.name}", dtype="float64"), after="act_*")
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    assert len(warped.layers) > len(base.layers)
+    plain = trajectory(tfmeta.WarpGrad(base, loss=loss, update_rule=tfmeta.Sgd(0.3)), episodes)
+    warped_trajectory = trajectory(tfmeta.WarpGrad(warped, loss=loss, update_rule=tfmeta.Sgd(0.3)), episodes)
+    for a, b in zip(plain, warped_trajectory):
+        for x, y in zip(values(a), values(b)):
+            np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12)
+
+
+def tiny_warped():
+    """y = w2 * s * (w1 * x): task weights w1, w2 around a channel-scaling warp s."""
+    inputs = keras.Input((1,), dtype="float64")
+    h = keras.layers.Dense(1, use_bias=False, dtype="float64", name="w1")(inputs)
+    h = warp.WarpScale(dtype="float64", name="warp")(h)
+    model = keras.Model(inputs, keras.layers.Dense(1, use_bias=False, dtype="float64", name="w2")(h))
+    model.get_layer("w1").set_weights([np.array([[0.7]])])
+    model.get_layer("w2").set_weights([np.array([[-1.3]])])
+    model.get_layer("warp").set_weights([np.array([1.4])])
+    return model
+
+
+def test_approximate_objective_warp_gradient_by_hand():
+    alpha = 0.1
+    meta = tfmeta.WarpGrad(tiny_warped(), update_rule=tfmeta.Sgd(alpha), objective="approximate")
+    episodes = random_episodes(tasks=1, features=(1,))
+    e = {k: np.array(v[0])[:, 0] for k, v in episodes.items()}
+    w1, w2, s = 0.7, -1.3, 1.4
+    residual = w2 * s * w1 * e["support_x"] - e["support_y"]
+    g1 = np.mean(2 * residual * w2 * s * e["support_x"])
+    g2 = np.mean(2 * residual * s * w1 * e["support_x"])
+    w1, w2 = w1 - alpha * g1, w2 - alpha * g2  # the adapted point, a constant under the stop-gradient
+    expected = np.mean(2 * (w2 * s * w1 * e["query_x"] - e["query_y"]) * w2 * w1 * e["query_x"])
+    theta = [tf.constant([[0.7]], tf.float64), tf.constant([[-1.3]], tf.float64)]
+    episode = {k: v[0] for k, v in episodes.items()}
+    grads, _ = meta.point_gradients(episode, theta, (), 0, [])
+    np.testing.assert_allclose(np.array(grads[0]), [expected], rtol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["sgd", "learned_scalar"])
+def test_full_objective_matches_finite_differences(rule):
+    learner = warp.insert_warps(small_mlp(), warp.ResidualWarp, after="hidden_*")
+    update_rule = tfmeta.Sgd(0.2) if rule == "sgd" else tfmeta.LearnedSgd(0.2, per_element=False, dtype="float64")
+    meta = tfmeta.WarpGrad(learner, update_rule=update_rule, objective="full")
+    for layer in learner.layers:
+        if isinstance(layer, warp.WarpLayer):
+            randomise(layer)
+    episodes = random_episodes(tasks=1)
+    episode = {k: v[0] for k, v in episodes.items()}
+    theta = [t + 0.1 for t in meta.read_params()[0]]  # a point off the initialisation
+    compute = tf.function(lambda: meta.point_gradients(episode, theta, (), tf.constant(1), []))
+    grads, _ = compute()
+    assert len(grads) == len(meta.warp_variables) > 0
+    rng, eps = np.random.default_rng(2), 1e-5
+    phi = values(meta.warp_variables)
+    for _ in range(3):
+        direction = [rng.normal(size=p.shape) for p in phi]
+        losses = []
+        for sign in (1, -1):
+            for v, p, d in zip(meta.warp_variables, phi, direction):
+                v.assign(p + sign * eps * d)
+            losses.append(float(compute()[1]))
+        for v, p in zip(meta.warp_variables, phi):
+            v.assign(p)
+        numeric = (losses[0] - losses[1]) / (2 * eps)
+        analytic = sum(float(np.sum(np.array(g) * d)) for g, d in zip(grads, direction))
+        assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-10)
+
+
+def test_approximate_objective_gives_a_learned_step_size_no_gradient():
+    learner = warp.insert_warps(small_mlp(), warp.WarpDense, after="hidden_*")
+    meta = tfmeta.WarpGrad(learner, update_rule=tfmeta.LearnedSgd(0.2, per_element=False, dtype="float64"),
+                           objective="approximate")
+    episode = {k: v[0] for k, v in random_episodes(tasks=1).items()}
+    grads, _ = meta.point_gradients(episode, meta.read_params()[0], (), 0, [])
+    assert all(float(tf.reduce_sum(tf.abs(g))) == 0 for g in grads[-len(meta.update_rule.trainable_variables):])
+
+
+def test_leap_meta_gradient_matches_equation_17_by_hand():
+    """Linear regression f(w) = mean((x w - y)^2), SGD from w0: Leap's gradient computed in numpy."""
+    model = keras.Sequential([keras.Input((2,), dtype="float64"),
+                              keras.layers.Dense(1, use_bias=False, dtype="float64")])
+    w0 = np.array([[0.3], [-0.5]])
+    model.set_weights([w0])
+    alpha, steps = 0.1, 4
+    meta = tfmeta.Leap(model, update_rule=tfmeta.Sgd(alpha), inner_steps=steps)
+    episodes = random_episodes(tasks=1)
+    x, y = np.array(episodes["support_x"][0]), np.array(episodes["support_y"][0])
+    f = lambda w: np.mean((x @ w - y) ** 2)  # noqa: E731
+    grad = lambda w: 2 * x.T @ (x @ w - y) / len(x)  # noqa: E731
+    ws = [w0]
+    for _ in range(steps):
+        ws.append(ws[-1] - alpha * grad(ws[-1]))
+    expected = np.zeros_like(w0)
+    for k in range(steps):
+        d_theta, d_f = ws[k + 1] - ws[k], f(ws[k + 1]) - f(ws[k])
+        expected -= (d_f * grad(ws[k]) + d_theta) / np.sqrt(np.sum(d_theta**2) + d_f**2)
+    episode = {k: v[0] for k, v in episodes.items()}
+    result = meta._adapt_task(episode, [], tf.constant([0, 0], tf.int64))
+    np.testing.assert_allclose(np.array(result["init_grads"][0]), expected, rtol=1e-10)
+    # Without the loss coordinate and the normalisation, the segments telescope to Reptile's w0 - w_K.
+    plain = leap_gradient([[tf.constant(w)] for w in ws], [tf.constant(f(w)) for w in ws],
+                          [[tf.constant(grad(w))] for w in ws[:-1]], norm=False, loss_delta=False)
+    np.testing.assert_allclose(np.array(plain[0]), ws[0] - ws[-1], rtol=1e-10)
+
+
+def test_inner_loops_never_change_warps():
+    learner = warp.insert_warps(small_mlp(), warp.WarpDense, after="hidden_*")
+    meta = tfmeta.WarpGrad(learner, update_rule=tfmeta.Sgd(0.3), partition=tfmeta.Partition(fast="*"))
+    warps = [v for layer in learner.layers if isinstance(layer, warp.WarpLayer) for v in layer.trainable_variables]
+    fast, _ = tfmeta.partition.split(learner.trainable_variables, meta.fast_mask)
+    assert warps and not {id(v) for v in warps} & {id(v) for v in fast}
+    before = values(warps)
+    episodes = random_episodes(tasks=1)
+    adapted = meta.adapt(episodes["support_x"][0], episodes["support_y"][0], steps=3)
+    for layer in learner.layers:
+        if isinstance(layer, warp.WarpLayer):
+            assert_same(values(adapted.get_layer(layer.name).trainable_variables), values(layer.trainable_variables))
+    meta.evaluate_tasks(episodes, steps=3)
+    assert_same(values(warps), before)
+
+
+class _CountingWarpGrad(tfmeta.WarpGrad):
+    """Records how often each buffer point enters a warp update."""
+
+    def __init__(self, *args, buffer_size, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.visits = tf.Variable(tf.zeros([buffer_size], tf.int32), trainable=False)
+        self.batch_sizes = []
+
+    def _warp_gradients(self, episodes, buffer, indices, state, rule_template):
+        indices = tf.convert_to_tensor(indices)
+        self.batch_sizes.append(indices.shape[0])
+        self.visits.scatter_add(tf.IndexedSlices(tf.ones_like(indices), indices))
+        return [tf.zeros_like(v) for v in self.warp_variables]
+
+
+@pytest.mark.parametrize("parallelism", ["map_fn", "unrolled"])
+def test_offline_buffer_visits_every_point_once_per_pass(parallelism):
+    tasks, steps, epochs = 3, 4, 2
+    learner = warp.insert_warps(small_mlp(), warp.WarpDense, after="hidden_*")
+    meta = _CountingWarpGrad(learner, update_rule=tfmeta.Sgd(0.1), inner_steps=steps, mode="offline",
+                             warp_batch_size=5, warp_epochs=epochs, task_parallelism=parallelism,
+                             buffer_size=tasks * steps)
+    meta.compile(optimizer=keras.optimizers.SGD(0.1))
+    meta.train_on_batch(random_episodes(tasks=tasks))
+    np.testing.assert_array_equal(meta.visits.numpy(), np.full(tasks * steps, epochs))
+    assert meta.batch_sizes == [5, 5, 2] * epochs
+    assert int(meta.meta_step()) == 1 and int(meta.optimizer.iterations) == 3 * epochs + 1
+
+
+def test_online_warpgrad_trains_warps_and_the_initialisation():
+    learner = warp.insert_warps(small_mlp(), warp.ResidualWarp, after="hidden_*")
+    meta = tfmeta.WarpGrad(learner, update_rule=tfmeta.Sgd(0.1), inner_steps=2)
+    meta.compile(optimizer=keras.optimizers.SGD(0.05))
+    before = values(learner.trainable_variables)
+    logs = meta.train_on_batch(random_episodes(), return_dict=True)
+    after = values(learner.trainable_variables)
+    assert np.isfinite(logs["loss"])
+    assert all(not np.array_equal(a, b) for a, b in zip(before, after))
+    assert int(meta.meta_step()) == int(meta.optimizer.iterations) == 1
+
+
+def test_fixed_initialisation_moves_only_the_warps():
+    learner = warp.insert_warps(small_mlp(), warp.WarpDense, after="hidden_*")
+    meta = tfmeta.WarpGrad(learner, update_rule=tfmeta.Sgd(0.1), inner_steps=2, init_objective="none")
+    meta.compile(optimizer=keras.optimizers.SGD(0.05))
+    before = values(learner.trainable_variables)
+    meta.train_on_batch(random_episodes())
+    for variable, was, fast in zip(learner.trainable_variables, before, meta.fast_mask):
+        assert np.array_equal(np.array(variable), was) == fast, variable.path
+
+
+def test_film_embedding_is_adapted_from_zero_and_its_projections_are_warps():
+    inputs = keras.Input((2,), dtype="float64")
+    h = keras.layers.Dense(4, activation="tanh", dtype="float64", name="hidden")(inputs)
+    h = warp.FiLM(3, dtype="float64", name="film")(h)
+    learner = keras.Model(inputs, keras.layers.Dense(1, dtype="float64", name="head")(h))
+    for objective, meta in (("warpgrad", tfmeta.WarpGrad(learner, update_rule=tfmeta.Sgd(0.3), inner_steps=2)),
+                            ("maml", tfmeta.MAML(learner, update_rule=tfmeta.Sgd(0.3), inner_steps=2))):
+        mask = dict(zip([v.path for v in learner.trainable_variables], meta.fast_mask))
+        assert mask["film/embedding"] and not mask["film/scale_projection"] and not mask["film/shift_projection"]
+        meta.compile(optimizer=keras.optimizers.Adam(0.01))
+        meta.train_on_batch(random_episodes())
+        assert np.all(np.array(learner.get_layer("film").embedding) == 0), objective
+    episodes = random_episodes(tasks=1)
+    adapted = meta.adapt(episodes["support_x"][0], episodes["support_y"][0], steps=2)
+    assert np.any(np.array(adapted.get_layer("film").embedding) != 0)
+
+
+def test_warp_layers_serialise_and_a_warped_model_saves(tmp_path):
+    layers = [warp.WarpDense(use_bias=True), warp.WarpConv2D(1), warp.WarpScale(), warp.WarpConvBlock(),
+              warp.ResidualWarp(depth=1), warp.FiLM(2)]
+    for layer in layers:
+        clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+        assert type(clone) is type(layer) and clone.get_config() == layer.get_config()
+    base = small_conv()
+    warped = warp.insert_warps(base, warp.WarpConvBlock, after="act_*")
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 1))
+    warped.save(tmp_path / "warped.keras")
+    reloaded = keras.saving.load_model(tmp_path / "warped.keras")
+    np.testing.assert_allclose(reloaded(x), warped(x), rtol=1e-12)
+    meta = tfmeta.WarpGrad(warped, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                           init_objective="maml", mode="offline", warp_batch_size=3)
+    clone = tfmeta.WarpGrad.from_config(meta.get_config())
+    assert clone.get_config()["mode"] == "offline" and clone.warp_batch_size == 3
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match=r"`filters`=8 but its input has 4 channels"):
+        warp.WarpConv2D(filters=8)(np.zeros((1, 5, 5, 4)))
+    with pytest.raises(ValueError, match="feature maps"):
+        warp.WarpConv2D()(np.zeros((1, 4)))
+    with pytest.raises(ValueError, match="`after` selects no layer"):
+        warp.insert_warps(small_mlp(), warp.WarpDense, after="conv_*")
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        tfmeta.WarpGrad(small_mlp(), mode="sometimes")
+    with pytest.raises(ValueError, match="`warp_batch_size`"):
+        tfmeta.WarpGrad(small_mlp(), warp_batch_size=0)
+    with pytest.raises(ValueError, match="Leap's `init_objective`"):
+        tfmeta.Leap(small_mlp(), init_objective="maml")
+    learner = warp.insert_warps(small_mlp(), warp.WarpDense, after="hidden_*")
+    meta = tfmeta.WarpGrad(learner, inner_steps=2, mode="offline", warp_batch_size=7)
+    meta.compile(optimizer=keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match=r"`warp_batch_size` \(7\) is larger than the buffer of 6"):
+        meta.train_on_batch(random_episodes(tasks=3))

@@ -1,0 +1,280 @@
+"""WarpGrad (Flennerhag et al., ICLR 2020) and Leap (Flennerhag et al., ICLR 2019).
+
+WarpGrad meta-learns warp layers φ (the learner's slow variables, e.g. `tfmeta.warp` layers) interleaved with
+task layers θ (the fast variables). Tasks adapt θ with the update rule while φ preconditions their gradients;
+φ is meta-learned from points θ_k of the adaptation trajectories, one inner step at a time, never by
+backpropagating through a whole adaptation:
+
+  L(φ) = mean over tasks τ and steps k of L_meta^τ(θ_k^τ + u(∇L_task^τ(θ_k^τ; φ)); φ)
+
+with u the update rule, the task loss on the support set and the meta loss on the query set. "full" is the
+paper's Eq. 11 (differentiated through the step, so a learned step size is meta-learned too); "approximate"
+its Eq. 12, with a stop-gradient on the step (no second derivatives). The initialisation θ_0 follows an
+initialisation objective C weighted by λ, J = L(φ) + λ·C(θ_0): Leap's trajectory length (Warp-Leap), MAML's
+query loss after the adaptation (Warp-MAML), Reptile's, or none (a fixed random initialisation).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tfmeta import partition as partition_lib
+from tfmeta.meta_learner import MetaLearner, _spec
+
+OBJECTIVES = ("full", "approximate")
+INIT_OBJECTIVES = ("leap", "maml", "reptile", "none")
+MODES = ("online", "offline")
+
+
+def _flatten_steps(per_step: list) -> list[tf.Tensor]:
+    """A list (over steps) of nests of tensors -> a flat list of tensors with a leading step axis."""
+    return [tf.stack(values) for values in zip(*[tf.nest.flatten(s) for s in per_step])]
+
+
+def leap_gradient(trajectory: list[list[tf.Tensor]], losses: list[tf.Tensor], grads: list[list[tf.Tensor]],
+                  norm: bool = True, loss_delta: bool = True) -> list[tf.Tensor]:
+    """Leap's first-order meta-gradient of the trajectory length for one task (Leap's Eq. 8; WarpGrad's Eq. 17).
+
+    The trajectory θ_0..θ_K is a path on the loss surface, through the points (θ_k, f(θ_k)). With the Jacobian of
+    θ_k in θ_0 approximated by the identity and θ_{k+1} held fixed, each segment contributes
+    −(Δf_k ∇f(θ_k) + Δθ_k) / d_k, where Δθ_k = θ_{k+1} − θ_k, Δf_k = f(θ_{k+1}) − f(θ_k) and d_k is the segment's
+    length ‖(Δθ_k, Δf_k)‖ (`norm`; 1 otherwise). `loss_delta=False` drops the loss coordinate (the
+    "simplified Leap" of the WarpGrad code: unit steps along the trajectory).
+
+    Args:
+      trajectory: the K + 1 parameter lists θ_0..θ_K.
+      losses: the K + 1 losses f(θ_0)..f(θ_K).
+      grads: the K gradients ∇f(θ_0)..∇f(θ_{K-1}).
+    """
+    total = [tf.zeros_like(p) for p in trajectory[0]]
+    for k, gradient in enumerate(grads):
+        delta_theta = [b - a for a, b in zip(trajectory[k], trajectory[k + 1])]
+        delta_f = losses[k + 1] - losses[k] if loss_delta else tf.zeros_like(losses[k])
+        if norm:
+            squared = tf.add_n([tf.reduce_sum(tf.square(d)) for d in delta_theta]) + tf.square(delta_f)
+            length = tf.sqrt(squared) + 1e-12
+        else:
+            length = tf.ones_like(delta_f)
+        total = [t - (tf.cast(delta_f, g.dtype) * g + d) / tf.cast(length, d.dtype)
+                 for t, g, d in zip(total, gradient, delta_theta)]
+    return total
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+class WarpGrad(MetaLearner):
+    """Warped gradient descent: meta-learns the slow variables (warp layers) from trajectory points, and the
+    initialisation of the fast variables by an initialisation objective (see the module docstring).
+
+    Args:
+      objective: "full" (Eq. 11: through one inner step) or "approximate" (Eq. 12: stop-gradient on the step).
+      init_objective: the objective C of the fast variables' initialisation: "leap" (Warp-Leap), "maml"
+        (Warp-MAML), "reptile" or "none" (a fixed random initialisation, λ = 0).
+      init_weight: λ, the weight of C's gradient relative to the warp objective's.
+      mode: "online" (the paper's Algorithm 1: one warp update per meta-step on the mean over every trajectory
+        point of the meta-batch) or "offline" (Algorithm 2: the points and the update rule's state at each, e.g.
+        momentum buffers, form a buffer; φ then takes one update per mini-batch of `warp_batch_size` points
+        drawn without replacement, for `warp_epochs` passes).
+      warp_batch_size: η, trajectory points per warp update in offline mode (at most the buffer's size,
+        tasks x inner steps).
+      warp_epochs: passes over the buffer per meta-step in offline mode.
+      leap_norm, leap_loss_delta: Leap's segment normalisation and loss coordinate (see `leap_gradient`).
+      first_order: for init_objective="maml": first-order MAML for the initialisation.
+      **kwargs: see `MetaLearner` (`update_rule` is the task learner's optimiser; a `LearnedSgd` with
+        `per_element=False` gives the ablation's meta-learned scalar learning rate, learned by the full
+        objective).
+
+    `meta_step()` counts meta-steps (batches of tasks); in offline mode the Keras optimizer takes several
+    updates per meta-step, so its `iterations` (and learning-rate schedules) count updates.
+    """
+
+    def __init__(self, learner: keras.Model, objective: str = "full", init_objective: str = "leap",
+                 init_weight: float = 1.0, mode: str = "online", warp_batch_size: int = 1, warp_epochs: int = 1,
+                 leap_norm: bool = True, leap_loss_delta: bool = True, first_order: bool = False, **kwargs):
+        super().__init__(learner, **kwargs)
+        for argument, value, allowed in (("objective", objective, OBJECTIVES),
+                                         ("init_objective", init_objective, INIT_OBJECTIVES), ("mode", mode, MODES)):
+            if value not in allowed:
+                raise ValueError(f"WarpGrad `{argument}` must be one of {allowed}; got {value!r}.")
+        if not init_weight >= 0:
+            raise ValueError(f"WarpGrad `init_weight` must be >= 0; got {init_weight!r}.")
+        for argument, value in (("warp_batch_size", warp_batch_size), ("warp_epochs", warp_epochs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"WarpGrad `{argument}` must be a positive integer; got {value!r}.")
+        if self.inner_steps < 1:
+            raise ValueError(f"WarpGrad needs `inner_steps` >= 1 (its trajectories); got {self.inner_steps}.")
+        self.objective, self.init_objective, self.init_weight = objective, init_objective, float(init_weight)
+        self.mode, self.warp_batch_size, self.warp_epochs = mode, warp_batch_size, warp_epochs
+        self.leap_norm, self.leap_loss_delta, self.first_order = leap_norm, leap_loss_delta, bool(first_order)
+        self.meta_steps = keras.Variable(0, dtype="int64", trainable=False, name="meta_steps")
+        _, self._slow_variables = partition_lib.split(learner.trainable_variables, self.fast_mask)
+        self._fast_variables, _ = partition_lib.split(learner.trainable_variables, self.fast_mask)
+
+    @property
+    def warp_variables(self) -> list[keras.Variable]:
+        """What the warp objective meta-learns: the learner's slow variables and the update rule's."""
+        return self._slow_variables + self.update_rule.trainable_variables
+
+    def meta_step(self) -> tf.Tensor:
+        return tf.convert_to_tensor(self.meta_steps)
+
+    # ---------------------------------------------------------------------------------------- trajectories
+
+    def _adapt_task(self, episode: dict, state: list, seed: tf.Tensor) -> dict:
+        """Adapts to one task; returns its trajectory points, the initialisation gradient, logs and state."""
+        steps, sx, sy = self.inner_steps, episode["support_x"], episode["support_y"]
+        differentiate = self.init_objective == "maml"
+        with tf.GradientTape(watch_accessed_variables=differentiate) as tape:
+            fast, slow = self.read_params()
+            adaptation = self.adapt_params(fast, slow, state, sx, sy, steps, training=True, keep_trajectory=True,
+                                           first_order=not differentiate or self.first_order, seed=seed)
+            predictions, state = self.forward(adaptation.params, slow, adaptation.state, episode["query_x"],
+                                              training=True)
+            query_loss = self.loss_value(episode["query_y"], predictions)
+        trajectory = [[tf.stop_gradient(p) for p in params] for params in adaptation.trajectory]
+        if self.init_objective == "maml":
+            init_grads = tape.gradient(query_loss, fast, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        elif self.init_objective == "reptile":
+            init_grads = [a - b for a, b in zip(trajectory[0], trajectory[-1])]
+        elif self.init_objective == "leap":
+            final, _ = self.forward(trajectory[-1], slow, adaptation.state, sx, training=True)
+            losses = [tf.stop_gradient(loss) for loss in adaptation.losses] + [self.loss_value(sy, final)]
+            grads = [[tf.stop_gradient(g) for g in step_grads] for step_grads in adaptation.grads]
+            init_grads = leap_gradient(trajectory, losses, grads, self.leap_norm, self.leap_loss_delta)
+        else:
+            init_grads = [tf.zeros_like(p) for p in fast]
+        return {
+            "points": [tf.stack(values) for values in zip(*trajectory[:-1])],
+            "rule_states": _flatten_steps(adaptation.rule_states),
+            "init_grads": init_grads,
+            "logs": {"loss": query_loss, **self.metric_values(episode["query_y"], predictions)},
+            "state": state,
+        }
+
+    # -------------------------------------------------------------------------------------- warp objective
+
+    def point_gradients(self, episode: dict, theta: list, rule_state, step, state: list) -> tuple[list, tf.Tensor]:
+        """The warp objective's gradient for `warp_variables` at one trajectory point: task parameters `theta`
+        and update-rule state `rule_state` before inner step `step`; also returns the meta loss."""
+        with tf.GradientTape() as tape:
+            _, slow = self.read_params()
+            with tf.GradientTape(watch_accessed_variables=False) as inner:
+                inner.watch(theta)
+                predictions, _ = self.forward(theta, slow, state, episode["support_x"], training=True)
+                task_loss = self.loss_value(episode["support_y"], predictions)
+            grads = inner.gradient(task_loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            updates, _ = self.update_rule.update(grads, rule_state, theta, step)
+            if self.objective == "approximate":
+                updates = [tf.stop_gradient(u) for u in updates]
+            adapted = [p + u for p, u in zip(theta, updates)]
+            predictions, _ = self.forward(adapted, slow, state, episode["query_x"], training=True)
+            meta_loss = self.loss_value(episode["query_y"], predictions)
+        grads = tape.gradient(meta_loss, self.warp_variables)
+        # Not UnconnectedGradients.ZERO, which fails eagerly on Keras variables (their dtype is a string).
+        return [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, self.warp_variables)], meta_loss
+
+    def _warp_gradients(self, episodes: dict, buffer: dict, indices, state: list, rule_template) -> list:
+        """The mean warp-objective gradient over the buffer's points `indices` (point i: task i // K, step i % K)."""
+        steps = self.inner_steps
+
+        def one_point(i):
+            task = i // steps
+            episode = {k: tf.gather(v, task) for k, v in episodes.items()}
+            theta = [tf.gather(tf.gather(p, task), i % steps) for p in buffer["points"]]
+            rule_state = tf.nest.pack_sequence_as(
+                rule_template, [tf.gather(tf.gather(s, task), i % steps) for s in buffer["rule_states"]])
+            grads, _ = self.point_gradients(episode, theta, rule_state, i % steps, state)
+            return grads
+
+        if self.task_parallelism == "unrolled":
+            grads = [one_point(tf.constant(i)) for i in indices]
+            return [tf.add_n(g) / len(indices) for g in zip(*grads)]
+        grads = tf.map_fn(one_point, tf.convert_to_tensor(indices), fn_output_signature=_spec(self.warp_variables))
+        return [tf.reduce_mean(g, axis=0) for g in grads]
+
+    # -------------------------------------------------------------------------------------------- training
+
+    def train_step(self, data):
+        episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        episodes = self.check_episodes(episodes)
+        if not self.optimizer.built:  # Updates below apply to subsets of the meta-variables.
+            self.optimizer.build(self.meta_variables)
+        tasks = episodes["support_x"].shape[0]
+        state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+        batch_seed = self.task_seeds.next()
+        rule_template = self.update_rule.init_state([tf.convert_to_tensor(v) for v in self._fast_variables],
+                                                    training=False)  # only its structure is used
+
+        def one_task(index, episode):
+            return self._adapt_task(episode, state, tf.random.experimental.stateless_fold_in(batch_seed, index))
+
+        fast_specs = _spec(self._fast_variables)
+        signature = {
+            "points": [tf.TensorSpec([self.inner_steps, *s.shape], s.dtype) for s in fast_specs],
+            "rule_states": [tf.TensorSpec([self.inner_steps, *t.shape], t.dtype)
+                            for t in tf.nest.flatten(rule_template)],
+            "init_grads": fast_specs,
+            "logs": self._log_spec(self.train_log_names()),
+            "state": _spec(state),
+        }
+        buffer = self.map_tasks(one_task, episodes, signature)
+        init_grads = [self.init_weight * tf.reduce_mean(g, axis=0) for g in buffer["init_grads"]]
+        context = {id(v) for v in partition_lib.context_weights(self.learner)}
+        init_grads = [tf.zeros_like(g) if id(v) in context else g for g, v in zip(init_grads, self._fast_variables)]
+
+        if self.warp_variables and self.mode == "online":
+            indices = tf.range(tf.shape(episodes["support_x"])[0] * self.inner_steps)
+            if self.task_parallelism == "unrolled":
+                indices = list(range(tasks * self.inner_steps))
+            warp_grads = self._warp_gradients(episodes, buffer, indices, state, rule_template)
+            self.optimizer.apply(init_grads + warp_grads, self._fast_variables + self.warp_variables)
+        else:
+            if self.warp_variables:
+                self._offline_updates(episodes, buffer, tasks, state, rule_template, batch_seed)
+            self.optimizer.apply(init_grads, self._fast_variables)
+        self.meta_steps.assign_add(1)
+        for variable, values in zip(self.learner.non_trainable_variables, buffer["state"]):
+            variable.assign(values[0] if variable.name == "seed_generator_state" or not values.dtype.is_floating
+                            else tf.reduce_mean(values, axis=0))
+        return self._update_trackers({k: tf.reduce_mean(v) for k, v in buffer["logs"].items()})
+
+    def _offline_updates(self, episodes, buffer, tasks, state, rule_template, seed) -> None:
+        """Algorithm 2: warp updates on mini-batches of `warp_batch_size` buffer points drawn without replacement."""
+        if tasks is None:
+            raise ValueError("WarpGrad mode='offline' needs a static number of tasks per meta-batch: batch the "
+                             "episodes with drop_remainder=True.")
+        size = tasks * self.inner_steps
+        if self.warp_batch_size > size:
+            raise ValueError(f"WarpGrad `warp_batch_size` ({self.warp_batch_size}) is larger than the buffer of "
+                             f"{size} trajectory points ({tasks} tasks x {self.inner_steps} inner steps).")
+        for epoch in range(self.warp_epochs):
+            order = tf.argsort(tf.random.stateless_uniform([size], tf.random.experimental.stateless_fold_in(
+                seed, -1 - epoch)))
+            for start in range(0, size, self.warp_batch_size):
+                batch = order[start:start + self.warp_batch_size]
+                if self.task_parallelism == "unrolled":
+                    batch = [batch[i] for i in range(min(self.warp_batch_size, size - start))]
+                grads = self._warp_gradients(episodes, buffer, batch, state, rule_template)
+                self.optimizer.apply(grads, self.warp_variables)
+
+    # ------------------------------------------------------------------------------------ serialisation
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "objective": self.objective, "init_objective": self.init_objective,
+                "init_weight": self.init_weight, "mode": self.mode, "warp_batch_size": self.warp_batch_size,
+                "warp_epochs": self.warp_epochs, "leap_norm": self.leap_norm,
+                "leap_loss_delta": self.leap_loss_delta, "first_order": self.first_order}
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+class Leap(WarpGrad):
+    """Leap (Flennerhag et al., ICLR 2019): meta-learns the initialisation that minimises the expected length of
+    the adaptation trajectories on the loss surface, with its first-order meta-gradient (`leap_gradient`).
+    Slow variables, if any, are warps meta-learned as in WarpGrad (Warp-Leap is `WarpGrad` with its defaults).
+    """
+
+    def __init__(self, learner: keras.Model, **kwargs):
+        kwargs.setdefault("init_objective", "leap")
+        if kwargs["init_objective"] != "leap":
+            raise ValueError(f"Leap's `init_objective` is 'leap'; got {kwargs['init_objective']!r}.")
+        super().__init__(learner, **kwargs)
