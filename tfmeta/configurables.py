@@ -16,7 +16,7 @@ for _cls in (
     tfmeta.MetaCurvature, tfmeta.MTNetMask, tfmeta.PrototypicalNetwork, tfmeta.MatchingNetwork, tfmeta.RelationNetwork,
 ):
     gin.external_configurable(_cls, module="tfmeta")
-for _fn in (tfmeta.models.mlp, tfmeta.models.conv_net, tfmeta.warp.insert_warps):
+for _fn in (tfmeta.models.mlp, tfmeta.models.conv_net, tfmeta.models.point_model, tfmeta.warp.insert_warps):
     gin.external_configurable(_fn, module="tfmeta.models")
 gin.external_configurable(tfmeta.metric.relation_module, module="tfmeta.metric")
 for _warp in (tfmeta.warp.WarpConv2D, tfmeta.warp.WarpDense, tfmeta.warp.WarpScale, tfmeta.warp.WarpConvBlock,
@@ -24,7 +24,8 @@ for _warp in (tfmeta.warp.WarpConv2D, tfmeta.warp.WarpDense, tfmeta.warp.WarpSca
     gin.external_configurable(_warp, module="tfmeta.warp")
 for _data in (tfmeta.data.omniglot_tasks, tfmeta.data.FewShotTasks, tfmeta.data.RandomAffine):
     gin.external_configurable(_data, module="tfmeta.data")
-gin.external_configurable(tfmeta.tasks.SineTasks, module="tfmeta.tasks")
+for _tasks in (tfmeta.tasks.SineTasks, tfmeta.tasks.SurfaceTasks, tfmeta.tasks.surface_loss):
+    gin.external_configurable(_tasks, module="tfmeta.tasks")
 for _optimizer in (keras.optimizers.Adam, keras.optimizers.AdamW, keras.optimizers.SGD, keras.optimizers.RMSprop):
     gin.external_configurable(_optimizer, module="keras.optimizers")
 for _schedule in (keras.optimizers.schedules.CosineDecay, keras.optimizers.schedules.PolynomialDecay,

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import keras
 
-from tfmeta.layers import BatchNormalization, LinearTransform, PerStepBatchNormalization
+from tfmeta.layers import BatchNormalization, LinearTransform, Offset, PerStepBatchNormalization
 
 POOLINGS = {"max": keras.layers.MaxPooling2D, "average": keras.layers.AveragePooling2D}
 
@@ -102,3 +102,11 @@ def conv_net(
         return keras.Model(inputs, x, name=name)
     x = keras.layers.Flatten(dtype=dtype)(x)
     return keras.Model(inputs, keras.layers.Dense(outputs, dtype=dtype, name="head")(x), name=name)
+
+
+def point_model(dimensions: int = 2, dtype: Optional[str] = None, name: str = "point") -> keras.Model:
+    """A point in input space: `x -> x + b` with trainable `b` (the layer "offset"), zero at first. Fed the start
+    point, it makes optimisation problems (e.g. `tfmeta.tasks.SurfaceTasks`) into learners; warp it with
+    `tfmeta.warp.insert_warps(point_model(), ..., after="offset")`."""
+    inputs = keras.Input((dimensions,), dtype=dtype)
+    return keras.Model(inputs, Offset(dtype=dtype, name="offset")(inputs), name=name)

@@ -25,7 +25,7 @@ def main(argv):
     experiment = Experiment()
     meta_learner = experiment.restore(FLAGS.model_dir)
     curve = experiment.evaluate(meta_learner)
-    curve["meta_steps"] = int(meta_learner.optimizer.iterations)
+    curve["meta_steps"] = int(meta_learner.meta_step())
     with open(os.path.join(FLAGS.model_dir, "eval.json"), "w") as f:
         json.dump(curve, f)
     plotting.plot_adaptation_curve(curve, os.path.join(FLAGS.model_dir, "eval_curve.png"))

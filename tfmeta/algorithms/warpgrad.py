@@ -189,7 +189,10 @@ class WarpGrad(MetaLearner):
         if self.task_parallelism == "unrolled":
             grads = [one_point(tf.constant(i)) for i in indices]
             return [tf.add_n(g) / len(indices) for g in zip(*grads)]
-        grads = tf.map_fn(one_point, tf.convert_to_tensor(indices), fn_output_signature=_spec(self.warp_variables))
+        if self.task_parallelism == "vectorized_map":
+            grads = tf.vectorized_map(one_point, tf.convert_to_tensor(indices))
+        else:
+            grads = tf.map_fn(one_point, tf.convert_to_tensor(indices), fn_output_signature=_spec(self.warp_variables))
         return [tf.reduce_mean(g, axis=0) for g in grads]
 
     # -------------------------------------------------------------------------------------------- training

@@ -6,11 +6,12 @@ adapted by an inner loop: `tfmeta.Partition` keeps their variables slow.
 
 from tfmeta.layers.batch_norm import BatchNormalization, exact_batch_norm, inexact_batch_norms, warn_inexact_batch_norm
 from tfmeta.layers.per_step_batch_norm import PerStepBatchNormalization
-from tfmeta.layers.transforms import LinearTransform
+from tfmeta.layers.transforms import LinearTransform, Offset
 
 __all__ = [
     "BatchNormalization",
     "LinearTransform",
+    "Offset",
     "PerStepBatchNormalization",
     "exact_batch_norm",
     "inexact_batch_norms",

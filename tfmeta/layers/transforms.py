@@ -21,3 +21,15 @@ class LinearTransform(keras.layers.Layer):
 
     def call(self, inputs):
         return keras.ops.matmul(inputs, keras.ops.cast(self.kernel, inputs.dtype))
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+class Offset(keras.layers.Layer):
+    """`y = x + b` with a trainable vector `b` (zeros at first): makes a point in input space a model whose
+    parameters are the point's displacement, e.g. for optimisation tasks on synthetic loss surfaces."""
+
+    def build(self, input_shape):
+        self.offset = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="offset")
+
+    def call(self, inputs):
+        return inputs + keras.ops.cast(self.offset, inputs.dtype)

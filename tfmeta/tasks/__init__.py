@@ -2,5 +2,6 @@
 
 from tfmeta.tasks.base import TaskDistribution
 from tfmeta.tasks.sine import SineTasks
+from tfmeta.tasks.surfaces import SurfaceTasks, surface_loss
 
-__all__ = ["SineTasks", "TaskDistribution"]
+__all__ = ["SineTasks", "SurfaceTasks", "TaskDistribution", "surface_loss"]

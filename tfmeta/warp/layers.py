@@ -143,16 +143,19 @@ class WarpConvBlock(WarpLayer):
 
 @keras.saving.register_keras_serializable(package="tfmeta")
 class ResidualWarp(WarpLayer):
-    """A residual warp block `y = x + f(x)`: `f` has `depth` (1 or 2) dense layers, or 3x3 convolutions on
-    feature maps, with `activation` after each (the paper's ablation uses 1- and 2-layer blocks; its continual
-    sine learner `ResidualWarp(depth=2, units=100, activation="tanh")`). `units` is the hidden width of a
-    2-layer block (default: the input's)."""
+    """A residual warp block `y = x + f(x)`: `f` is `activation(W x + b)` (depth 1) or
+    `W2 activation(W1 x + b1) + b2` (depth 2), with dense layers, or 3x3 convolutions on feature maps (the
+    paper's ablation uses 1- and 2-layer blocks; its continual sine learner
+    `ResidualWarp(depth=2, units=100, activation="tanh")`). `units` is the hidden width of a 2-layer block
+    (default: the input's). `identity_init` zero-initialises the last layer, so that the block starts as the
+    identity (for activations with f(0) = 0)."""
 
-    def __init__(self, depth: int = 2, units: Optional[int] = None, activation: str = "tanh", **kwargs):
+    def __init__(self, depth: int = 2, units: Optional[int] = None, activation: str = "tanh",
+                 identity_init: bool = True, **kwargs):
         super().__init__(**kwargs)
         if depth not in (1, 2):
             raise ValueError(f"ResidualWarp `depth` must be 1 or 2; got {depth!r}.")
-        self.depth, self.units, self.activation = depth, units, activation
+        self.depth, self.units, self.activation, self.identity_init = depth, units, activation, identity_init
 
     def build(self, input_shape):
         width = _check_width(self, "input", None, input_shape)
@@ -164,9 +167,13 @@ class ResidualWarp(WarpLayer):
         convolutional = len(input_shape) == 4
         self.blocks = []
         for i, units in enumerate(widths):
-            layer = (keras.layers.Conv2D(units, 3, padding="same", activation=self.activation, name=f"layer_{i}",
-                                         dtype=self.dtype_policy) if convolutional else
-                     keras.layers.Dense(units, activation=self.activation, name=f"layer_{i}", dtype=self.dtype_policy))
+            activation = self.activation if i == 0 else None
+            last = i == len(widths) - 1
+            initializer = "zeros" if last and self.identity_init else "glorot_uniform"
+            options = dict(activation=activation, kernel_initializer=initializer, name=f"layer_{i}",
+                           dtype=self.dtype_policy)
+            layer = (keras.layers.Conv2D(units, 3, padding="same", **options) if convolutional else
+                     keras.layers.Dense(units, **options))
             layer.build(input_shape[:-1] + (input_shape[-1] if i == 0 else widths[i - 1],))
             self.blocks.append(layer)
 
@@ -177,7 +184,8 @@ class ResidualWarp(WarpLayer):
         return inputs + outputs
 
     def get_config(self):
-        return {**super().get_config(), "depth": self.depth, "units": self.units, "activation": self.activation}
+        return {**super().get_config(), "depth": self.depth, "units": self.units, "activation": self.activation,
+                "identity_init": self.identity_init}
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")
