@@ -278,3 +278,67 @@ def test_bad_input_raises_clear_errors():
     meta.compile(optimizer=keras.optimizers.SGD(0.1))
     with pytest.raises(ValueError, match=r"`warp_batch_size` \(7\) is larger than the buffer of 6"):
         meta.train_on_batch(random_episodes(tasks=3))
+
+
+def test_continual_sine_streams_visit_their_intervals_in_order():
+    tasks = tfmeta.tasks.ContinualSineTasks(sub_tasks=5, steps_per_sub_task=3, batch_size=2, query_size=4)
+    episodes = tasks.sample(tf.constant([1, 2], tf.int64), 3)
+    assert episodes["support_x"].shape == (3, 15, 2, 1) and episodes["query_x"].shape == (3, 5, 4, 1)
+    interval = lambda x: np.floor((np.array(x) + 5) / 2).astype(int)  # noqa: E731
+    np.testing.assert_array_equal(interval(episodes["support_x"])[..., 0], np.repeat(np.arange(5), 3)[None, :, None]
+                                  * np.ones((3, 1, 2), int))
+    np.testing.assert_array_equal(interval(episodes["query_x"])[..., 0],
+                                  np.arange(5)[None, :, None] * np.ones((3, 1, 4)))
+    shuffled = tfmeta.tasks.ContinualSineTasks(order="random").sample(tf.constant([1, 2], tf.int64), 8)
+    orders = interval(shuffled["query_x"])[:, :, 0, 0]
+    assert all(sorted(o) == list(range(5)) for o in orders) and len({tuple(o) for o in orders}) > 1
+
+
+def continual_learner():
+    return warp.insert_warps(small_mlp(hidden=(8, 8)), lambda layer: warp.ResidualWarp(
+        units=6, identity_init=False, dtype="float64", name=f"warp_{layer.name}"), after="hidden_*")
+
+
+def continual_episodes(tasks=2, sub_tasks=3, steps=2, batch=3, points=4):
+    rng = np.random.default_rng(0)
+    return {"support_x": rng.normal(size=(tasks, sub_tasks * steps, batch, 2)),
+            "support_y": rng.normal(size=(tasks, sub_tasks * steps, batch, 1)),
+            "query_x": rng.normal(size=(tasks, sub_tasks, points, 2)),
+            "query_y": rng.normal(size=(tasks, sub_tasks, points, 1))}
+
+
+def test_continual_meta_objective_averages_current_and_previous_sub_tasks():
+    meta = tfmeta.ContinualWarpGrad(continual_learner(), update_rule=tfmeta.Sgd(0.1))
+    episode = {k: tf.constant(v[0]) for k, v in continual_episodes().items()}
+    fast, slow = meta.read_params()
+    for sub_task in range(3):
+        mean, losses = meta._meta_loss(fast, slow, [], episode, tf.constant(sub_task))
+        np.testing.assert_allclose(float(mean), np.mean(np.array(losses)[:sub_task + 1]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("interval, updates", [(6, 1), (4, 2), (1, 6)])
+def test_continual_warp_updates_every_interval_and_streams_learn(interval, updates):
+    meta = tfmeta.ContinualWarpGrad(continual_learner(), update_rule=tfmeta.Sgd(0.1), warp_interval=interval)
+    meta.compile(optimizer=keras.optimizers.SGD(0.01))
+    warps, fast = list(meta.warp_variables), list(meta._fast_variables)
+    before, fast_before = values(warps), values(fast)
+    logs = meta.train_on_batch(continual_episodes(), return_dict=True)
+    assert np.isfinite(logs["loss"]) and int(meta.optimizer.iterations) == updates and int(meta.meta_step()) == 1
+    assert all(not np.array_equal(a, b) for a, b in zip(values(warps), before))
+    assert_same(values(fast), fast_before)  # the initialisation stays fixed
+    curve = meta.stream_losses(continual_episodes())
+    assert curve.shape == (2, 7, 3)
+    episode = {k: tf.constant(v[0]) for k, v in continual_episodes().items()}
+    _, losses = meta._meta_loss(*meta.read_params(), [], episode, tf.constant(0))
+    np.testing.assert_allclose(np.array(curve[0, 0]), np.array(losses), rtol=1e-10)
+
+
+def test_continual_errors():
+    with pytest.raises(ValueError, match="fixed initialisation"):
+        tfmeta.ContinualWarpGrad(continual_learner(), init_objective="leap")
+    with pytest.raises(ValueError, match="stateless update rule"):
+        tfmeta.ContinualWarpGrad(continual_learner(), update_rule=tfmeta.InnerAdam())
+    meta = tfmeta.ContinualWarpGrad(continual_learner())
+    with pytest.raises(ValueError, match="must be a known multiple"):
+        meta.check_episodes(continual_episodes(sub_tasks=3, steps=2) | {"query_x": np.zeros((2, 4, 4, 2)),
+                                                                        "query_y": np.zeros((2, 4, 4, 1))})

@@ -11,7 +11,7 @@ import tfmeta
 from tfmeta import experiment  # noqa: F401  (registers Experiment)
 
 for _cls in (
-    tfmeta.MAML, tfmeta.Reptile, tfmeta.IMAML, tfmeta.WarpGrad, tfmeta.Leap, tfmeta.Partition,
+    tfmeta.MAML, tfmeta.Reptile, tfmeta.IMAML, tfmeta.WarpGrad, tfmeta.Leap, tfmeta.ContinualWarpGrad, tfmeta.Partition,
     tfmeta.Sgd, tfmeta.InnerAdam, tfmeta.ClipByGlobalNorm, tfmeta.Chain, tfmeta.MetaSGD, tfmeta.LSLR,
     tfmeta.MetaCurvature, tfmeta.MTNetMask, tfmeta.PrototypicalNetwork, tfmeta.MatchingNetwork, tfmeta.RelationNetwork,
 ):
@@ -24,7 +24,8 @@ for _warp in (tfmeta.warp.WarpConv2D, tfmeta.warp.WarpDense, tfmeta.warp.WarpSca
     gin.external_configurable(_warp, module="tfmeta.warp")
 for _data in (tfmeta.data.omniglot_tasks, tfmeta.data.FewShotTasks, tfmeta.data.RandomAffine):
     gin.external_configurable(_data, module="tfmeta.data")
-for _tasks in (tfmeta.tasks.SineTasks, tfmeta.tasks.SurfaceTasks, tfmeta.tasks.surface_loss):
+for _tasks in (tfmeta.tasks.SineTasks, tfmeta.tasks.SurfaceTasks, tfmeta.tasks.surface_loss,
+               tfmeta.tasks.ContinualSineTasks):
     gin.external_configurable(_tasks, module="tfmeta.tasks")
 for _optimizer in (keras.optimizers.Adam, keras.optimizers.AdamW, keras.optimizers.SGD, keras.optimizers.RMSprop):
     gin.external_configurable(_optimizer, module="keras.optimizers")

@@ -5,9 +5,10 @@ Meta-Curvature, MT-Nets, ANIL, BOIL, T-Nets) are MAML with an update rule (`tfme
 `tfmeta.Partition` or a layer (`tfmeta.layers`); `gin_configs/` holds one config per method.
 """
 
+from tfmeta.algorithms.continual import ContinualWarpGrad
 from tfmeta.algorithms.imaml import IMAML
 from tfmeta.algorithms.maml import MAML
 from tfmeta.algorithms.reptile import Reptile
 from tfmeta.algorithms.warpgrad import Leap, WarpGrad
 
-__all__ = ["IMAML", "MAML", "Leap", "Reptile", "WarpGrad"]
+__all__ = ["ContinualWarpGrad", "IMAML", "MAML", "Leap", "Reptile", "WarpGrad"]

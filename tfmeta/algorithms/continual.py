@@ -1,0 +1,171 @@
+"""Continual WarpGrad (Flennerhag et al., 2020, Algorithm 3): warps meta-learned on streams of sub-tasks."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from tfmeta.algorithms.warpgrad import WarpGrad
+from tfmeta.meta_learner import _spec
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+class ContinualWarpGrad(WarpGrad):
+    """WarpGrad on streams (e.g. `tfmeta.tasks.ContinualSineTasks`): each task is a sequence of sub-tasks seen
+    one after another, one batch per inner step; the warps learn to make such learning not forget.
+
+    At stream step s, in sub-task j(s), the task learner takes a step of the update rule on the step's batch
+    and the warp objective is the meta loss after that step, the mean query loss over sub-tasks 0..j(s) (the
+    current one and all previous ones). Warp meta-gradients are accumulated over the tasks of a meta-batch,
+    which run side by side, and applied every `warp_interval` stream steps (Algorithm 3's continual
+    meta-training), so later steps of a stream already see the updated warps. The task parameters start
+    every stream from the learner's (fixed) initialisation; update rules must be stateless (e.g. `Sgd`).
+
+    Episodes: `support_x`/`support_y` [tasks, steps, batch, ...], `query_x`/`query_y` [tasks, sub_tasks, points,
+    ...], with `steps` a multiple of `sub_tasks`.
+
+    Args:
+      warp_interval: stream steps between warp updates.
+      **kwargs: see `WarpGrad` (objective, update_rule, ...); the initialisation is not meta-learned.
+    """
+
+    def __init__(self, learner: keras.Model, warp_interval: int = 20, **kwargs):
+        kwargs.setdefault("init_objective", "none")
+        if kwargs["init_objective"] != "none":
+            raise ValueError(f"ContinualWarpGrad keeps a fixed initialisation: `init_objective` must be 'none'; "
+                             f"got {kwargs['init_objective']!r}.")
+        kwargs.setdefault("inner_steps", 1)
+        super().__init__(learner, **kwargs)
+        if isinstance(warp_interval, bool) or not isinstance(warp_interval, int) or warp_interval < 1:
+            raise ValueError(f"`warp_interval` must be a positive integer; got {warp_interval!r}.")
+        if tf.nest.flatten(self.update_rule.init_state([tf.convert_to_tensor(v) for v in self._fast_variables],
+                                                       training=False)):
+            raise ValueError(f"ContinualWarpGrad needs a stateless update rule; '{self.update_rule.name}' keeps "
+                             "per-task state.")
+        self.warp_interval = warp_interval
+
+    def check_episodes(self, episodes: dict) -> dict:
+        e = {k: tf.convert_to_tensor(episodes[k]) for k in ("support_x", "support_y", "query_x", "query_y")}
+        sx, qx = e["support_x"].shape, e["query_x"].shape
+        if sx.rank is None or sx.rank < 4 or qx.rank is None or qx.rank < 4:
+            raise ValueError(f"continual episodes need support_x [tasks, steps, batch, features...] and query_x "
+                             f"[tasks, sub_tasks, points, features...]; got {tuple(sx)} and {tuple(qx)}.")
+        if sx[1] is None or qx[1] is None or sx[1] % qx[1]:
+            raise ValueError(f"the stream's steps ({sx[1]}) must be a known multiple of its sub-tasks ({qx[1]}).")
+        return e
+
+    # -------------------------------------------------------------------------------------------- streams
+
+    def _meta_loss(self, params, slow, state, episode, sub_task):
+        """The mean query loss over sub-tasks 0..`sub_task` (a tensor), and each sub-task's loss."""
+        sub_tasks = episode["query_x"].shape[0]
+        losses = tf.stack([
+            self.loss_value(episode["query_y"][j], self.forward(params, slow, state, episode["query_x"][j],
+                                                                training=True)[0])
+            for j in range(sub_tasks)])
+        weights = tf.cast(tf.range(sub_tasks) <= sub_task, losses.dtype)
+        return tf.reduce_sum(weights * losses) / tf.reduce_sum(weights), losses
+
+    def _stream_step(self, theta, episode, step, state):
+        """One stream step of one task: the warp gradients and the next task parameters."""
+        steps_per_sub_task = episode["support_x"].shape[0] // episode["query_x"].shape[0]
+        with tf.GradientTape() as tape:
+            _, slow = self.read_params()
+            with tf.GradientTape(watch_accessed_variables=False) as inner:
+                inner.watch(theta)
+                x, y = tf.gather(episode["support_x"], step), tf.gather(episode["support_y"], step)
+                task_loss = self.loss_value(y, self.forward(theta, slow, state, x, training=True)[0])
+            grads = inner.gradient(task_loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            updates, _ = self.update_rule.update(grads, (), theta, step)
+            if self.objective == "approximate":
+                updates = [tf.stop_gradient(u) for u in updates]
+            adapted = [p + u for p, u in zip(theta, updates)]
+            meta_loss, _ = self._meta_loss(adapted, slow, state, episode, step // steps_per_sub_task)
+        warp_grads = tape.gradient(meta_loss, self.warp_variables)
+        warp_grads = [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(warp_grads, self.warp_variables)]
+        return warp_grads, [tf.stop_gradient(p) for p in adapted]
+
+    def _map(self, fn, elems, signature):
+        if self.task_parallelism == "vectorized_map":
+            return tf.vectorized_map(lambda args: fn(*args), elems)
+        return tf.map_fn(lambda args: fn(*args), elems, fn_output_signature=signature)
+
+    def train_step(self, data):
+        episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        episodes = self.check_episodes(episodes)
+        if not self.optimizer.built:
+            self.optimizer.build(self.meta_variables)
+        steps = episodes["support_x"].shape[1]
+        tasks = tf.shape(episodes["support_x"])[0]
+        state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+        theta = [tf.repeat(tf.convert_to_tensor(v)[None], tasks, axis=0) for v in self._fast_variables]
+        signature = (_spec(self.warp_variables), _spec(self._fast_variables))
+        for start in range(0, steps, self.warp_interval):  # Algorithm 3: a warp update every `warp_interval` steps
+            end = min(start + self.warp_interval, steps)
+
+            def body(step, theta, total):
+                grads, theta = self._map(lambda th, ep: self._stream_step(th, ep, step, state), (theta, episodes),
+                                         signature)
+                return step + 1, theta, [t + tf.reduce_mean(g, axis=0) for t, g in zip(total, grads)]
+
+            zeros = [tf.zeros(v.shape, v.dtype) for v in self.warp_variables]
+            _, theta, total = tf.while_loop(lambda step, *_, end=end: step < end, body,
+                                            (tf.constant(start), theta, zeros))
+            self.optimizer.apply([t / (end - start) for t in total], self.warp_variables)
+        self.meta_steps.assign_add(1)
+        _, slow = self.read_params()
+        final = self._map(lambda th, ep: self._meta_loss(th, slow, state, ep, ep["query_x"].shape[0])[0],
+                          (theta, episodes), tf.TensorSpec([], self._log_dtype))
+        return self._update_trackers({"loss": tf.reduce_mean(final)})
+
+    def train_log_names(self) -> list[str]:
+        return ["loss"]
+
+    # ---------------------------------------------------------------------------------------- evaluation
+
+    def stream_losses(self, episodes: dict) -> tf.Tensor:
+        """Learns each task's stream with the current warps (no meta-updates) and returns the query loss of every
+        sub-task before the stream and after each step: shape [tasks, steps + 1, sub_tasks]."""
+        episodes = self.check_episodes(episodes)
+        steps, sub_tasks = episodes["support_x"].shape[1], episodes["query_x"].shape[1]
+        state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+
+        def one_task(episode):
+            fast, slow = self.read_params()
+
+            def losses(params):
+                return tf.stack([self.loss_value(episode["query_y"][j], self.forward(
+                    params, slow, state, episode["query_x"][j], training=False)[0]) for j in range(sub_tasks)])
+
+            def body(step, params, curve):
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
+                    tape.watch(params)
+                    x, y = tf.gather(episode["support_x"], step), tf.gather(episode["support_y"], step)
+                    loss = self.loss_value(y, self.forward(params, slow, state, x, training=False)[0])
+                grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                updates, _ = self.update_rule.update(grads, (), params, step)
+                params = [p + u for p, u in zip(params, updates)]
+                return step + 1, params, curve.write(step + 1, losses(params))
+
+            curve = tf.TensorArray(self._log_dtype, size=steps + 1).write(0, losses(fast))
+            _, _, curve = tf.while_loop(lambda step, *_: step < steps, body, (tf.constant(0), fast, curve))
+            return curve.stack()
+
+        return tf.map_fn(one_task, episodes, fn_output_signature=tf.TensorSpec([steps + 1, sub_tasks],
+                                                                               self._log_dtype))
+
+    def evaluate_tasks(self, episodes: dict, steps: Optional[int] = None,
+                       at_steps: Optional[Sequence[int]] = None) -> dict:
+        """The mean query loss over all sub-tasks before the stream and after it (or after each of `at_steps`
+        stream steps), per task; `steps` must be None or the stream's length."""
+        curve = self.stream_losses(episodes)
+        length = curve.shape[1] - 1
+        if steps is not None and steps != length:
+            raise ValueError(f"continual evaluation runs the whole stream of {length} steps; got steps={steps}.")
+        at_steps = (0, length) if at_steps is None else tuple(at_steps)
+        return {"loss": tf.gather(tf.reduce_mean(curve, axis=2), list(at_steps), axis=1)}
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "warp_interval": self.warp_interval}
