@@ -104,9 +104,17 @@ def conv_net(
     return keras.Model(inputs, keras.layers.Dense(outputs, dtype=dtype, name="head")(x), name=name)
 
 
-def point_model(dimensions: int = 2, dtype: Optional[str] = None, name: str = "point") -> keras.Model:
-    """A point in input space: `x -> x + b` with trainable `b` (the layer "offset"), zero at first. Fed the start
-    point, it makes optimisation problems (e.g. `tfmeta.tasks.SurfaceTasks`) into learners; warp it with
-    `tfmeta.warp.insert_warps(point_model(), ..., after="offset")`."""
+def point_model(dimensions: int = 2, warp: Optional[keras.layers.Layer] = None, dtype: Optional[str] = None,
+                name: str = "point") -> keras.Model:
+    """A point in input space as a learner: fed the start x0, it returns `x0 + b` with trainable `b` (the layer
+    "offset", zero at first), so gradient descent on its parameters moves the point (e.g. on
+    `tfmeta.tasks.SurfaceTasks`).
+
+    With a `warp` layer ω (meta-only), it returns `x0 + ω(x0 + b) − ω(x0)`: gradient descent on `b` is then
+    warped by ω's Jacobian at the current point, while every task still starts at x0 (ω cannot move the start).
+    """
     inputs = keras.Input((dimensions,), dtype=dtype)
-    return keras.Model(inputs, Offset(dtype=dtype, name="offset")(inputs), name=name)
+    point = Offset(dtype=dtype, name="offset")(inputs)
+    if warp is not None:
+        point = keras.layers.Add(dtype=dtype)([inputs, keras.layers.Subtract(dtype=dtype)([warp(point), warp(inputs)])])
+    return keras.Model(inputs, point, name=name)
