@@ -50,6 +50,7 @@ LEARNERS = {
     "fomaml_5w1s.gin": ["Experiment.eval_steps = 5"],
     "metasgd_5w1s.gin": ["Experiment.eval_steps = 5"],
     "anil_5w1s.gin": ["Experiment.eval_steps = 5"],
+    "warp_maml_5w1s.gin": ["Experiment.eval_steps = 5"],
     "reptile_5w1s.gin": ["Experiment.eval_steps = 10", "Reptile.inner_steps = 3", "InnerAdam.learning_rate = 0.01"],
     "protonet_5w1s.gin": ["train/omniglot_tasks.ways = 10"],
     "matching_5w1s.gin": [],

@@ -1,6 +1,8 @@
 """WarpGrad and Leap: warp layers, the warp objectives (by hand and finite differences), Leap's meta-gradient,
 the offline buffer, partitions and errors (float64 where values are compared)."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ from conftest import classification_episodes, random_episodes, values
 import tfmeta
 from tfmeta import warp
 from tfmeta.algorithms.warpgrad import leap_gradient
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_mlp(hidden=(6, 5)):
@@ -342,3 +346,44 @@ def test_continual_errors():
     with pytest.raises(ValueError, match="must be a known multiple"):
         meta.check_episodes(continual_episodes(sub_tasks=3, steps=2) | {"query_x": np.zeros((2, 4, 4, 2)),
                                                                         "query_y": np.zeros((2, 4, 4, 1))})
+
+
+CONFIGS = {
+    "surfaces.gin": ["WarpGrad.inner_steps = 5", "Experiment.eval_steps = 5", "Experiment.eval_num_tasks = 20",
+                     "Experiment.eval_batch_size = 10", "Experiment.meta_batch_size = 2",
+                     "train/SurfaceTasks.starts_per_surface = 2", "WarpGrad.task_parallelism = 'map_fn'"],
+    "continual_sine.gin": ["mlp.hidden_units = (16, 16)", "ResidualWarp.units = 8",
+                           "ContinualSineTasks.steps_per_sub_task = 2", "ContinualWarpGrad.warp_interval = 4",
+                           "Experiment.eval_steps = 10", "Experiment.eval_num_tasks = 4",
+                           "Experiment.eval_batch_size = 2"],
+}
+
+
+def warp_experiment(config, *bindings):
+    import gin
+
+    import tfmeta.configurables  # noqa: F401
+    from tfmeta.experiment import Experiment
+
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(
+        [os.path.join(REPO, "gin_configs", "warpgrad", config)],
+        ["Experiment.steps_per_epoch = 1", "Experiment.verbose = 0", *CONFIGS[config], *bindings])
+    return Experiment()
+
+
+def test_surfaces_config_resumes_exactly(tmp_path):
+    """Two meta-steps, killed and resumed for two more, end where four uninterrupted ones do."""
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    warp_experiment("surfaces.gin", "Experiment.num_steps = 2").train(str(resumed))
+    results = warp_experiment("surfaces.gin", "Experiment.num_steps = 4").train(str(resumed))
+    assert results["meta_steps"] == 4 and np.isfinite(results["train"]["loss"])
+    warp_experiment("surfaces.gin", "Experiment.num_steps = 4").train(str(straight))
+    exp = warp_experiment("surfaces.gin", "Experiment.num_steps = 4")
+    assert_same(values(exp.restore(str(resumed)).variables), values(exp.restore(str(straight)).variables))
+
+
+def test_continual_config_trains(tmp_path):
+    results = warp_experiment("continual_sine.gin", "Experiment.num_steps = 2").train(str(tmp_path))
+    assert results["meta_steps"] == 2 and np.isfinite(results["train"]["loss"])
+    assert results["eval"]["steps"] == list(range(11))

@@ -119,7 +119,9 @@ class Experiment:
         return meta_learner
 
     def checkpoints(self, meta_learner: EpisodicLearner, model_dir: str) -> tf.train.CheckpointManager:
-        checkpoint = tf.train.Checkpoint(meta_learner=meta_learner, optimizer=meta_learner.optimizer)
+        # The meta-learner's per-task seed stream (MT-Net masks, WarpGrad's buffer order) is not a Keras weight.
+        seeds = {"task_seeds": meta_learner.task_seeds.state} if hasattr(meta_learner, "task_seeds") else {}
+        checkpoint = tf.train.Checkpoint(meta_learner=meta_learner, optimizer=meta_learner.optimizer, **seeds)
         return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=3)
 
     def train(self, model_dir: str) -> dict:

@@ -20,7 +20,8 @@ import runs  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 METHODS = {"MAML": "maml", "first-order MAML": "fomaml", "Reptile": "reptile", "Meta-SGD": "metasgd",
-           "ANIL": "anil", "ProtoNets": "protonet", "Matching": "matching", "Relation": "relation"}
+           "ANIL": "anil", "ProtoNets": "protonet", "Matching": "matching", "Relation": "relation",
+           "Warp-MAML": "warp_maml"}
 SETTINGS = ("5w1s", "5w5s", "20w1s")
 # The CPU schedule: fewer meta-steps and smaller meta-batches than the papers (per method family), so that a
 # run takes 10-50 minutes on two cores (the papers' schedules take 3-340 hours there: docs/performance.md).
@@ -32,6 +33,7 @@ SCHEDULES = {
                "ExponentialDecay.decay_steps = 500"],
 }
 FAMILY = {"maml": "gradient", "fomaml": "gradient", "metasgd": "gradient", "anil": "gradient", "reptile": "reptile",
+          "warp_maml": "gradient",
           "protonet": "metric", "matching": "metric", "relation": "metric"}
 
 flags.DEFINE_string("out_dir", "runs/omniglot_results", "Where the runs go.")
