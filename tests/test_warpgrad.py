@@ -387,3 +387,32 @@ def test_continual_config_trains(tmp_path):
     results = warp_experiment("continual_sine.gin", "Experiment.num_steps = 2").train(str(tmp_path))
     assert results["meta_steps"] == 2 and np.isfinite(results["train"]["loss"])
     assert results["eval"]["steps"] == list(range(11))
+
+
+def warp_rnn(units=5):
+    inputs = keras.Input((4, 2), dtype="float64")
+    h = keras.layers.RNN(warp.WarpRNNCell(units, meta_units=3, dtype="float64"), dtype="float64", name="rnn")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(1, dtype="float64", name="head")(h))
+
+
+def test_warp_rnn_starts_as_a_simple_rnn_and_keeps_its_meta_lstm_slow():
+    model = warp_rnn()
+    cell = model.get_layer("rnn").cell
+    plain = keras.layers.SimpleRNN(5, dtype="float64")
+    x = np.random.default_rng(0).normal(size=(3, 4, 2))
+    plain(x)
+    plain.set_weights([np.array(cell.kernel), np.array(cell.recurrent_kernel), np.array(cell.bias)])
+    np.testing.assert_allclose(model.get_layer("rnn")(x), plain(x), rtol=1e-12)
+    mask = dict(zip([v.path for v in model.trainable_variables], tfmeta.Partition().mask(model)))
+    assert [p for p, fast in mask.items() if not fast] == [v.path for v in cell.slow_weights]
+    episodes = {"support_x": np.random.default_rng(1).normal(size=(2, 6, 4, 2)),
+                "support_y": np.random.default_rng(2).normal(size=(2, 6, 1)),
+                "query_x": np.random.default_rng(3).normal(size=(2, 6, 4, 2)),
+                "query_y": np.random.default_rng(4).normal(size=(2, 6, 1))}
+    meta = tfmeta.WarpGrad(model, update_rule=tfmeta.Sgd(0.1), inner_steps=2)
+    meta.compile(optimizer=keras.optimizers.SGD(0.1))
+    before = values(cell.slow_weights)
+    assert np.isfinite(meta.train_on_batch(episodes, return_dict=True)["loss"])
+    assert not np.array_equal(values(cell.slow_weights)[-1], before[-1])  # the projection learns
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(cell))
+    assert clone.get_config() == cell.get_config()

@@ -20,7 +20,7 @@ for _fn in (tfmeta.models.mlp, tfmeta.models.conv_net, tfmeta.models.point_model
     gin.external_configurable(_fn, module="tfmeta.models")
 gin.external_configurable(tfmeta.metric.relation_module, module="tfmeta.metric")
 for _warp in (tfmeta.warp.WarpConv2D, tfmeta.warp.WarpDense, tfmeta.warp.WarpScale, tfmeta.warp.WarpConvBlock,
-              tfmeta.warp.ResidualWarp, tfmeta.warp.FiLM):
+              tfmeta.warp.ResidualWarp, tfmeta.warp.FiLM, tfmeta.warp.WarpRNNCell):
     gin.external_configurable(_warp, module="tfmeta.warp")
 for _data in (tfmeta.data.omniglot_tasks, tfmeta.data.FewShotTasks, tfmeta.data.RandomAffine):
     gin.external_configurable(_data, module="tfmeta.data")

@@ -2,7 +2,7 @@
 
 from tfmeta.warp.augment import insert_warps
 from tfmeta.warp.layers import (FiLM, ResidualWarp, WarpConv2D, WarpConvBlock, WarpDense, WarpLayer,
-                                WarpScale)
+                                WarpRNNCell, WarpScale)
 
-__all__ = ["FiLM", "ResidualWarp", "WarpConv2D", "WarpConvBlock", "WarpDense", "WarpLayer", "WarpScale",
+__all__ = ["FiLM", "ResidualWarp", "WarpConv2D", "WarpConvBlock", "WarpDense", "WarpLayer", "WarpRNNCell", "WarpScale",
            "insert_warps"]

@@ -228,3 +228,62 @@ class FiLM(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "embedding_dim": self.embedding_dim}
+
+
+@keras.saving.register_keras_serializable(package="tfmeta")
+class WarpRNNCell(keras.layers.Layer):
+    """A recurrent warp (the Warp-RNN of Flennerhag et al., 2020, Appendix I): a task RNN cell whose input,
+    recurrent and bias terms are modulated, step by step, by a meta-LSTM's hidden state.
+
+      meta-LSTM:  (a_t, c_t) = LSTM([x_t, h_{t-1}], (a_{t-1}, c_{t-1}))
+      modulations: (π_x, π_h, π_in, π_rec, π_b) = 1 + a_t P
+      task cell:  h_t = tanh(((x_t ⊙ π_x) W) ⊙ π_in + ((h_{t-1} ⊙ π_h) U) ⊙ π_rec + b ⊙ π_b)
+
+    W, U, b are task parameters (adapted in the inner loop); the meta-LSTM and the projection P are warp
+    parameters (`slow_weights`). P starts at zero, so the cell starts as `keras.layers.SimpleRNN`'s tanh cell.
+    Use it as `keras.layers.RNN(WarpRNNCell(units))`.
+    """
+
+    def __init__(self, units: int, meta_units: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        if units < 1 or (meta_units is not None and meta_units < 1):
+            raise ValueError(f"WarpRNNCell needs positive `units` and `meta_units`; got {units!r}, {meta_units!r}.")
+        self.units, self.meta_units = units, meta_units or units
+        self.state_size = [self.units, self.meta_units, self.meta_units]
+        self.output_size = self.units
+
+    def build(self, input_shape):
+        features, units, meta = input_shape[-1], self.units, self.meta_units
+        self.kernel = self.add_weight(shape=(features, units), initializer="glorot_uniform", name="kernel")
+        self.recurrent_kernel = self.add_weight(shape=(units, units), initializer="orthogonal",
+                                                name="recurrent_kernel")
+        self.bias = self.add_weight(shape=(units,), initializer="zeros", name="bias")
+        self.meta_kernel = self.add_weight(shape=(features + units, 4 * meta), initializer="glorot_uniform",
+                                           name="meta_kernel")
+        self.meta_recurrent_kernel = self.add_weight(shape=(meta, 4 * meta), initializer="orthogonal",
+                                                     name="meta_recurrent_kernel")
+        self.meta_bias = self.add_weight(shape=(4 * meta,), initializer="zeros", name="meta_bias")
+        self.projection = self.add_weight(shape=(meta, features + 4 * units), initializer="zeros", name="projection")
+
+    @property
+    def slow_weights(self) -> list:
+        return [self.meta_kernel, self.meta_recurrent_kernel, self.meta_bias, self.projection]
+
+    def call(self, inputs, states, training=None):
+        h, a, c = states
+        cast = lambda w: ops.cast(w, inputs.dtype)  # noqa: E731
+        gates = (ops.matmul(ops.concatenate([inputs, h], axis=-1), cast(self.meta_kernel))
+                 + ops.matmul(a, cast(self.meta_recurrent_kernel)) + cast(self.meta_bias))
+        i, f, g, o = ops.split(gates, 4, axis=-1)
+        c = ops.sigmoid(f) * c + ops.sigmoid(i) * ops.tanh(g)
+        a = ops.sigmoid(o) * ops.tanh(c)
+        modulation = 1.0 + ops.matmul(a, cast(self.projection))
+        features = inputs.shape[-1]
+        pi_x = modulation[:, :features]
+        pi_h, pi_in, pi_rec, pi_b = ops.split(modulation[:, features:], 4, axis=-1)
+        h = ops.tanh(ops.matmul(inputs * pi_x, cast(self.kernel)) * pi_in
+                     + ops.matmul(h * pi_h, cast(self.recurrent_kernel)) * pi_rec + cast(self.bias) * pi_b)
+        return h, [h, a, c]
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "meta_units": self.meta_units}
