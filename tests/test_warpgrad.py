@@ -416,3 +416,35 @@ def test_warp_rnn_starts_as_a_simple_rnn_and_keeps_its_meta_lstm_slow():
     assert not np.array_equal(values(cell.slow_weights)[-1], before[-1])  # the projection learns
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(cell))
     assert clone.get_config() == cell.get_config()
+
+
+def test_a_stream_of_support_batches_feeds_one_batch_per_inner_step():
+    """Step k of the inner loop uses batch k of the stream (cycling); a stream of copies of the support set is
+    the same as the support set."""
+    model = keras.Sequential([keras.Input((2,), dtype="float64"),
+                              keras.layers.Dense(1, use_bias=False, dtype="float64")])
+    w0 = np.array([[0.3], [-0.5]])
+    model.set_weights([w0])
+    meta = tfmeta.MAML(model, update_rule=tfmeta.Sgd(0.1), inner_steps=3)
+    rng = np.random.default_rng(0)
+    xs, ys = rng.normal(size=(2, 4, 2)), rng.normal(size=(2, 4, 1))
+    fast, slow = meta.read_params()
+    adaptation = meta.adapt_params(fast, slow, [], tf.constant(xs), tf.constant(ys), 3, training=True)
+    w = w0
+    for k in range(3):
+        x, y = xs[k % 2], ys[k % 2]
+        w = w - 0.1 * 2 * x.T @ (x @ w - y) / len(x)
+    np.testing.assert_allclose(np.array(adaptation.params[0]), w, rtol=1e-12)
+    episodes = random_episodes(tasks=2)
+    stream = dict(episodes, support_x=tf.stack([episodes["support_x"]] * 3, axis=1),
+                  support_y=tf.stack([episodes["support_y"]] * 3, axis=1))
+    learner = warp.insert_warps(small_mlp(), warp.WarpDense, after="hidden_*")
+    for meta in (tfmeta.MAML(learner, inner_steps=2), tfmeta.WarpGrad(learner, inner_steps=2)):
+        np.testing.assert_allclose(meta.evaluate_tasks(stream)["loss"], meta.evaluate_tasks(episodes)["loss"],
+                                   rtol=1e-12)
+    grads, _ = tfmeta.WarpGrad(learner, inner_steps=2).point_gradients(
+        {k: v[0] for k, v in stream.items()}, meta.read_params()[0], (), 1, [])
+    expected, _ = tfmeta.WarpGrad(learner, inner_steps=2).point_gradients(
+        {k: v[0] for k, v in episodes.items()}, meta.read_params()[0], (), 1, [])
+    for a, b in zip(grads, expected):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-12)

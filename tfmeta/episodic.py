@@ -158,6 +158,9 @@ class EpisodicLearner(keras.Model):
                     f"episodes['{split}_x'] and episodes['{split}_y'] disagree on [tasks, examples]: "
                     f"{tuple(x)} vs {tuple(y)}."
                 )
+        stream = sx.rank is not None and qx.rank is not None and sx.rank == qx.rank + 1
+        if stream:  # Support batches per inner step: [tasks, steps, batch, features...] (see MetaLearner.step_batch).
+            sx, sy = sx[:2].concatenate(sx[3:]), sy[:2].concatenate(sy[3:])
         if not sx[2:].is_compatible_with(qx[2:]):
             raise ValueError(
                 f"support and query features differ: episodes['support_x'] has shape {tuple(sx)}, "

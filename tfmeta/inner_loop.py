@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from tfmeta.update_rules import UpdateRule
 
-LossFn = Callable[[list, list], tuple[tf.Tensor, list]]
+LossFn = Callable[[list, list, int], tuple[tf.Tensor, list]]
 
 _context = threading.local()
 
@@ -68,7 +68,7 @@ def inner_loop(
     training: bool = True,
     seed: Optional[tf.Tensor] = None,
 ) -> Adaptation:
-    """Adapts `params` with `steps` steps of `rule` on `loss_fn(params, state) -> (loss, state)`.
+    """Adapts `params` with `steps` steps of `rule` on `loss_fn(params, state, step) -> (loss, state)`.
 
     The loop is unrolled in Python (`steps` is static), so an enclosing `tf.GradientTape` differentiates
     through every step: this gives MAML's second-order meta-gradient. With `first_order=True` the inner
@@ -85,7 +85,7 @@ def inner_loop(
     for step in range(steps):
         with tf.GradientTape(watch_accessed_variables=False) as tape, at_step(step):
             tape.watch(params)
-            loss, state = loss_fn(params, state)
+            loss, state = loss_fn(params, state, step)
         grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if first_order:
             grads = [tf.stop_gradient(g) for g in grads]

@@ -115,16 +115,32 @@ class MetaLearner(EpisodicLearner):
         self, fast, slow, state, x, y, steps: int, *, training: bool, first_order: bool = False,
         keep_trajectory: bool = False, seed: Optional[tf.Tensor] = None,
     ) -> Adaptation:
-        """Runs the inner loop from `fast` on the examples `(x, y)` of one task."""
+        """Runs the inner loop from `fast` on the examples `(x, y)` of one task: all of them at every step, or
+        batch k of a stream (see `step_batch`) at step k."""
 
-        def support_loss(params, state):
-            predictions, state = self.forward(params, slow, state, x, training=training)
-            return self.loss_value(y, predictions), state
+        def support_loss(params, state, step):
+            xs, ys = self.step_batch(x, y, step)
+            predictions, state = self.forward(params, slow, state, xs, training=training)
+            return self.loss_value(ys, predictions), state
 
         return inner_loop(
             support_loss, fast, state, self.update_rule, steps,
             first_order=first_order, keep_trajectory=keep_trajectory, training=training, seed=seed,
         )
+
+    def is_stream(self, x) -> bool:
+        """Whether a task's support inputs are a stream of batches [steps, batch, features...] (one per inner step,
+        e.g. the mini-batches of multi-shot adaptation) rather than one set [examples, features...]."""
+        inputs = getattr(self.learner, "inputs", None)
+        return bool(inputs) and x.shape.rank == len(inputs[0].shape) + 1
+
+    def step_batch(self, x, y, step):
+        """The support examples of inner step `step` (a Python int or an int tensor): all of `(x, y)`, or for a
+        stream its batch `step` (cycling when there are more steps than batches)."""
+        if not self.is_stream(x):
+            return x, y
+        index = step % tf.shape(x)[0]
+        return tf.gather(x, index), tf.gather(y, index)
 
     def task_gradients(self, episode: dict, state: list, seed: tf.Tensor) -> tuple[list, dict, list]:
         """For one task: the meta-gradient for each of `meta_variables`, the scalar logs named by

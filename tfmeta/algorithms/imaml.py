@@ -70,10 +70,11 @@ class IMAML(MetaLearner):
         anchor = [tf.stop_gradient(p) for p in fast]
         regularization = self.regularization
 
-        def regularized_loss(params, state):
-            predictions, state = self.forward(params, slow, state, x, training=training)
+        def regularized_loss(params, state, step):
+            xs, ys = self.step_batch(x, y, step)
+            predictions, state = self.forward(params, slow, state, xs, training=training)
             proximal = tf.add_n([tf.reduce_sum(tf.square(p - a)) for p, a in zip(params, anchor)])
-            return self.loss_value(y, predictions) + tf.cast(regularization / 2, proximal.dtype) * proximal, state
+            return self.loss_value(ys, predictions) + tf.cast(regularization / 2, proximal.dtype) * proximal, state
 
         return inner_loop(regularized_loss, fast, state, self.update_rule, steps, first_order=True,
                           keep_trajectory=keep_trajectory, training=training, seed=seed)

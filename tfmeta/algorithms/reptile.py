@@ -15,7 +15,8 @@ class Reptile(MetaLearner):
     The meta-gradient of a task is θ − φ_τ, so `keras.optimizers.SGD(ε)` performs Reptile's update
     θ ← θ + ε·mean_τ(φ_τ − θ), and any other Keras optimizer (e.g. Adam, as in the Reptile paper's
     experiments) can apply it instead. Reptile has no separate meta-objective: the inner loop trains on all of
-    a task's examples (support and query), and "loss" is their loss before the last inner step.
+    a task's examples (support and query; or, for a stream of support batches, on the stream), and "loss" is
+    their loss before the last inner step.
     Slow variables and learned update-rule parameters get zero meta-gradients.
     """
 
@@ -25,8 +26,10 @@ class Reptile(MetaLearner):
             raise ValueError(f"Reptile needs `inner_steps` >= 1; got {self.inner_steps}.")
 
     def task_gradients(self, episode, state, seed):
-        x = tf.concat([episode["support_x"], episode["query_x"]], axis=0)
-        y = tf.concat([episode["support_y"], episode["query_y"]], axis=0)
+        x, y = episode["support_x"], episode["support_y"]
+        if not self.is_stream(x):  # A stream of support batches is the task's training data as it is.
+            x = tf.concat([x, episode["query_x"]], axis=0)
+            y = tf.concat([y, episode["query_y"]], axis=0)
         fast, slow = self.read_params()
         adaptation = self.adapt_params(
             fast, slow, state, x, y, self.inner_steps, training=True, first_order=True, seed=seed

@@ -137,8 +137,9 @@ class WarpGrad(MetaLearner):
         elif self.init_objective == "reptile":
             init_grads = [a - b for a, b in zip(trajectory[0], trajectory[-1])]
         elif self.init_objective == "leap":
-            final, _ = self.forward(trajectory[-1], slow, adaptation.state, sx, training=True)
-            losses = [tf.stop_gradient(loss) for loss in adaptation.losses] + [self.loss_value(sy, final)]
+            x, y = self.step_batch(sx, sy, steps)
+            final, _ = self.forward(trajectory[-1], slow, adaptation.state, x, training=True)
+            losses = [tf.stop_gradient(loss) for loss in adaptation.losses] + [self.loss_value(y, final)]
             grads = [[tf.stop_gradient(g) for g in step_grads] for step_grads in adaptation.grads]
             init_grads = leap_gradient(trajectory, losses, grads, self.leap_norm, self.leap_loss_delta)
         else:
@@ -160,8 +161,8 @@ class WarpGrad(MetaLearner):
             _, slow = self.read_params()
             with tf.GradientTape(watch_accessed_variables=False) as inner:
                 inner.watch(theta)
-                predictions, _ = self.forward(theta, slow, state, episode["support_x"], training=True)
-                task_loss = self.loss_value(episode["support_y"], predictions)
+                x, y = self.step_batch(episode["support_x"], episode["support_y"], step)
+                task_loss = self.loss_value(y, self.forward(theta, slow, state, x, training=True)[0])
             grads = inner.gradient(task_loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             updates, _ = self.update_rule.update(grads, rule_state, theta, step)
             if self.objective == "approximate":
