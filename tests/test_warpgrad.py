@@ -208,7 +208,8 @@ def test_offline_buffer_visits_every_point_once_per_pass(parallelism):
 
 
 def test_online_warpgrad_trains_warps_and_the_initialisation():
-    learner = warp.insert_warps(small_mlp(), warp.ResidualWarp, after="hidden_*")
+    learner = warp.insert_warps(small_mlp(), lambda layer: warp.ResidualWarp(
+        identity_init=False, dtype="float64", name=f"warp_{layer.name}"), after="hidden_*")
     meta = tfmeta.WarpGrad(learner, update_rule=tfmeta.Sgd(0.1), inner_steps=2)
     meta.compile(optimizer=keras.optimizers.SGD(0.05))
     before = values(learner.trainable_variables)
