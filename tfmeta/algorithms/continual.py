@@ -71,21 +71,11 @@ class ContinualWarpGrad(WarpGrad):
     def _stream_step(self, theta, episode, step, state):
         """One stream step of one task: the warp gradients and the next task parameters."""
         steps_per_sub_task = episode["support_x"].shape[0] // episode["query_x"].shape[0]
-        with tf.GradientTape() as tape:
-            _, slow = self.read_params()
-            with tf.GradientTape(watch_accessed_variables=False) as inner:
-                inner.watch(theta)
-                x, y = tf.gather(episode["support_x"], step), tf.gather(episode["support_y"], step)
-                task_loss = self.loss_value(y, self.forward(theta, slow, state, x, training=True)[0])
-            grads = inner.gradient(task_loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            updates, _ = self.update_rule.update(grads, (), theta, step)
-            if self.objective == "approximate":
-                updates = [tf.stop_gradient(u) for u in updates]
-            adapted = [p + u for p, u in zip(theta, updates)]
-            meta_loss, _ = self._meta_loss(adapted, slow, state, episode, step // steps_per_sub_task)
-        warp_grads = tape.gradient(meta_loss, self.warp_variables)
-        warp_grads = [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(warp_grads, self.warp_variables)]
-        return warp_grads, [tf.stop_gradient(p) for p in adapted]
+        task_batch = (tf.gather(episode["support_x"], step), tf.gather(episode["support_y"], step))
+        grads, _, adapted = self.warp_step(
+            theta, (), step, state, task_batch,
+            lambda params, slow: self._meta_loss(params, slow, state, episode, step // steps_per_sub_task)[0])
+        return grads, [tf.stop_gradient(p) for p in adapted]
 
     def _map(self, fn, elems, signature):
         if self.task_parallelism == "vectorized_map":

@@ -157,22 +157,33 @@ class WarpGrad(MetaLearner):
     def point_gradients(self, episode: dict, theta: list, rule_state, step, state: list) -> tuple[list, tf.Tensor]:
         """The warp objective's gradient for `warp_variables` at one trajectory point: task parameters `theta`
         and update-rule state `rule_state` before inner step `step`; also returns the meta loss."""
+        qx, qy = episode["query_x"], episode["query_y"]
+        grads, meta_loss, _ = self.warp_step(
+            theta, rule_state, step, state, self.step_batch(episode["support_x"], episode["support_y"], step),
+            lambda adapted, slow: self.loss_value(qy, self.forward(adapted, slow, state, qx, training=True)[0]))
+        return grads, meta_loss
+
+    def warp_step(self, theta: list, rule_state, step, state: list, task_batch: tuple,
+                  meta_loss_fn) -> tuple[list, tf.Tensor, list]:
+        """One inner step from `theta` on `task_batch` = (x, y), then `meta_loss_fn(adapted, slow)`: returns the
+        meta loss's gradient for `warp_variables` (through the step for the full objective), the meta loss and
+        the adapted parameters."""
         with tf.GradientTape() as tape:
             _, slow = self.read_params()
             with tf.GradientTape(watch_accessed_variables=False) as inner:
                 inner.watch(theta)
-                x, y = self.step_batch(episode["support_x"], episode["support_y"], step)
+                x, y = task_batch
                 task_loss = self.loss_value(y, self.forward(theta, slow, state, x, training=True)[0])
             grads = inner.gradient(task_loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             updates, _ = self.update_rule.update(grads, rule_state, theta, step)
             if self.objective == "approximate":
                 updates = [tf.stop_gradient(u) for u in updates]
             adapted = [p + u for p, u in zip(theta, updates)]
-            predictions, _ = self.forward(adapted, slow, state, episode["query_x"], training=True)
-            meta_loss = self.loss_value(episode["query_y"], predictions)
+            meta_loss = meta_loss_fn(adapted, slow)
         grads = tape.gradient(meta_loss, self.warp_variables)
         # Not UnconnectedGradients.ZERO, which fails eagerly on Keras variables (their dtype is a string).
-        return [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, self.warp_variables)], meta_loss
+        grads = [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, self.warp_variables)]
+        return grads, meta_loss, adapted
 
     def _warp_gradients(self, episodes: dict, buffer: dict, indices, state: list, rule_template) -> list:
         """The mean warp-objective gradient over the buffer's points `indices` (point i: task i // K, step i % K)."""
