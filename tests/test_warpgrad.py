@@ -449,3 +449,13 @@ def test_a_stream_of_support_batches_feeds_one_batch_per_inner_step():
         {k: v[0] for k, v in episodes.items()}, meta.read_params()[0], (), 1, [])
     for a, b in zip(grads, expected):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-12)
+
+
+def test_metric_learners_reject_a_stream_of_support_batches():
+    episodes = classification_episodes()
+    stream = dict(episodes, support_x=tf.stack([episodes["support_x"]] * 2, axis=1),
+                  support_y=tf.stack([episodes["support_y"]] * 2, axis=1))
+    protonet = tfmeta.PrototypicalNetwork(tfmeta.models.conv_net(input_shape=(6, 6, 1), outputs=None, filters=4,
+                                                                 blocks=1, dtype="float64"))
+    with pytest.raises(ValueError, match="not a stream of batches"):
+        protonet.evaluate_tasks(stream)

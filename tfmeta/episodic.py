@@ -49,6 +49,8 @@ class EpisodicLearner(keras.Model):
         without XLA, pathological with XLA).
     """
 
+    takes_support_streams = False  # Gradient-based learners can take one support batch per inner step.
+
     def __init__(
         self,
         learner: keras.Model,
@@ -158,8 +160,13 @@ class EpisodicLearner(keras.Model):
                     f"episodes['{split}_x'] and episodes['{split}_y'] disagree on [tasks, examples]: "
                     f"{tuple(x)} vs {tuple(y)}."
                 )
-        stream = sx.rank is not None and qx.rank is not None and sx.rank == qx.rank + 1
-        if stream:  # Support batches per inner step: [tasks, steps, batch, features...] (see MetaLearner.step_batch).
+        if sx.rank is not None and qx.rank is not None and sx.rank == qx.rank + 1:
+            # Support batches per inner step: [tasks, steps, batch, features...] (see MetaLearner.step_batch).
+            if not self.takes_support_streams:
+                raise ValueError(
+                    f"{type(self).__name__} takes one support set per task, not a stream of batches: "
+                    f"episodes['support_x'] has shape {tuple(sx)} against episodes['query_x'] {tuple(qx)}."
+                )
             sx, sy = sx[:2].concatenate(sx[3:]), sy[:2].concatenate(sy[3:])
         if not sx[2:].is_compatible_with(qx[2:]):
             raise ValueError(

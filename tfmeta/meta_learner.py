@@ -49,6 +49,8 @@ class MetaLearner(EpisodicLearner):
       partition: which learner variables the inner loop adapts (default: all).
     """
 
+    takes_support_streams = True
+
     def __init__(
         self,
         learner: keras.Model,
@@ -158,16 +160,11 @@ class MetaLearner(EpisodicLearner):
         """The meta-gradient of a batch of episodes (the mean over tasks), the mean logs and the new state."""
         episodes = self.check_episodes(episodes)
         state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
-        seed_offset = [
-            tf.constant([1, 0], v.dtype) if _is_seed_state(v) else None for v in self.learner.non_trainable_variables
-        ]
         batch_seed = self.task_seeds.next()
 
         def one_task(index, episode):
-            # Each task draws its own random stream (dropout masks): offset the seed of every seed generator.
-            task_state = [s if o is None else s + tf.cast(index, s.dtype) * o for s, o in zip(state, seed_offset)]
             seed = tf.random.experimental.stateless_fold_in(batch_seed, index)
-            grads, logs, new_state = self.task_gradients(episode, task_state, seed)
+            grads, logs, new_state = self.task_gradients(episode, self.task_state(state, index), seed)
             return grads, {k: tf.cast(v, self._log_dtype) for k, v in logs.items()}, new_state
 
         signature = (_spec(self.meta_variables), self._log_spec(self.train_log_names()), _spec(state))
@@ -175,12 +172,19 @@ class MetaLearner(EpisodicLearner):
         # Context parameters (task embeddings) restart from their initial value in every task: no meta-gradient.
         grads = [tf.zeros_like(g[0]) if c else tf.reduce_mean(g, axis=0) for g, c in zip(grads, self.context_mask)]
         logs = {k: tf.reduce_mean(v, axis=0) for k, v in logs.items()}
-        # Statistics are averaged over tasks; seed states continue from task 0, whose offset is zero.
-        new_state = [
-            s[0] if _is_seed_state(v) or not s.dtype.is_floating else tf.reduce_mean(s, axis=0)
-            for v, s in zip(self.learner.non_trainable_variables, states)
-        ]
-        return grads, logs, new_state
+        return grads, logs, self.merge_task_states(states)
+
+    def task_state(self, state: list, index) -> list:
+        """The learner's state for task `index` of a meta-batch: each task draws its own random stream (dropout
+        masks), so the state of every seed generator is offset by the task index."""
+        return [s + tf.cast(index, s.dtype) * tf.constant([1, 0], s.dtype) if _is_seed_state(v) else s
+                for v, s in zip(self.learner.non_trainable_variables, state)]
+
+    def merge_task_states(self, states: list) -> list:
+        """The learner's state after a meta-batch from its per-task states (leading task axis): statistics are
+        averaged over tasks; seed states continue from task 0, whose offset is zero."""
+        return [s[0] if _is_seed_state(v) or not s.dtype.is_floating else tf.reduce_mean(s, axis=0)
+                for v, s in zip(self.learner.non_trainable_variables, states)]
 
     def train_step(self, data):
         episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)  # `train_on_batch` passes (x, None, None)

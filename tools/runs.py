@@ -25,3 +25,17 @@ def train_once(config: str, model_dir: str, bindings: list) -> float:
     with open(timing, "w") as f:
         json.dump({"seconds": spent}, f)
     return spent
+
+
+def train_and_restore(config: str, model_dir: str, bindings: list):
+    """`train_once`, then the run's gin configuration parsed in this process: returns the `Experiment`, its
+    meta-learner restored from the last checkpoint and the training wall time in seconds."""
+    import common
+
+    seconds = train_once(config, os.path.abspath(model_dir), bindings)
+    common.FLAGS.gin_file = [config]
+    common.parse_gin()
+    from tfmeta.experiment import Experiment
+
+    experiment = Experiment()
+    return experiment, experiment.restore(model_dir), seconds

@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # noqa: E402
+import common  # noqa: E402,F401  (defines --gin_file, --gin_bindings, --model_dir; quiets TensorFlow)
 import runs  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -35,17 +35,12 @@ def stream_curves(meta_learner, tasks, num_tasks, batch_size, seed):
 
 def main(argv):
     del argv
-    seconds = runs.train_once(CONFIG, os.path.abspath(FLAGS.model_dir), FLAGS.gin_bindings)
-    FLAGS.gin_file = [CONFIG]
-    common.parse_gin()
+    experiment, warpgrad, seconds = runs.train_and_restore(CONFIG, FLAGS.model_dir, FLAGS.gin_bindings)
     import keras
 
     from tfmeta.evaluation import mean_confidence_interval
-    from tfmeta.experiment import Experiment
     from tfmeta.plotting import _pyplot
 
-    experiment = Experiment()
-    warpgrad = experiment.restore(FLAGS.model_dir)
     keras.utils.set_random_seed(experiment.seed)
     sgd = experiment.build()  # the initialisation meta-training started from: identity warps
     results, rows = {}, ["| stream order | optimiser | current sub-task | previous sub-tasks (mean) |",

@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # noqa: E402
+import common  # noqa: E402,F401  (defines --gin_file, --gin_bindings, --model_dir; quiets TensorFlow)
 import runs  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -65,17 +65,12 @@ def plot(warpgrad, sgd, episodes, steps, path):
 
 def main(argv):
     del argv
-    seconds = runs.train_once(CONFIG, os.path.abspath(FLAGS.model_dir), FLAGS.gin_bindings)
-    FLAGS.gin_file = [CONFIG]
-    common.parse_gin()
+    experiment, warpgrad, seconds = runs.train_and_restore(CONFIG, FLAGS.model_dir, FLAGS.gin_bindings)
     import numpy as np
 
     import tfmeta
     from tfmeta import evaluation
-    from tfmeta.experiment import Experiment
 
-    experiment = Experiment()
-    warpgrad = experiment.restore(FLAGS.model_dir)
     steps = experiment.eval_steps
     sgd = tfmeta.MAML(tfmeta.models.point_model(), loss=tfmeta.tasks.surface_loss,
                       update_rule=tfmeta.Sgd(warpgrad.update_rule.learning_rate), eval_inner_steps=steps)

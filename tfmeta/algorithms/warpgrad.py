@@ -107,8 +107,9 @@ class WarpGrad(MetaLearner):
         self.mode, self.warp_batch_size, self.warp_epochs = mode, warp_batch_size, warp_epochs
         self.leap_norm, self.leap_loss_delta, self.first_order = leap_norm, leap_loss_delta, bool(first_order)
         self.meta_steps = keras.Variable(0, dtype="int64", trainable=False, name="meta_steps")
-        _, self._slow_variables = partition_lib.split(learner.trainable_variables, self.fast_mask)
-        self._fast_variables, _ = partition_lib.split(learner.trainable_variables, self.fast_mask)
+        self._fast_variables, self._slow_variables = partition_lib.split(learner.trainable_variables, self.fast_mask)
+        # Context parameters (task embeddings) restart from their initial value in every task: no meta-gradient.
+        self._fast_context, _ = partition_lib.split(self.context_mask[:len(self.fast_mask)], self.fast_mask)
 
     @property
     def warp_variables(self) -> list[keras.Variable]:
@@ -221,7 +222,8 @@ class WarpGrad(MetaLearner):
                                                     training=False)  # only its structure is used
 
         def one_task(index, episode):
-            return self._adapt_task(episode, state, tf.random.experimental.stateless_fold_in(batch_seed, index))
+            seed = tf.random.experimental.stateless_fold_in(batch_seed, index)
+            return self._adapt_task(episode, self.task_state(state, index), seed)
 
         fast_specs = _spec(self._fast_variables)
         signature = {
@@ -233,9 +235,8 @@ class WarpGrad(MetaLearner):
             "state": _spec(state),
         }
         buffer = self.map_tasks(one_task, episodes, signature)
-        init_grads = [self.init_weight * tf.reduce_mean(g, axis=0) for g in buffer["init_grads"]]
-        context = {id(v) for v in partition_lib.context_weights(self.learner)}
-        init_grads = [tf.zeros_like(g) if id(v) in context else g for g, v in zip(init_grads, self._fast_variables)]
+        init_grads = [tf.zeros_like(g[0]) if context else self.init_weight * tf.reduce_mean(g, axis=0)
+                      for g, context in zip(buffer["init_grads"], self._fast_context)]
 
         if self.warp_variables and self.mode == "online":
             indices = tf.range(tf.shape(episodes["support_x"])[0] * self.inner_steps)
@@ -248,9 +249,8 @@ class WarpGrad(MetaLearner):
                 self._offline_updates(episodes, buffer, tasks, state, rule_template, batch_seed)
             self.optimizer.apply(init_grads, self._fast_variables)
         self.meta_steps.assign_add(1)
-        for variable, values in zip(self.learner.non_trainable_variables, buffer["state"]):
-            variable.assign(values[0] if variable.name == "seed_generator_state" or not values.dtype.is_floating
-                            else tf.reduce_mean(values, axis=0))
+        for variable, value in zip(self.learner.non_trainable_variables, self.merge_task_states(buffer["state"])):
+            variable.assign(value)
         return self._update_trackers({k: tf.reduce_mean(v) for k, v in buffer["logs"].items()})
 
     def _offline_updates(self, episodes, buffer, tasks, state, rule_template, seed) -> None:
