@@ -19,6 +19,7 @@ import runs  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("figure", None, "Where to write the figure (PNG); none if unset.")
+flags.DEFINE_integer("eval_query_size", 100, "Query points per sub-task of the held-out streams.")
 FLAGS = flags.FLAGS
 CONFIG = "gin_configs/warpgrad/continual_sine.gin"
 
@@ -46,7 +47,8 @@ def main(argv):
     results, rows = {}, ["| stream order | optimiser | current sub-task | previous sub-tasks (mean) |",
                          "| --- | --- | --- | --- |"]
     for order in ("sequential", "random"):
-        tasks = experiment.tasks.__class__(**{**vars(experiment.tasks), "order": order})
+        tasks = experiment.tasks.__class__(**{**vars(experiment.tasks), "order": order,
+                                              "query_size": FLAGS.eval_query_size})
         for name, meta in (("SGD", sgd), ("WarpGrad", warpgrad)):
             curve = stream_curves(meta, tasks, experiment.eval_num_tasks, experiment.eval_batch_size,
                                   experiment.eval_seed)

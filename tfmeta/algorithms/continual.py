@@ -58,23 +58,19 @@ class ContinualWarpGrad(WarpGrad):
 
     # -------------------------------------------------------------------------------------------- streams
 
-    def _meta_loss(self, params, slow, state, episode, sub_task):
-        """The mean query loss over sub-tasks 0..`sub_task` (a tensor), and each sub-task's loss."""
-        sub_tasks = episode["query_x"].shape[0]
-        losses = tf.stack([
-            self.loss_value(episode["query_y"][j], self.forward(params, slow, state, episode["query_x"][j],
-                                                                training=True)[0])
-            for j in range(sub_tasks)])
-        weights = tf.cast(tf.range(sub_tasks) <= sub_task, losses.dtype)
-        return tf.reduce_sum(weights * losses) / tf.reduce_sum(weights), losses
+    def _meta_loss(self, params, slow, state, episode, sub_task: int):
+        """The mean query loss over sub-tasks 0..`sub_task` (the current one and all previous ones)."""
+        losses = [self.loss_value(episode["query_y"][j], self.forward(params, slow, state, episode["query_x"][j],
+                                                                      training=True)[0])
+                  for j in range(sub_task + 1)]
+        return tf.add_n(losses) / len(losses)
 
-    def _stream_step(self, theta, episode, step, state):
-        """One stream step of one task: the warp gradients and the next task parameters."""
-        steps_per_sub_task = episode["support_x"].shape[0] // episode["query_x"].shape[0]
+    def _stream_step(self, theta, episode, step, state, sub_task: int):
+        """One stream step of one task in sub-task `sub_task`: the warp gradients and the next task parameters."""
         task_batch = (tf.gather(episode["support_x"], step), tf.gather(episode["support_y"], step))
         grads, _, adapted = self.warp_step(
             theta, (), step, state, task_batch,
-            lambda params, slow: self._meta_loss(params, slow, state, episode, step // steps_per_sub_task)[0])
+            lambda params, slow: self._meta_loss(params, slow, state, episode, sub_task))
         return grads, [tf.stop_gradient(p) for p in adapted]
 
     def _map(self, fn, elems, signature):
@@ -92,21 +88,29 @@ class ContinualWarpGrad(WarpGrad):
         state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
         theta = [tf.repeat(tf.convert_to_tensor(v)[None], tasks, axis=0) for v in self._fast_variables]
         signature = (_spec(self.warp_variables), _spec(self._fast_variables))
-        for start in range(0, steps, self.warp_interval):  # Algorithm 3: a warp update every `warp_interval` steps
-            end = min(start + self.warp_interval, steps)
+        steps_per_sub_task = steps // episodes["query_x"].shape[1]
+        # Segments between warp updates (Algorithm 3: every `warp_interval` steps) and sub-task boundaries, so
+        # that each segment's meta loss is a static sum over the sub-tasks seen so far.
+        bounds = sorted({0, steps, *range(0, steps, self.warp_interval), *range(0, steps, steps_per_sub_task)})
+        total = [tf.zeros(v.shape, v.dtype) for v in self.warp_variables]
+        accumulated = 0
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            sub_task = start // steps_per_sub_task
 
-            def body(step, theta, total):
-                grads, theta = self._map(lambda th, ep: self._stream_step(th, ep, step, state), (theta, episodes),
-                                         signature)
+            def body(step, theta, total, sub_task=sub_task):
+                grads, theta = self._map(lambda th, ep: self._stream_step(th, ep, step, state, sub_task),
+                                         (theta, episodes), signature)
                 return step + 1, theta, [t + tf.reduce_mean(g, axis=0) for t, g in zip(total, grads)]
 
-            zeros = [tf.zeros(v.shape, v.dtype) for v in self.warp_variables]
             _, theta, total = tf.while_loop(lambda step, *_, end=end: step < end, body,
-                                            (tf.constant(start), theta, zeros))
-            self.optimizer.apply([t / (end - start) for t in total], self.warp_variables)
+                                            (tf.constant(start), theta, total))
+            accumulated += end - start
+            if end % self.warp_interval == 0 or end == steps:
+                self.optimizer.apply([t / accumulated for t in total], self.warp_variables)
+                total, accumulated = [tf.zeros_like(t) for t in total], 0
         self.meta_steps.assign_add(1)
         _, slow = self.read_params()
-        final = self._map(lambda th, ep: self._meta_loss(th, slow, state, ep, ep["query_x"].shape[0])[0],
+        final = self._map(lambda th, ep: self._meta_loss(th, slow, state, ep, ep["query_x"].shape[0] - 1),
                           (theta, episodes), tf.TensorSpec([], self._log_dtype))
         return self._update_trackers({"loss": tf.reduce_mean(final)})
 
