@@ -180,3 +180,46 @@ def test_tfds_sources_with_mock_data():
     assert generic.images.shape[2:] == (28, 28, 1) and generic.counts.sum() == 30
     with pytest.raises(ValueError, match="unknown Omniglot split 'validation'"):
         data.load_omniglot_tfds("validation")
+
+
+def grouped_classes():
+    """Tagged classes in groups of 5, 3 and 4 classes (8 or 9 examples each)."""
+    classes = tagged_classes(num_classes=12, per_class=(8, 9))
+    classes.groups = ["a"] * 5 + ["b"] * 3 + ["c"] * 4
+    return classes
+
+
+@settings(max_examples=20, deadline=None)
+@given(steps=st.integers(1, 12), batch=st.integers(1, 7), tasks=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_group_task_invariants(steps, batch, tasks, seed):
+    """A task is `ways` classes of one group; its stream draws training examples only, a pass over them at a time
+    without replacement; its query holds every class's test examples; labels are consistent."""
+    classes = grouped_classes()
+    sampler = data.GroupTasks(classes, ways=4, train_examples=5, test_examples=2, steps=steps, batch_size=batch)
+    assert sampler.groups == ["a", "c"] and sampler.dropped == ["b"]
+    episodes = {k: v.numpy() for k, v in sampler.sample(tf.constant([seed, 3], tf.int64), tasks).items()}
+    assert episodes["support_x"].shape == (tasks, steps, batch, 4, 4, 1)
+    assert episodes["query_x"].shape == (tasks, 8, 4, 4, 1) and episodes["support_y"].shape == (tasks, steps, batch)
+    for t in range(tasks):
+        s_class, s_example = (v.ravel() for v in identities(episodes["support_x"][t]))
+        q_class, q_example = identities(episodes["query_x"][t])
+        chosen = sorted(set(q_class))
+        assert len(chosen) == 4 and len({classes.groups[c] for c in chosen}) == 1
+        assert set(s_class) <= set(chosen) and set(q_example) == {0, 1} and set(s_example) <= set(range(2, 7))
+        labels = np.concatenate([episodes["support_y"][t].ravel(), episodes["query_y"][t]])
+        all_classes = np.concatenate([s_class, q_class])
+        assert all(len(set(labels[all_classes == c])) == 1 for c in chosen)
+        assert sorted(set(episodes["query_y"][t])) == list(range(4))
+        # Each full pass of 20 stream draws covers the 4 x 5 training examples once.
+        pairs = list(zip(s_class, s_example))
+        for start in range(0, len(pairs) - 19, 20):
+            assert len(set(pairs[start:start + 20])) == 20
+
+
+def test_group_tasks_bad_input():
+    with pytest.raises(ValueError, match="no group has `ways`=6 classes"):
+        data.GroupTasks(grouped_classes(), ways=6, train_examples=5, test_examples=2)
+    with pytest.raises(ValueError, match="`train_examples` \\+ `test_examples` = 10 is more than the 8"):
+        data.GroupTasks(grouped_classes(), ways=4, train_examples=8, test_examples=2)
+    with pytest.raises(ValueError, match="`steps` must be an integer >= 1"):
+        data.GroupTasks(grouped_classes(), ways=4, train_examples=5, test_examples=2, steps=0)

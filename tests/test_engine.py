@@ -198,3 +198,53 @@ def test_train_and_test_on_batch():
     episodes = sine_episodes()
     assert set(meta.train_on_batch(episodes, return_dict=True)) == {"loss"}
     assert set(meta.test_on_batch(episodes, return_dict=True)) == {"loss", "pre_adapt_loss"}
+
+
+@pytest.mark.parametrize("rule", [tfmeta.Sgd(0.1), tfmeta.InnerAdam(0.05)], ids=["sgd", "adam"])
+def test_while_loop_inner_loop_equals_the_unrolled_first_order_one(rule):
+    """`unroll=False` (a tf.while_loop) gives the unrolled loop's parameters, losses, trajectory, gradients and
+    update-rule states, eagerly and in a tf.function."""
+    rng = np.random.default_rng(0)
+    params = [tf.constant(rng.normal(size=(3, 2))), tf.constant(rng.normal(size=2))]
+    x, y = tf.constant(rng.normal(size=(7, 3))), tf.constant(rng.normal(size=(7, 2)))
+    rule.check_params([p.shape for p in params])
+
+    def loss_fn(p, state, step):  # a stream: batch `step` of 7 single examples, cycling
+        i = step % 7
+        return tf.reduce_mean((x[i:i + 1] @ p[0] + p[1] - y[i:i + 1]) ** 2), state
+
+    def run(unroll):
+        a = tfmeta.inner_loop(loss_fn, params, [], rule, 9, first_order=True, keep_trajectory=True, unroll=unroll)
+        return [a.params, a.losses, a.trajectory, a.grads, a.rule_states]
+
+    expected = run(True)
+    for result in (run(False), tf.function(lambda: run(False))()):
+        for a, b in zip(tf.nest.flatten(expected), tf.nest.flatten(result)):
+            np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("algorithm", ["Reptile", "Leap"])
+def test_meta_learners_agree_with_and_without_unrolled_inner_loops(algorithm):
+    """One meta-step and an evaluation curve are the same with `unroll_inner_loop` True and False."""
+    def build(unroll):
+        keras.utils.set_random_seed(3)
+        return getattr(tfmeta, algorithm)(tfmeta.models.mlp(hidden_units=(8, 8), dtype="float64"),
+                                          update_rule=tfmeta.Sgd(0.01), inner_steps=4, unroll_inner_loop=unroll)
+
+    episodes = sine_episodes()
+    results = []
+    for unroll in (True, False):
+        meta = build(unroll)
+        meta.compile(optimizer=keras.optimizers.SGD(0.1))
+        logs = meta.train_on_batch(episodes, return_dict=True)
+        curve = tf.function(lambda e, meta=meta: meta.evaluate_tasks(e, steps=6, at_steps=range(7)))(episodes)
+        results.append((logs, values(meta.learner.variables), curve))
+    for a, b in zip(tf.nest.flatten(results[0]), tf.nest.flatten(results[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_second_order_meta_gradients_need_unrolled_inner_loops():
+    with pytest.raises(ValueError, match="needs `unroll_inner_loop=True`"):
+        tfmeta.MAML(tfmeta.models.mlp(), unroll_inner_loop=False)
+    with pytest.raises(ValueError, match="needs `unroll_inner_loop=True`"):
+        tfmeta.WarpGrad(tfmeta.models.mlp(), init_objective="maml", unroll_inner_loop=False)

@@ -22,7 +22,8 @@ gin.external_configurable(tfmeta.metric.relation_module, module="tfmeta.metric")
 for _warp in (tfmeta.warp.WarpConv2D, tfmeta.warp.WarpDense, tfmeta.warp.WarpScale, tfmeta.warp.WarpConvBlock,
               tfmeta.warp.ResidualWarp, tfmeta.warp.FiLM, tfmeta.warp.WarpRNNCell):
     gin.external_configurable(_warp, module="tfmeta.warp")
-for _data in (tfmeta.data.omniglot_tasks, tfmeta.data.FewShotTasks, tfmeta.data.RandomAffine):
+for _data in (tfmeta.data.omniglot_tasks, tfmeta.data.FewShotTasks, tfmeta.data.RandomAffine,
+              tfmeta.data.omniglot_alphabet_tasks, tfmeta.data.GroupTasks):
     gin.external_configurable(_data, module="tfmeta.data")
 for _tasks in (tfmeta.tasks.SineTasks, tfmeta.tasks.SurfaceTasks, tfmeta.tasks.surface_loss,
                tfmeta.tasks.ContinualSineTasks):

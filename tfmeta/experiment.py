@@ -45,7 +45,8 @@ class Experiment:
       eval_tasks: the held-out task distribution (default: `tasks`, drawn with other seeds).
       optimizer: a callable returning the Keras optimizer of the outer loop.
       meta_batch_size: tasks per meta-step.
-      num_steps: meta-steps in total; a multiple of `steps_per_epoch`.
+      num_steps: meta-steps in total; a multiple of `steps_per_epoch`; 0 evaluates the initialisation as built
+        (a baseline without meta-training).
       steps_per_epoch: meta-steps between checkpoints, progress lines and validation.
       seed: seed of the learner's initialisation and of the training episodes.
       validation_tasks: held-out tasks evaluated after every epoch (`val_*` logs).
@@ -81,9 +82,9 @@ class Experiment:
         steps_per_execution: int = 1,
         verbose: Union[int, str] = "auto",
     ):
-        if num_steps < 1 or steps_per_epoch < 1 or num_steps % steps_per_epoch:
+        if num_steps < 0 or steps_per_epoch < 1 or num_steps % steps_per_epoch:
             raise ValueError(
-                f"`num_steps` ({num_steps}) must be a positive multiple of `steps_per_epoch` ({steps_per_epoch})."
+                f"`num_steps` ({num_steps}) must be a non-negative multiple of `steps_per_epoch` ({steps_per_epoch})."
             )
         if steps_per_execution < 1 or steps_per_epoch % steps_per_execution:
             raise ValueError(
@@ -160,7 +161,7 @@ class Experiment:
         results = {
             "meta_steps": steps,
             "train": {k: float(v[-1]) for k, v in history.history.items()},
-            "eval": _summary(self.evaluate(meta_learner)),
+            "eval": summarize(self.evaluate(meta_learner)),
         }
         with open(os.path.join(model_dir, "metrics.json"), "w") as f:
             json.dump(results, f, indent=2)
@@ -183,7 +184,7 @@ class Experiment:
         )
 
 
-def _summary(curve: dict) -> dict:
+def summarize(curve: dict) -> dict:
     """An adaptation curve without its per-task values."""
     drop = lambda entry: {k: v for k, v in entry.items() if k != "per_task"}  # noqa: E731
     return {name: drop(entry) if isinstance(entry, dict) else entry for name, entry in curve.items()}

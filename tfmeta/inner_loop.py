@@ -1,4 +1,4 @@
-"""The inner loop: K steps of an update rule on a task's support loss, unrolled in Python."""
+"""The inner loop: K steps of an update rule on a task's support loss, unrolled in Python or in a `tf.while_loop`."""
 
 from __future__ import annotations
 
@@ -67,35 +67,94 @@ def inner_loop(
     keep_trajectory: bool = False,
     training: bool = True,
     seed: Optional[tf.Tensor] = None,
+    unroll: bool = True,
 ) -> Adaptation:
     """Adapts `params` with `steps` steps of `rule` on `loss_fn(params, state, step) -> (loss, state)`.
 
-    The loop is unrolled in Python (`steps` is static), so an enclosing `tf.GradientTape` differentiates
-    through every step: this gives MAML's second-order meta-gradient. With `first_order=True` the inner
-    gradients are treated as constants, which gives first-order MAML. The learner's variables are not read or
-    written here: everything flows through `params` and `state`. `training` and the stateless `seed` are
-    passed to the rule's per-task state (e.g. MT-Nets sample their masks from it in training).
+    Unrolled in Python (`unroll=True`, `steps` static), an enclosing `tf.GradientTape` differentiates through
+    every step: this gives MAML's second-order meta-gradient. With `first_order=True` the inner gradients are
+    treated as constants, which gives first-order MAML. `unroll=False` runs the steps after the first in a
+    `tf.while_loop`, so the graph and its tracing time do not grow with `steps` (Leap's or Reptile's hundreds
+    of steps, long evaluations); gradients then do not flow through the steps (inner gradients are constants)
+    and `step` is a tensor in `loss_fn` and the rule (per-step layers need `unroll=True`). The learner's
+    variables are not read or written here: everything flows through `params` and `state`. `training` and
+    the stateless `seed` are passed to the rule's per-task state (e.g. MT-Nets sample their masks from it).
     """
     if steps < 0:
         raise ValueError(f"inner loop `steps` must be >= 0; got {steps}.")
     params = list(params)
     rule_state = rule.init_state(params, training=training, seed=seed)
-    trajectory, all_grads, rule_states = ([params], [], []) if keep_trajectory else (None, None, None)
-    losses = []
-    for step in range(steps):
-        with tf.GradientTape(watch_accessed_variables=False) as tape, at_step(step):
+
+    def one_step(step, params, state, rule_state, unrolled):
+        with tf.GradientTape(watch_accessed_variables=False) as tape, at_step(step if unrolled else None):
             tape.watch(params)
             loss, state = loss_fn(params, state, step)
         grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        if first_order:
+        if first_order or not unrolled:
             grads = [tf.stop_gradient(g) for g in grads]
+        updates, next_rule_state = rule.update(grads, rule_state, params, step)
+        return loss, grads, [p + u for p, u in zip(params, updates)], list(state), next_rule_state
+
+    if not unroll and steps > 1:
+        return _while_loop(one_step, params, list(state), rule_state, steps, keep_trajectory)
+    trajectory, all_grads, rule_states = ([params], [], []) if keep_trajectory else (None, None, None)
+    losses = []
+    for step in range(steps):
+        loss, grads, next_params, state, next_rule_state = one_step(step, params, state, rule_state, True)
         if keep_trajectory:
             all_grads.append(grads)
             rule_states.append(rule_state)
-        updates, rule_state = rule.update(grads, rule_state, params, step)
-        params = [p + u for p, u in zip(params, updates)]
+            trajectory.append(next_params)
         losses.append(loss)
-        if keep_trajectory:
-            trajectory.append(params)
+        params, rule_state = next_params, next_rule_state
     return Adaptation(params=params, state=list(state), losses=losses, trajectory=trajectory, grads=all_grads,
                       rule_states=rule_states)
+
+
+def _while_loop(one_step, params, state, rule_state, steps, keep_trajectory) -> Adaptation:
+    """`inner_loop` with steps 1.. in a `tf.while_loop`; step 0 runs outside it and fixes the dtypes."""
+    loss, grads, next_params, next_state, next_rule_state = one_step(0, params, state, rule_state, False)
+
+    def arrays(values, size):
+        return [tf.TensorArray(v.dtype, size=size, element_shape=v.shape) for v in values]
+
+    records = {"losses": arrays([loss], steps)}
+    if keep_trajectory:
+        records.update(trajectory=arrays(params, steps + 1), grads=arrays(grads, steps),
+                       rule_states=arrays(tf.nest.flatten(rule_state), steps))
+        records["trajectory"] = [a.write(0, p).write(1, q)
+                                 for a, p, q in zip(records["trajectory"], params, next_params)]
+
+    def write(records, step, loss, grads, rule_state):
+        records = dict(records, losses=[records["losses"][0].write(step, loss)])
+        if keep_trajectory:
+            records["grads"] = [a.write(step, g) for a, g in zip(records["grads"], grads)]
+            records["rule_states"] = [a.write(step, r) for a, r in
+                                      zip(records["rule_states"], tf.nest.flatten(rule_state))]
+        return records
+
+    records = write(records, 0, loss, grads, rule_state)
+
+    def body(step, params, state, rule_state, records):
+        loss, grads, next_params, next_state, next_rule_state = one_step(step, params, state, rule_state, False)
+        records = write(records, step, loss, grads, rule_state)
+        if keep_trajectory:
+            records["trajectory"] = [a.write(step + 1, p) for a, p in zip(records["trajectory"], next_params)]
+        return step + 1, next_params, next_state, next_rule_state, records
+
+    _, params, state, rule_state, records = tf.while_loop(
+        lambda step, *_: step < steps, body, (tf.constant(1), next_params, next_state, next_rule_state, records))
+    losses = tf.unstack(records["losses"][0].stack(), steps)
+    if not keep_trajectory:
+        return Adaptation(params=params, state=state, losses=losses)
+
+    def per_step(values, count):
+        return [list(step_values) for step_values in zip(*[tf.unstack(a.stack(), count) for a in values])]
+
+    if tf.nest.flatten(rule_state):
+        rule_states = [tf.nest.pack_sequence_as(rule_state, leaves)
+                       for leaves in per_step(records["rule_states"], steps)]
+    else:
+        rule_states = [rule_state] * steps
+    return Adaptation(params=params, state=state, losses=losses, trajectory=per_step(records["trajectory"], steps + 1),
+                      grads=per_step(records["grads"], steps), rule_states=rule_states)

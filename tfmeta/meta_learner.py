@@ -47,6 +47,10 @@ class MetaLearner(EpisodicLearner):
       inner_steps: inner-loop steps during meta-training.
       eval_inner_steps: inner-loop steps in `evaluate` and `adapt` (default: `inner_steps`).
       partition: which learner variables the inner loop adapts (default: all).
+      unroll_inner_loop: unroll inner loops in Python (needed to differentiate through them, e.g. MAML's
+        second-order meta-gradient, and for per-step layers); False runs them in a `tf.while_loop`, whose graph
+        and tracing time do not grow with the steps: for first-order algorithms with long inner loops (Leap,
+        Reptile) and long evaluations.
     """
 
     takes_support_streams = True
@@ -61,6 +65,7 @@ class MetaLearner(EpisodicLearner):
         eval_inner_steps: Optional[int] = None,
         partition: Optional[partition_lib.Partition] = None,
         task_parallelism: str = "map_fn",
+        unroll_inner_loop: bool = True,
         name: Optional[str] = None,
     ):
         if update_rule is not None and not isinstance(update_rule, UpdateRule):
@@ -78,6 +83,7 @@ class MetaLearner(EpisodicLearner):
         self.eval_inner_steps = check_steps(
             inner_steps if eval_inner_steps is None else eval_inner_steps, "eval_inner_steps"
         )
+        self.unroll_inner_loop = bool(unroll_inner_loop)
         self.task_seeds = keras.random.SeedGenerator(name="task_seeds")  # for update rules that sample
         context = {id(v) for v in partition_lib.context_weights(learner)}
         self.context_mask = tuple(id(v) in context for v in self.meta_variables)
@@ -128,6 +134,7 @@ class MetaLearner(EpisodicLearner):
         return inner_loop(
             support_loss, fast, state, self.update_rule, steps,
             first_order=first_order, keep_trajectory=keep_trajectory, training=training, seed=seed,
+            unroll=self.unroll_inner_loop,
         )
 
     def is_stream(self, x) -> bool:
@@ -213,14 +220,20 @@ class MetaLearner(EpisodicLearner):
                 fast, slow, state, episode["support_x"], episode["support_y"], steps,
                 training=False, keep_trajectory=True,
             )
-            results = []
-            for k in at_steps:
-                predictions, _ = self.forward(
-                    adaptation.trajectory[k], slow, state, episode["query_x"], training=False, step=k
-                )
-                results.append({"loss": self.loss_value(episode["query_y"], predictions),
-                                **self.metric_values(episode["query_y"], predictions)})
-            return {n: tf.cast(tf.stack([r[n] for r in results]), self._log_dtype) for n in results[0]}
+
+            def query_results(params, k=None):
+                predictions, _ = self.forward(params, slow, state, episode["query_x"], training=False, step=k)
+                results = {"loss": self.loss_value(episode["query_y"], predictions),
+                           **self.metric_values(episode["query_y"], predictions)}
+                return {n: tf.cast(v, self._log_dtype) for n, v in results.items()}
+
+            if self.unroll_inner_loop:
+                results = [query_results(adaptation.trajectory[k], k) for k in at_steps]
+                return {n: tf.stack([r[n] for r in results]) for n in results[0]}
+            # One query pass in the graph, mapped over the points, however many steps.
+            points = [tf.stack([adaptation.trajectory[k][i] for k in at_steps]) for i in range(len(fast))]
+            return tf.map_fn(query_results, points, fn_output_signature={
+                n: tf.TensorSpec([], self._log_dtype) for n in ["loss", *self.task_metrics]})
 
         signature = {n: tf.TensorSpec([len(at_steps)], self._log_dtype) for n in ["loss", *self.task_metrics]}
         return self.map_tasks(one_task, episodes, signature)
@@ -258,6 +271,7 @@ class MetaLearner(EpisodicLearner):
             "inner_steps": self.inner_steps,
             "eval_inner_steps": self.eval_inner_steps,
             "partition": self.partition.get_config(),
+            "unroll_inner_loop": self.unroll_inner_loop,
         }
 
     @classmethod

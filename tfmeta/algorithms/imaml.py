@@ -77,7 +77,8 @@ class IMAML(MetaLearner):
             return self.loss_value(ys, predictions) + tf.cast(regularization / 2, proximal.dtype) * proximal, state
 
         return inner_loop(regularized_loss, fast, state, self.update_rule, steps, first_order=True,
-                          keep_trajectory=keep_trajectory, training=training, seed=seed)
+                          keep_trajectory=keep_trajectory, training=training, seed=seed,
+                          unroll=self.unroll_inner_loop)
 
     def task_gradients(self, episode, state, seed):
         fast, slow = self.read_params()

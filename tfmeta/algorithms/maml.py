@@ -58,6 +58,9 @@ class MAML(MetaLearner):
         self.first_order_steps = first_order_steps
         if not self.first_order:
             warn_inexact_batch_norm(learner)
+        if not (self.first_order or self.unroll_inner_loop):
+            raise ValueError("second-order MAML differentiates through the inner loop: it needs "
+                             "`unroll_inner_loop=True` (or `first_order=True`).")
 
     def step_weights(self) -> Optional[list]:
         """The weights of the query losses after inner steps 1..K, or None for the last step only."""

@@ -47,18 +47,24 @@ def leap_gradient(trajectory: list[list[tf.Tensor]], losses: list[tf.Tensor], gr
       losses: the K + 1 losses f(θ_0)..f(θ_K).
       grads: the K gradients ∇f(θ_0)..∇f(θ_{K-1}).
     """
-    total = [tf.zeros_like(p) for p in trajectory[0]]
-    for k, gradient in enumerate(grads):
-        delta_theta = [b - a for a, b in zip(trajectory[k], trajectory[k + 1])]
-        delta_f = losses[k + 1] - losses[k] if loss_delta else tf.zeros_like(losses[k])
-        if norm:
-            squared = tf.add_n([tf.reduce_sum(tf.square(d)) for d in delta_theta]) + tf.square(delta_f)
-            length = tf.sqrt(squared) + 1e-12
-        else:
-            length = tf.ones_like(delta_f)
-        total = [t - (tf.cast(delta_f, g.dtype) * g + d) / tf.cast(length, d.dtype)
-                 for t, g, d in zip(total, gradient, delta_theta)]
-    return total
+    # Vectorised over the K segments: a constant-size graph however long the trajectory.
+    points = [tf.stack(values) for values in zip(*trajectory)]  # per variable: [K + 1, ...]
+    gradients = [tf.stack(values) for values in zip(*grads)]  # per variable: [K, ...]
+    losses = tf.stack(losses)
+    delta_theta = [p[1:] - p[:-1] for p in points]
+    delta_f = losses[1:] - losses[:-1] if loss_delta else tf.zeros_like(losses[1:])
+    if norm:
+        squared = tf.add_n([tf.reduce_sum(tf.square(tf.reshape(d, [tf.shape(d)[0], -1])), axis=1)
+                            for d in delta_theta]) + tf.square(delta_f)
+        length = tf.sqrt(squared) + 1e-12
+    else:
+        length = tf.ones_like(delta_f)
+
+    def per_segment(values, like):  # [K] -> [K, 1, ...] in `like`'s dtype, to broadcast over a variable
+        return tf.reshape(tf.cast(values, like.dtype), [-1] + [1] * (like.shape.rank - 1))
+
+    return [-tf.reduce_sum((per_segment(delta_f, g) * g + d) / per_segment(length, d), axis=0)
+            for g, d in zip(gradients, delta_theta)]
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")
@@ -103,6 +109,9 @@ class WarpGrad(MetaLearner):
                 raise ValueError(f"WarpGrad `{argument}` must be a positive integer; got {value!r}.")
         if self.inner_steps < 1:
             raise ValueError(f"WarpGrad needs `inner_steps` >= 1 (its trajectories); got {self.inner_steps}.")
+        if init_objective == "maml" and not (first_order or self.unroll_inner_loop):
+            raise ValueError("the second-order MAML initialisation objective differentiates through the inner loop: "
+                             "it needs `unroll_inner_loop=True` (or `first_order=True`).")
         self.objective, self.init_objective, self.init_weight = objective, init_objective, float(init_weight)
         self.mode, self.warp_batch_size, self.warp_epochs = mode, warp_batch_size, warp_epochs
         self.leap_norm, self.leap_loss_delta, self.first_order = leap_norm, leap_loss_delta, bool(first_order)

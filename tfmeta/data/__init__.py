@@ -4,8 +4,9 @@ from tfmeta.data.augment import RandomAffine
 from tfmeta.data.classes import (ClassImages, from_arrays, from_dataset, from_directory, from_image_folder,
                                  from_tfds)
 from tfmeta.data.few_shot import FewShotTasks, rotate90
+from tfmeta.data.multi_shot import MULTI_SHOT_TEST_ALPHABETS, GroupTasks, omniglot_alphabet_tasks
 from tfmeta.data.omniglot import TEST_ALPHABETS, data_dir, load_omniglot, load_omniglot_tfds, omniglot_tasks
 
-__all__ = ["TEST_ALPHABETS", "ClassImages", "FewShotTasks", "RandomAffine", "data_dir", "from_arrays",
-           "from_dataset", "from_directory", "from_image_folder", "from_tfds", "load_omniglot", "load_omniglot_tfds",
-           "omniglot_tasks", "rotate90"]
+__all__ = ["MULTI_SHOT_TEST_ALPHABETS", "TEST_ALPHABETS", "ClassImages", "FewShotTasks", "GroupTasks", "RandomAffine",
+           "data_dir", "from_arrays", "from_dataset", "from_directory", "from_image_folder", "from_tfds",
+           "load_omniglot", "load_omniglot_tfds", "omniglot_alphabet_tasks", "omniglot_tasks", "rotate90"]
