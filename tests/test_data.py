@@ -223,3 +223,20 @@ def test_group_tasks_bad_input():
         data.GroupTasks(grouped_classes(), ways=4, train_examples=8, test_examples=2)
     with pytest.raises(ValueError, match="`steps` must be an integer >= 1"):
         data.GroupTasks(grouped_classes(), ways=4, train_examples=5, test_examples=2, steps=0)
+
+
+def test_omniglot_cache_sees_edits_inside_an_extracted_directory(tmp_path):
+    """The decoded-image cache is keyed by every file of an extracted archive, not just the directory."""
+    root, cache = tmp_path / "images_background", str(tmp_path / "cache")
+
+    def draw(character, drawer):
+        path = root / "Alpha" / character / f"0001_{drawer:02d}.png"
+        os.makedirs(path.parent, exist_ok=True)
+        tf.io.write_file(str(path), tf.io.encode_png(np.full((10, 10, 1), 255, np.uint8)))
+
+    for character in ("character01", "character02"):
+        for drawer in (1, 2):
+            draw(character, drawer)
+    assert data.load_omniglot(str(root), cache_dir=cache).counts.tolist() == [2, 2]
+    draw("character02", 3)  # a new drawing: the directory's own modification time does not change
+    assert data.load_omniglot(str(root), cache_dir=cache).counts.tolist() == [2, 3]

@@ -31,12 +31,12 @@ def load_omniglot(paths: str | Sequence[str], image_size: int = 28, cache_dir: O
     `paths` are zip archives, directories of an extracted archive (holding `<Alphabet>/<character>/`), or
     directories holding archives (every file of `ARCHIVES` found there is used). A character present in
     several sources (Greek and Latin are in both small archives) is kept once. Decoded images are cached in
-    `cache_dir` (default `~/.cache/tfmeta`), keyed by the sources and the image size.
+    `cache_dir` (default `~/.cache/tfmeta`), keyed by the image size and the sources' files (path, size and
+    modification time of each archive, or of every file inside an extracted directory).
     """
     sources = _sources([paths] if isinstance(paths, str) else list(paths))
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "tfmeta")
-    key = hashlib.sha256(repr([(s, os.path.getsize(s) if os.path.isfile(s) else 0, os.path.getmtime(s))
-                               for s in sources] + [image_size]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(repr([_fingerprint(s) for s in sources] + [image_size]).encode()).hexdigest()[:16]
     cache = os.path.join(cache_dir, f"omniglot_{key}.npz")
     if os.path.exists(cache):
         with np.load(cache) as data:
@@ -146,6 +146,13 @@ def _sources(paths: list[str]) -> list[str]:
         else:
             raise ValueError(f"Omniglot path {path!r} is neither a zip archive nor a directory.")
     return sources
+
+
+def _fingerprint(source: str) -> list:
+    """(path, size, modification time) of an archive, or of every file under a directory."""
+    files = [source] if os.path.isfile(source) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(source) for name in names)
+    return [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
 
 
 def _read_source(source: str) -> dict[str, dict[str, bytes]]:
