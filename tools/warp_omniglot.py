@@ -73,7 +73,7 @@ def finetuning(model_dir: str, bindings: list) -> dict:
     pretrained = keras.Model(learner.input, scores)
     pretrained.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=["sparse_categorical_accuracy"],
                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    pretrained.fit(data, steps_per_epoch=FLAGS.finetune_steps // 10, epochs=10, verbose=2)
+    pretrained.fit(data, steps_per_epoch=FLAGS.finetune_steps, epochs=1, verbose=2)
     results = {"meta_steps": 0, "pretrain_steps": FLAGS.finetune_steps,
                "eval": summarize(experiment.evaluate(meta_learner)), "seconds": time.time() - start}
     os.makedirs(model_dir, exist_ok=True)

@@ -3,9 +3,7 @@ the protocol of Leap and WarpGrad (Flennerhag et al., 2019, Section 4.1; 2020, S
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -14,7 +12,7 @@ import tensorflow as tf
 from tfmeta.data.augment import RandomAffine
 from tfmeta.data.classes import ClassImages
 from tfmeta.data.few_shot import Augmentation
-from tfmeta.data.omniglot import SPLITS, data_dir, load_omniglot
+from tfmeta.data.omniglot import alphabet_split
 from tfmeta.tasks.base import TaskDistribution
 
 
@@ -87,7 +85,7 @@ class GroupTasks(TaskDistribution):
         if self.augmentation is not None:
             support_x = self.augmentation(support_x, augment_seed)
 
-        query_x = tf.gather(self._images, chosen)[:, :, :self.test_examples]  # [tasks, ways, test_examples, ...]
+        query_x = tf.gather(self._images[:, :self.test_examples], chosen)  # [tasks, ways, test_examples, ...]
         query_y = tf.broadcast_to(labels[..., None], [num_tasks, self.ways, self.test_examples])
         return {"support_x": tf.reshape(support_x, [num_tasks, self.steps, self.batch_size, *self.image_shape]),
                 "support_y": tf.reshape(support_y, [num_tasks, self.steps, self.batch_size]),
@@ -117,15 +115,6 @@ def omniglot_alphabet_tasks(
     character's first 5 images) and the next `train_drawers` for training (a stream of `steps` batches of
     `batch_size`, randomly affine-transformed if `affine`); alphabet-level splits
     ("train": every alphabet not in `test_alphabets`; "test": `test_alphabets`)."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown Omniglot split {split!r}; expected one of {SPLITS}.")
-    path = path or os.path.join(data_dir(), "omniglot")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no Omniglot data at {path!r}: set the path (or $TFMETA_DATA_DIR) to the directory "
-                                "holding the Omniglot archives.")
-    alphabets = load_omniglot(path, image_size=image_size)  # a character's images in drawer order (file names)
-    everything = sorted(set(alphabets.groups))
-    held_out = [g for g in everything if any(fnmatch.fnmatchcase(g, p) for p in test_alphabets)]
-    splits = alphabets.split_by_group(train=[g for g in everything if g not in held_out], test=held_out)
-    return GroupTasks(splits[split], ways=ways, train_examples=train_drawers, test_examples=test_drawers,
+    classes = alphabet_split(split, path, test_alphabets, image_size)  # a character's images in drawer order
+    return GroupTasks(classes, ways=ways, train_examples=train_drawers, test_examples=test_drawers,
                       steps=steps, batch_size=batch_size, augmentation=RandomAffine() if affine else None)

@@ -96,6 +96,14 @@ def omniglot_tasks(
       rotations: rotations by multiples of 90 degrees as new classes; default: for "train" only.
       affine: the random affine augmentation of the multi-shot Omniglot protocol (`RandomAffine`).
     """
+    return FewShotTasks(alphabet_split(split, path, test_alphabets, image_size), ways=ways, shots=shots,
+                        queries=queries, rotations=split == "train" if rotations is None else rotations,
+                        augmentation=RandomAffine() if affine else None)
+
+
+def alphabet_split(split: str, path: Optional[str], test_alphabets: Sequence[str], image_size: int) -> ClassImages:
+    """The characters of one alphabet-level split: "train" (every alphabet not in `test_alphabets`, globs
+    allowed) or "test" (`test_alphabets`); `path` defaults to `<data_dir()>/omniglot`."""
     if split not in SPLITS:
         raise ValueError(f"unknown Omniglot split {split!r}; expected one of {SPLITS}.")
     path = path or os.path.join(data_dir(), "omniglot")
@@ -106,9 +114,7 @@ def omniglot_tasks(
     everything = sorted(set(alphabets.groups))
     held_out = [g for g in everything if any(fnmatch.fnmatchcase(g, p) for p in test_alphabets)]
     splits = alphabets.split_by_group(train=[g for g in everything if g not in held_out], test=held_out)
-    return FewShotTasks(splits[split], ways=ways, shots=shots, queries=queries,
-                        rotations=split == "train" if rotations is None else rotations,
-                        augmentation=RandomAffine() if affine else None)
+    return splits[split]
 
 
 TFDS_SPLITS = ("train", "test", "small1", "small2")
