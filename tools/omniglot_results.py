@@ -12,6 +12,7 @@ and training time) is printed and written to <out_dir>/table_<methods>_<schedule
 
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -24,14 +25,22 @@ METHODS = {"MAML": "maml", "first-order MAML": "fomaml", "Reptile": "reptile", "
            "Warp-MAML": "warp_maml"}
 SETTINGS = ("5w1s", "5w5s", "20w1s")
 # The CPU schedule: fewer meta-steps and smaller meta-batches than the papers (per method family), so that a
-# run takes 10-50 minutes on two cores (the papers' schedules take 3-340 hours there: docs/performance.md).
+# run takes 5-50 minutes on two cores (the papers' schedules take 3-340 hours there: docs/performance.md).
+# 5-way 5-shot and 20-way 1-shot episodes cost 2-5x more per meta-step: they get half the meta-steps.
 SCHEDULES = {
-    "gradient": ["Experiment.num_steps = 2000", "Experiment.steps_per_epoch = 250", "Experiment.meta_batch_size = 8"],
-    "reptile": ["Experiment.num_steps = 3000", "Experiment.steps_per_epoch = 250",
-                "PolynomialDecay.decay_steps = 3000"],
-    "metric": ["Experiment.num_steps = 2000", "Experiment.steps_per_epoch = 250", "Experiment.meta_batch_size = 1",
-               "ExponentialDecay.decay_steps = 500"],
+    "gradient": ["Experiment.num_steps = {2000}", "Experiment.steps_per_epoch = 250", "Experiment.meta_batch_size = 8"],
+    "reptile": ["Experiment.num_steps = {3000}", "Experiment.steps_per_epoch = 250",
+                "PolynomialDecay.decay_steps = {3000}"],
+    "metric": ["Experiment.num_steps = {2000}", "Experiment.steps_per_epoch = 250", "Experiment.meta_batch_size = 1",
+               "ExponentialDecay.decay_steps = {500}"],
 }
+STEP_SCALE = {"5w1s": 1.0, "5w5s": 0.5, "20w1s": 0.5}
+
+
+def cpu_schedule(method: str, setting: str) -> list:
+    """The CPU schedule's bindings for one run: its family's, with step counts scaled for the setting."""
+    scale = lambda match: str(int(int(match.group(1)) * STEP_SCALE[setting]))  # noqa: E731
+    return [re.sub(r"\{(\d+)\}", scale, b) for b in SCHEDULES[FAMILY[method]]]
 FAMILY = {"maml": "gradient", "fomaml": "gradient", "metasgd": "gradient", "anil": "gradient", "reptile": "reptile",
           "warp_maml": "gradient",
           "protonet": "metric", "matching": "metric", "relation": "metric"}
@@ -54,7 +63,7 @@ def main(argv):
             model_dir = os.path.abspath(os.path.join(FLAGS.out_dir, f"{name}_{FLAGS.schedule}"))
             bindings = ["Experiment.verbose = 2", "Experiment.validation_tasks = 0"]
             if FLAGS.schedule == "cpu":
-                bindings += SCHEDULES[FAMILY[METHODS[method]]]
+                bindings += cpu_schedule(METHODS[method], setting)
             seconds = runs.train_once(f"gin_configs/omniglot/{name}.gin", model_dir, bindings + FLAGS.gin_bindings)
             metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
             accuracy = metrics["eval"]["sparse_categorical_accuracy"]
