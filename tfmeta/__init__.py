@@ -6,7 +6,7 @@ reports pre/post-adaptation metrics with `evaluate`, and returns an adapted Kera
 """
 
 from tfmeta import data, layers, metric, models, tasks, warp
-from tfmeta.algorithms import IMAML, MAML, ContinualWarpGrad, Leap, Reptile, WarpGrad
+from tfmeta.algorithms import IMAML, MALTML, MAML, ContinualWarpGrad, Leap, Reptile, WarpGrad
 from tfmeta.episodic import EpisodicLearner
 from tfmeta.inner_loop import Adaptation, inner_loop
 from tfmeta.meta_learner import MetaLearner
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IMAML",
+    "MALTML",
     "ContinualWarpGrad",
     "Leap",
     "WarpGrad",

@@ -11,9 +11,10 @@ import tfmeta
 from tfmeta import experiment  # noqa: F401  (registers Experiment)
 
 for _cls in (
-    tfmeta.MAML, tfmeta.Reptile, tfmeta.IMAML, tfmeta.WarpGrad, tfmeta.Leap, tfmeta.ContinualWarpGrad, tfmeta.Partition,
-    tfmeta.Sgd, tfmeta.InnerAdam, tfmeta.ClipByGlobalNorm, tfmeta.Chain, tfmeta.MetaSGD, tfmeta.LSLR,
-    tfmeta.MetaCurvature, tfmeta.MTNetMask, tfmeta.PrototypicalNetwork, tfmeta.MatchingNetwork, tfmeta.RelationNetwork,
+    tfmeta.MAML, tfmeta.MALTML, tfmeta.Reptile, tfmeta.IMAML, tfmeta.WarpGrad, tfmeta.Leap, tfmeta.ContinualWarpGrad,
+    tfmeta.Partition, tfmeta.Sgd, tfmeta.LearnedSgd, tfmeta.InnerAdam, tfmeta.ClipByGlobalNorm, tfmeta.Chain,
+    tfmeta.MetaSGD, tfmeta.LSLR, tfmeta.MetaCurvature, tfmeta.MTNetMask, tfmeta.PrototypicalNetwork,
+    tfmeta.MatchingNetwork, tfmeta.RelationNetwork,
 ):
     gin.external_configurable(_cls, module="tfmeta")
 for _fn in (tfmeta.models.mlp, tfmeta.models.conv_net, tfmeta.models.point_model, tfmeta.warp.insert_warps):
@@ -26,7 +27,8 @@ for _data in (tfmeta.data.omniglot_tasks, tfmeta.data.FewShotTasks, tfmeta.data.
               tfmeta.data.omniglot_alphabet_tasks, tfmeta.data.GroupTasks):
     gin.external_configurable(_data, module="tfmeta.data")
 for _tasks in (tfmeta.tasks.SineTasks, tfmeta.tasks.SurfaceTasks, tfmeta.tasks.surface_loss,
-               tfmeta.tasks.ContinualSineTasks):
+               tfmeta.tasks.ContinualSineTasks, tfmeta.tasks.SineFamilies, tfmeta.tasks.MixtureFamilies,
+               tfmeta.tasks.goal_tasks):
     gin.external_configurable(_tasks, module="tfmeta.tasks")
 for _optimizer in (keras.optimizers.Adam, keras.optimizers.AdamW, keras.optimizers.SGD, keras.optimizers.RMSprop):
     gin.external_configurable(_optimizer, module="keras.optimizers")

@@ -216,27 +216,31 @@ class MetaLearner(EpisodicLearner):
 
         def one_task(index, episode):
             fast, slow = self.read_params()
-            adaptation = self.adapt_params(
-                fast, slow, state, episode["support_x"], episode["support_y"], steps,
-                training=False, keep_trajectory=True,
-            )
-
-            def query_results(params, k=None):
-                predictions, _ = self.forward(params, slow, state, episode["query_x"], training=False, step=k)
-                results = {"loss": self.loss_value(episode["query_y"], predictions),
-                           **self.metric_values(episode["query_y"], predictions)}
-                return {n: tf.cast(v, self._log_dtype) for n, v in results.items()}
-
-            if self.unroll_inner_loop:
-                results = [query_results(adaptation.trajectory[k], k) for k in at_steps]
-                return {n: tf.stack([r[n] for r in results]) for n in results[0]}
-            # One query pass in the graph, mapped over the points, however many steps.
-            points = [tf.stack([adaptation.trajectory[k][i] for k in at_steps]) for i in range(len(fast))]
-            return tf.map_fn(query_results, points, fn_output_signature={
-                n: tf.TensorSpec([], self._log_dtype) for n in ["loss", *self.task_metrics]})
+            return self.task_curve(fast, slow, state, episode, steps, at_steps)
 
         signature = {n: tf.TensorSpec([len(at_steps)], self._log_dtype) for n in ["loss", *self.task_metrics]}
         return self.map_tasks(one_task, episodes, signature)
+
+    def task_curve(self, fast, slow, state, episode: dict, steps: int, at_steps: Sequence[int]) -> dict:
+        """One task's query loss and metrics after each of `at_steps` of `steps` inner steps (inference mode)
+        from the fast parameters `fast`: a dict of tensors of shape [len(at_steps)]."""
+        adaptation = self.adapt_params(
+            fast, slow, state, episode["support_x"], episode["support_y"], steps, training=False, keep_trajectory=True,
+        )
+
+        def query_results(params, k=None):
+            predictions, _ = self.forward(params, slow, state, episode["query_x"], training=False, step=k)
+            results = {"loss": self.loss_value(episode["query_y"], predictions),
+                       **self.metric_values(episode["query_y"], predictions)}
+            return {n: tf.cast(v, self._log_dtype) for n, v in results.items()}
+
+        if self.unroll_inner_loop:
+            results = [query_results(adaptation.trajectory[k], k) for k in at_steps]
+            return {n: tf.stack([r[n] for r in results]) for n in results[0]}
+        # One query pass in the graph, mapped over the points, however many steps.
+        points = [tf.stack([adaptation.trajectory[k][i] for k in at_steps]) for i in range(len(fast))]
+        return tf.map_fn(query_results, points, fn_output_signature={
+            n: tf.TensorSpec([], self._log_dtype) for n in ["loss", *self.task_metrics]})
 
     # ------------------------------------------------------------------------------------------ adapt
 
@@ -249,6 +253,10 @@ class MetaLearner(EpisodicLearner):
         steps = check_steps(self.eval_inner_steps if steps is None else steps, "steps")
         support_x, support_y = self.check_support(support_x, support_y)
         fast, slow = self.read_params()
+        return self.adapted_model(fast, slow, support_x, support_y, steps)
+
+    def adapted_model(self, fast, slow, support_x, support_y, steps: int) -> keras.Model:
+        """A copy of the learner carrying the parameters adapted from `fast` to `(support_x, support_y)`."""
         state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
         adaptation = self.adapt_params(fast, slow, state, support_x, support_y, steps, training=False)
         adapted = keras.models.clone_model(self.learner)

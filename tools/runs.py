@@ -31,9 +31,11 @@ def train_and_restore(config: str, model_dir: str, bindings: list):
     """`train_once`, then the run's gin configuration parsed in this process: returns the `Experiment`, its
     meta-learner restored from the last checkpoint and the training wall time in seconds."""
     import common
+    import gin
 
     seconds = train_once(config, os.path.abspath(model_dir), bindings)
-    common.FLAGS.gin_file = [config]
+    common.FLAGS.gin_file, common.FLAGS.gin_bindings = [config], bindings
+    gin.clear_config()  # one configuration at a time, for tools that restore several runs
     common.parse_gin()
     from tfmeta.experiment import Experiment
 

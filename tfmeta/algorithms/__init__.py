@@ -7,8 +7,9 @@ Meta-Curvature, MT-Nets, ANIL, BOIL, T-Nets) are MAML with an update rule (`tfme
 
 from tfmeta.algorithms.continual import ContinualWarpGrad
 from tfmeta.algorithms.imaml import IMAML
+from tfmeta.algorithms.maltml import MALTML
 from tfmeta.algorithms.maml import MAML
 from tfmeta.algorithms.reptile import Reptile
 from tfmeta.algorithms.warpgrad import Leap, WarpGrad
 
-__all__ = ["ContinualWarpGrad", "IMAML", "MAML", "Leap", "Reptile", "WarpGrad"]
+__all__ = ["ContinualWarpGrad", "IMAML", "MALTML", "MAML", "Leap", "Reptile", "WarpGrad"]

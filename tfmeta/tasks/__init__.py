@@ -2,7 +2,9 @@
 
 from tfmeta.tasks.base import TaskDistribution
 from tfmeta.tasks.continual_sine import ContinualSineTasks
+from tfmeta.tasks.families import MixtureFamilies, SineFamilies, TaskFamilies, goal_tasks
 from tfmeta.tasks.sine import SineTasks
 from tfmeta.tasks.surfaces import SurfaceTasks, surface_loss
 
-__all__ = ["ContinualSineTasks", "SineTasks", "SurfaceTasks", "TaskDistribution", "surface_loss"]
+__all__ = ["ContinualSineTasks", "MixtureFamilies", "SineFamilies", "SineTasks", "SurfaceTasks", "TaskDistribution",
+           "TaskFamilies", "goal_tasks", "surface_loss"]
