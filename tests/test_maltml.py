@@ -173,7 +173,8 @@ def test_configs_hold_the_papers_settings_and_train(config, tmp_path):
     assert meta.update_rule.learning_rate == 0.001 and exp.meta_batch_size in (10, 70)
     if isinstance(meta, tfmeta.MALTML):
         assert (meta.task_rule.learning_rate, meta.family_rule.learning_rate) == (0.001, 0.01)
-        assert (exp.tasks.num_tasks, exp.tasks.num_support, exp.tasks.num_query, exp.tasks.num_goal_tasks) == (5, 5, 5, 2)
+        tasks = exp.tasks
+        assert (tasks.num_tasks, tasks.num_support, tasks.num_query, tasks.num_goal_tasks) == (5, 5, 5, 2)
         assert meta.first_order == config.startswith("fo")
     results = exp.train(str(tmp_path))
     assert results["meta_steps"] == 100 and np.isfinite(results["train"]["loss"])
