@@ -4,10 +4,11 @@ family episodes and bad input."""
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import values
+from conftest import omniglot_dir, values  # noqa: F401  (omniglot_dir is a fixture)
 from test_gradients import check_finite_differences
 
 import tfmeta
+from tfmeta.data.omniglot import alphabet_split
 
 SEED = tf.constant([3, 4], tf.int64)
 
@@ -179,3 +180,47 @@ def test_configs_hold_the_papers_settings_and_train(config, tmp_path):
     results = exp.train(str(tmp_path))
     assert results["meta_steps"] == 100 and np.isfinite(results["train"]["loss"])
     assert np.isfinite(results["eval"]["loss"]["mean"]).all()
+
+
+def test_omniglot_alphabets_as_families(omniglot_dir):  # noqa: F811
+    families = tfmeta.data.omniglot_families("test", omniglot_dir, num_tasks=2, num_goal_tasks=1, ways=5, shots=1,
+                                             queries=2)
+    classes = alphabet_split("test", omniglot_dir, tfmeta.data.TEST_ALPHABETS, 28)
+    alphabet_of = {classes.images[c, i].tobytes(): classes.groups[c]
+                   for c in range(classes.num_classes) for i in range(classes.counts[c])}
+    episodes = families.sample(SEED, 6)
+    assert episodes["support_x"].shape == (6, 2, 5, 28, 28, 1)
+    assert episodes["goal_query_x"].shape == (6, 1, 10, 28, 28, 1)
+    seen = set()
+    for f in range(6):
+        images = np.concatenate([np.reshape(episodes[k][f], (-1, 28, 28, 1)) for k in episodes if k.endswith("_x")])
+        alphabets = {alphabet_of[image.tobytes()] for image in images}
+        assert len(alphabets) == 1
+        seen |= alphabets
+    assert seen == set(classes.groups)
+    learner = tfmeta.models.conv_net(input_shape=(28, 28, 1), outputs=5, filters=4, blocks=2)
+    meta = tfmeta.MALTML(learner, loss="scores_cross_entropy", first_order=True)
+    grads, logs, _ = meta.compute_meta_gradients(episodes)
+    assert np.isfinite(logs["loss"]) and all(np.isfinite(g).all() for g in grads)
+
+
+def test_affine_families_share_their_transformation():
+    pattern = np.zeros((8, 8, 1), np.float32)
+    pattern[1, 2:6] = 1.0
+    classes = tfmeta.data.from_arrays(np.tile(pattern, (12, 1, 1, 1)), np.repeat(np.arange(4), 3))
+    tasks = tfmeta.data.FewShotTasks(classes, ways=2, shots=1, queries=1)
+    families = tfmeta.data.AffineFamilies(tasks, num_tasks=2, num_goal_tasks=1, scale_width=0.0, rotation_width=0.0,
+                                          translation=0.0)
+    episodes = families.sample(SEED, 3)
+    per_family = [np.concatenate([np.reshape(episodes[k][f], (-1, 8, 8, 1)) for k in episodes if k.endswith("_x")])
+                  for f in range(3)]
+    for images in per_family:
+        np.testing.assert_allclose(images, np.broadcast_to(images[:1], images.shape), atol=1e-6)
+    assert not np.allclose(per_family[0][0], per_family[1][0], atol=1e-3)
+    with pytest.raises(ValueError, match="without an augmentation"):
+        augmented = tfmeta.data.FewShotTasks(classes, ways=2, queries=1, augmentation=tfmeta.data.RandomAffine())
+        tfmeta.data.AffineFamilies(augmented)
+    with pytest.raises(ValueError, match=r"family \(group\) '0'.*`ways`=3"):
+        tfmeta.data.group_families(tfmeta.data.from_arrays(np.tile(pattern, (12, 1, 1, 1)), np.repeat(np.arange(4), 3),
+                                                           groups={0: "0", 1: "0", 2: "1", 3: "1"}), ways=3,
+                                   shots=1, queries=1)

@@ -24,7 +24,8 @@ for _warp in (tfmeta.warp.WarpConv2D, tfmeta.warp.WarpDense, tfmeta.warp.WarpSca
               tfmeta.warp.ResidualWarp, tfmeta.warp.FiLM, tfmeta.warp.WarpRNNCell):
     gin.external_configurable(_warp, module="tfmeta.warp")
 for _data in (tfmeta.data.omniglot_tasks, tfmeta.data.FewShotTasks, tfmeta.data.RandomAffine,
-              tfmeta.data.omniglot_alphabet_tasks, tfmeta.data.GroupTasks):
+              tfmeta.data.omniglot_alphabet_tasks, tfmeta.data.GroupTasks, tfmeta.data.omniglot_families,
+              tfmeta.data.AffineFamilies):
     gin.external_configurable(_data, module="tfmeta.data")
 for _tasks in (tfmeta.tasks.SineTasks, tfmeta.tasks.SurfaceTasks, tfmeta.tasks.surface_loss,
                tfmeta.tasks.ContinualSineTasks, tfmeta.tasks.SineFamilies, tfmeta.tasks.MixtureFamilies,
