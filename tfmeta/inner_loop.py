@@ -79,11 +79,15 @@ def inner_loop(
     and `step` is a tensor in `loss_fn` and the rule (per-step layers need `unroll=True`). The learner's
     variables are not read or written here: everything flows through `params` and `state`. `training` and
     the stateless `seed` are passed to the rule's per-task state (e.g. MT-Nets sample their masks from it).
+    `steps` may be an int tensor (a serving request's step count): the loop then runs in a `tf.while_loop`
+    whatever `unroll` says, and returns only the parameters and state.
     """
-    if steps < 0:
-        raise ValueError(f"inner loop `steps` must be >= 0; got {steps}.")
     params = list(params)
     rule_state = rule.init_state(params, training=training, seed=seed)
+    if isinstance(steps, (tf.Tensor, tf.Variable)):
+        return _dynamic_loop(loss_fn, params, list(state), rule, rule_state, steps)
+    if steps < 0:
+        raise ValueError(f"inner loop `steps` must be >= 0; got {steps}.")
 
     def one_step(step, params, state, rule_state, unrolled):
         with tf.GradientTape(watch_accessed_variables=False) as tape, at_step(step if unrolled else None):
@@ -109,6 +113,23 @@ def inner_loop(
         params, rule_state = next_params, next_rule_state
     return Adaptation(params=params, state=list(state), losses=losses, trajectory=trajectory, grads=all_grads,
                       rule_states=rule_states)
+
+
+def _dynamic_loop(loss_fn, params, state, rule, rule_state, steps) -> Adaptation:
+    """`inner_loop` for a number of steps known only at run time (a serving request's): a `tf.while_loop`
+    from step 0, without differentiation through it, trajectory or losses."""
+
+    def body(step, params, state, rule_state):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(params)
+            loss, state = loss_fn(params, state, step)
+        grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        updates, rule_state = rule.update([tf.stop_gradient(g) for g in grads], rule_state, params, step)
+        return step + 1, [p + u for p, u in zip(params, updates)], list(state), rule_state
+
+    _, params, state, _ = tf.while_loop(lambda step, *_: step < tf.cast(steps, tf.int32), body,
+                                        (tf.constant(0), params, state, rule_state))
+    return Adaptation(params=params, state=state, losses=[])
 
 
 def _while_loop(one_step, params, state, rule_state, steps, keep_trajectory) -> Adaptation:

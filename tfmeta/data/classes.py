@@ -13,6 +13,26 @@ import tensorflow as tf
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
+@dataclasses.dataclass(frozen=True)
+class ImagePreprocessing:
+    """How a source turns decoded image files into learner inputs: float in [0, 1], resized to `image_shape`
+    (height, width, channels) with `resize_method`, optionally inverted (Omniglot's ink as 1.0).
+
+    Loaders record it on their `ClassImages`, and `tfmeta.export` runs the same function inside a SavedModel,
+    so that serving takes images as decoded from their files ([n, any height, any width, channels], uint8 or
+    float in [0, 1])."""
+
+    image_shape: tuple[int, int, int]
+    resize_method: str = "bilinear"
+    antialias: bool = True
+    invert: bool = False
+
+    def __call__(self, images: tf.Tensor) -> tf.Tensor:
+        images = tf.image.convert_image_dtype(images, tf.float32)
+        images = tf.image.resize(images, self.image_shape[:2], method=self.resize_method, antialias=self.antialias)
+        return 1.0 - images if self.invert else images
+
+
 @dataclasses.dataclass
 class ClassImages:
     """Images grouped by class: `images[c, i]` is example i of class c, for i < `counts[c]`.
@@ -20,12 +40,14 @@ class ClassImages:
     images: float32 array [classes, max examples per class, height, width, channels] (zero padding).
     counts: examples of each class.
     names: a name per class; groups: a grouping key per class (e.g. an Omniglot alphabet) for splits.
+    preprocessing: how the images were made from decoded files, when a loader knows it (for export).
     """
 
     images: np.ndarray
     counts: np.ndarray
     names: list[str]
     groups: list[str]
+    preprocessing: Optional[ImagePreprocessing] = None
 
     def __post_init__(self):
         if self.images.ndim != 5:
@@ -44,7 +66,7 @@ class ClassImages:
         """The classes where `keep` is true."""
         keep = np.asarray(keep, bool)
         return ClassImages(self.images[keep], self.counts[keep], [n for n, k in zip(self.names, keep) if k],
-                           [g for g, k in zip(self.groups, keep) if k])
+                           [g for g, k in zip(self.groups, keep) if k], self.preprocessing)
 
     def split_by_group(self, **splits: Sequence[str]) -> dict[str, "ClassImages"]:
         """Class-level splits by group (e.g. `train=[...alphabets], test=[...]`); groups may be globs.
@@ -127,13 +149,12 @@ def from_image_folder(root: str, split: str, image_shape: Sequence[int]) -> Clas
         raise ValueError(f"unknown split {split!r} in {root!r}; found {sorted(builder.info.splits)}.")
     names = builder.info.features["label"].names
 
-    def pair(example):
-        image = tf.image.convert_image_dtype(example["image"], tf.float32)
-        return tf.image.resize(image, tuple(image_shape[:2]), antialias=True), example["label"]
-
-    classes = from_dataset(builder.as_dataset(split=split, shuffle_files=False).map(pair))
+    preprocessing = ImagePreprocessing(tuple(image_shape))
+    classes = from_dataset(builder.as_dataset(split=split, shuffle_files=False).map(
+        lambda example: (preprocessing(example["image"]), example["label"])))
     classes.names = [names[int(n)] for n in classes.names]
     classes.groups = list(classes.names)
+    classes.preprocessing = preprocessing
     return classes
 
 
@@ -165,19 +186,20 @@ def from_directory(
     if not images:
         raise ValueError(f"no image found in {root!r} (looked {depth} directory level(s) down for "
                          f"{', '.join(IMAGE_EXTENSIONS)} files).")
-    return from_arrays(np.stack(images), np.array(labels), groups)
+    classes = from_arrays(np.stack(images), np.array(labels), groups)
+    if preprocess is None:
+        classes.preprocessing = ImagePreprocessing(tuple(image_shape))
+    return classes
 
 
 def decode_image(data: tf.Tensor, image_shape: Sequence[int], name: str,
                  preprocess: Optional[Callable[[tf.Tensor], tf.Tensor]] = None) -> np.ndarray:
     """Decodes encoded image bytes to float32 [height, width, channels] in [0, 1], resized."""
-    height, width, channels = image_shape
     try:
-        image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+        image = tf.io.decode_image(data, channels=image_shape[2], expand_animations=False)
     except (tf.errors.InvalidArgumentError, ValueError) as error:
         raise ValueError(f"cannot decode image {name}: {str(error).splitlines()[0]}") from None
-    image = tf.image.convert_image_dtype(image, tf.float32)
-    image = tf.image.resize(image, (height, width), antialias=True)
+    image = ImagePreprocessing(tuple(image_shape))(image)
     if preprocess is not None:
         image = preprocess(image)
     return image.numpy()

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmeta.data.augment import RandomAffine
-from tfmeta.data.classes import ClassImages, from_arrays
+from tfmeta.data.classes import ClassImages, ImagePreprocessing, from_arrays
 from tfmeta.data.few_shot import FewShotTasks
 
 ARCHIVES = ("images_background.zip", "images_evaluation.zip", "images_background_small1.zip",
@@ -41,7 +41,7 @@ def load_omniglot(paths: str | Sequence[str], image_size: int = 28, cache_dir: O
     if os.path.exists(cache):
         with np.load(cache) as data:
             return ClassImages(data["images"], data["counts"], [str(n) for n in data["names"]],
-                               [str(g) for g in data["groups"]])
+                               [str(g) for g in data["groups"]], omniglot_preprocessing(image_size))
     files: dict[str, dict[str, bytes]] = {}
     for source in sources:
         for character, drawings in _read_source(source).items():
@@ -56,6 +56,7 @@ def load_omniglot(paths: str | Sequence[str], image_size: int = 28, cache_dir: O
             labels.append(character)
     images = _decode_all(blobs, image_size)
     classes = from_arrays(images, np.array(labels), {c: c.split("/")[0] for c in names})
+    classes.preprocessing = omniglot_preprocessing(image_size)
     os.makedirs(cache_dir, exist_ok=True)
     temporary = f"{cache}.{os.getpid()}.tmp.npz"  # per process: concurrent first loads do not collide
     np.savez(temporary, images=classes.images, counts=classes.counts, names=np.array(classes.names),
@@ -131,14 +132,16 @@ def load_omniglot_tfds(split: str = "train", image_size: int = 28, data_dir: Opt
         raise ValueError(f"unknown Omniglot split {split!r}; TFDS has {TFDS_SPLITS}.")
     dataset, info = tfds.load("omniglot", split=split, data_dir=data_dir, download=download, with_info=True)
     alphabets = info.features["alphabet"].names
-    images, labels = [], []
+    images, labels, preprocessing = [], [], omniglot_preprocessing(image_size)
     for example in dataset.as_numpy_iterator():
-        images.append(_to_ink(tf.image.rgb_to_grayscale(example["image"]), image_size))
+        images.append(preprocessing(tf.image.rgb_to_grayscale(example["image"])).numpy())
         labels.append(f"{alphabets[example['alphabet']]}/character{example['alphabet_char_id'] + 1:02d}")
     if not images:
         raise ValueError(f"TFDS Omniglot split {split!r} holds no example.")
     names = sorted(set(labels))
-    return from_arrays(np.stack(images), np.array(labels), {c: c.split("/")[0] for c in names})
+    classes = from_arrays(np.stack(images), np.array(labels), {c: c.split("/")[0] for c in names})
+    classes.preprocessing = preprocessing
+    return classes
 
 
 def _sources(paths: list[str]) -> list[str]:
@@ -180,20 +183,17 @@ def _read_source(source: str) -> dict[str, dict[str, bytes]]:
     return characters
 
 
-def _to_ink(image: tf.Tensor, image_size: int) -> np.ndarray:
-    """Grayscale uint8 drawing (white background) -> float32 [size, size, 1] with ink 1.0."""
-    image = tf.image.convert_image_dtype(image, tf.float32)
-    image = tf.image.resize(image, (image_size, image_size), method="area")
-    return (1.0 - image).numpy()
+def omniglot_preprocessing(image_size: int = 28) -> ImagePreprocessing:
+    """Omniglot's drawings (white background) to [size, size, 1] with ink 1.0: area-resized and inverted."""
+    return ImagePreprocessing((image_size, image_size, 1), resize_method="area", antialias=False, invert=True)
 
 
 def _decode_all(blobs: list[tuple[str, bytes]], image_size: int) -> np.ndarray:
     """Decodes (name, PNG bytes) pairs in parallel to float32 [n, size, size, 1] with ink 1.0."""
+    preprocessing = omniglot_preprocessing(image_size)
 
     def decode(data):
-        return tf.image.resize(
-            tf.image.convert_image_dtype(tf.io.decode_png(data, channels=1), tf.float32),
-            (image_size, image_size), method="area")
+        return preprocessing(tf.io.decode_png(data, channels=1))
 
     try:
         images = tf.data.Dataset.from_tensor_slices([b for _, b in blobs]).map(
@@ -206,5 +206,5 @@ def _decode_all(blobs: list[tuple[str, bytes]], image_size: int) -> np.ndarray:
             except tf.errors.InvalidArgumentError:
                 raise ValueError(f"cannot decode Omniglot image {name}: not a valid PNG file.") from None
         raise
-    return 1.0 - decoded
+    return decoded
 
