@@ -1,0 +1,144 @@
+"""SavedModel export: adaptation at serving time, reloaded in a fresh process, against the in-memory meta-learner."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import omniglot_dir  # noqa: F401  (a fixture)
+
+import tfmeta
+from tfmeta import export
+
+# Runs requests against SavedModels in a fresh Python process: argv = requests.npz results.npz; each request
+# names its export directory, signature and inputs; a failing request records its error message.
+SERVE = """
+import sys, numpy as np, tensorflow as tf
+requests = np.load(sys.argv[1], allow_pickle=True)["requests"]
+results = {}
+for i, (directory, signature, inputs) in enumerate(requests):
+    function = tf.saved_model.load(directory).signatures[signature]
+    try:
+        outputs = function(**{k: tf.constant(v) for k, v in inputs.items()})
+        results.update({f"{i}/{k}": v.numpy() for k, v in outputs.items()})
+    except Exception as error:  # the message is what the test checks
+        results[f"{i}/error"] = np.array(f"{type(error).__name__}: {error}")
+np.savez(sys.argv[2], **results)
+"""
+
+
+def serve(tmp_path, requests):
+    """Each request's outputs (dict) or error message (str), from a fresh process."""
+    np.savez(tmp_path / "requests.npz", requests=np.array(requests, dtype=object), allow_pickle=True)
+    subprocess.run([sys.executable, "-c", SERVE, str(tmp_path / "requests.npz"), str(tmp_path / "results.npz")],
+                   check=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    results = np.load(tmp_path / "results.npz")
+    answers = []
+    for i in range(len(requests)):
+        if f"{i}/error" in results:
+            answers.append(str(results[f"{i}/error"]))
+        else:
+            answers.append({k.split("/", 1)[1]: results[k] for k in results if k.startswith(f"{i}/")})
+    return answers
+
+
+def sine_request(seed, shots):
+    episode = tfmeta.tasks.SineTasks(num_support=shots, num_query=9).sample(tf.constant([seed, 0], tf.int64), 1)
+    return {k: np.array(v[0]) for k, v in episode.items()}
+
+
+def test_maml_sine_adapts_at_serving_time_with_any_support_size_and_step_override(tmp_path):
+    meta = tfmeta.MAML(tfmeta.models.mlp(hidden_units=(16, 16)), update_rule=tfmeta.Sgd(0.05), eval_inner_steps=4)
+    export.export_meta_learner(meta, str(tmp_path / "sine"))
+    five, eleven = sine_request(1, 5), sine_request(2, 11)
+    inputs = lambda e: {k: e[k] for k in ("support_x", "support_y", "query_x")}  # noqa: E731
+    answers = serve(tmp_path, [
+        (str(tmp_path / "sine"), "serving_default", inputs(five)),
+        (str(tmp_path / "sine"), "serving_default", inputs(eleven)),
+        (str(tmp_path / "sine"), "serving_with_steps", {**inputs(eleven), "inner_steps": np.int32(7)}),
+        (str(tmp_path / "sine"), "serving_default", {**inputs(five), "support_y": five["support_y"][:3]}),
+        (str(tmp_path / "sine"), "serving_default", {**inputs(five), "support_x": five["support_x"][None]}),
+    ])
+    for answer, episode, steps in ((answers[0], five, 4), (answers[1], eleven, 4), (answers[2], eleven, 7)):
+        expected = meta.adapt(episode["support_x"], episode["support_y"], steps=steps).predict(
+            episode["query_x"], verbose=0)
+        np.testing.assert_allclose(answer["predictions"], expected, rtol=1e-5, atol=1e-5)
+    assert "support_x and support_y must hold the same number of examples" in answers[3]
+    assert "support_x must have shape [examples, 1]" in answers[4]
+
+
+def raw_omniglot_request(path, ways=5, shots=1, queries=2):
+    """A 5-way episode of held-out characters as decoded from the archive's PNG files: uint8 [n, 105, 105, 1]."""
+    with zipfile.ZipFile(os.path.join(path, "images_background_small1.zip")) as archive:
+        names = sorted(n for n in archive.namelist() if n.endswith(".png") and "/Balinese/" in n)
+        characters = sorted({n.rsplit("/", 1)[0] for n in names})[:ways]
+        images = [[tf.io.decode_png(archive.read(n), channels=1).numpy() for n in names
+                   if n.startswith(c + "/")][:shots + queries] for c in characters]
+    split = lambda a, b: np.array([image for drawings in images for image in drawings[a:b]])  # noqa: E731
+    labels = lambda n: np.repeat(np.arange(ways, dtype=np.int32), n)  # noqa: E731
+    return {"support_x": split(0, shots), "support_y": labels(shots), "query_x": split(shots, shots + queries),
+            "query_y": labels(queries)}
+
+
+def test_omniglot_maml_and_prototypical_network_serve_raw_images(tmp_path, omniglot_dir):  # noqa: F811
+    preprocessing = tfmeta.data.omniglot_preprocessing()
+    maml = tfmeta.MAML(tfmeta.models.conv_net(outputs=5, filters=8, pooling="stride"), loss="scores_cross_entropy",
+                       update_rule=tfmeta.Sgd(0.4), eval_inner_steps=3)
+    protonet = tfmeta.PrototypicalNetwork(tfmeta.models.conv_net(outputs=None, filters=8,
+                                                                 batch_norm_statistics="running"))
+    for name, meta in (("maml", maml), ("protonet", protonet)):
+        signatures = export.export_meta_learner(meta, str(tmp_path / name), preprocessing=preprocessing)
+        assert set(signatures) >= {"serving_default", "serving_float"}
+    request = raw_omniglot_request(omniglot_dir)
+    inputs = {k: request[k] for k in ("support_x", "support_y", "query_x")}
+    as_float = {**inputs, **{k: (request[k] / 255.0).astype(np.float32) for k in ("support_x", "query_x")}}
+    bad_labels = {**inputs, "support_y": np.array([0, 1, 2, 3, 7], np.int32)}
+    missing_label = {**inputs, "support_y": np.array([0, 1, 2, 4, 4], np.int32)}
+    answers = serve(tmp_path, [
+        (str(tmp_path / "maml"), "serving_default", inputs),
+        (str(tmp_path / "protonet"), "serving_default", inputs),
+        (str(tmp_path / "protonet"), "serving_float", as_float),
+        (str(tmp_path / "maml"), "serving_default", bad_labels),
+        (str(tmp_path / "protonet"), "serving_default", missing_label),
+    ])
+    support_x, query_x = preprocessing(request["support_x"]), preprocessing(request["query_x"])
+    for answer, meta in ((answers[0], maml), (answers[1], protonet), (answers[2], protonet)):
+        expected = meta.adapt(support_x, request["support_y"]).predict(query_x, verbose=0)
+        np.testing.assert_allclose(answer["logits"], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(answer["classes"], expected.argmax(-1))
+    assert "support_y labels must lie in 0..4" in answers[3]
+    assert "support_y must hold every label 0..N-1" in answers[4]
+    shown = subprocess.run(["saved_model_cli", "show", "--dir", str(tmp_path / "maml"), "--all"], check=True,
+                           capture_output=True, text=True, timeout=300).stdout
+    for expected in ("serving_default", "serving_float", "serving_with_steps", "support_x", "support_y", "query_x",
+                     "inner_steps", "logits", "classes", "DT_UINT8"):
+        assert expected in shown
+
+
+def test_adapted_learner_saves_as_keras_and_as_a_saved_model(tmp_path):
+    meta = tfmeta.MAML(tfmeta.models.mlp(hidden_units=(8,)), update_rule=tfmeta.Sgd(0.1), eval_inner_steps=2)
+    episode = sine_request(3, 5)
+    adapted = meta.adapt(episode["support_x"], episode["support_y"])
+    export.save_adapted(adapted, str(tmp_path / "adapted"))
+    expected = adapted.predict(episode["query_x"], verbose=0)
+    import keras
+
+    reloaded = keras.models.load_model(tmp_path / "adapted" / "model.keras")
+    np.testing.assert_allclose(reloaded.predict(episode["query_x"], verbose=0), expected, rtol=1e-6)
+    served = tf.saved_model.load(str(tmp_path / "adapted" / "saved_model")).signatures["serving_default"]
+    outputs = served(x=tf.constant(episode["query_x"]))
+    np.testing.assert_allclose(next(iter(outputs.values())), expected, rtol=1e-6)
+
+
+def test_export_rejects_what_it_cannot_serve(tmp_path):
+    meta = tfmeta.MAML(tfmeta.models.conv_net(outputs=5, filters=4, blocks=1), loss="scores_cross_entropy")
+    with pytest.raises(ValueError, match="preprocessing.*makes images of shape"):
+        export.export_meta_learner(meta, str(tmp_path / "x"), preprocessing=tfmeta.data.omniglot_preprocessing(32))
+    maltml = tfmeta.MALTML(tfmeta.models.mlp(hidden_units=(4,)))
+    with pytest.raises(TypeError, match="MetaLearner or a MetricLearner"):
+        export.export_meta_learner(maltml, str(tmp_path / "y"))
+    assert json.dumps(export.is_classifier(meta)) == "true"
