@@ -69,6 +69,14 @@ def test_maml_sine_adapts_at_serving_time_with_any_support_size_and_step_overrid
         np.testing.assert_allclose(answer["predictions"], expected, rtol=1e-5, atol=1e-5)
     assert "support_x and support_y must hold the same number of examples" in answers[3]
     assert "support_x must have shape [examples, 1]" in answers[4]
+    # The TF1/C++ loader (TF Serving's) restores the variables too.
+    run = subprocess.run(["saved_model_cli", "run", "--dir", str(tmp_path / "sine"), "--tag_set", "serve",
+                          "--signature_def", "serving_default",
+                          "--input_exprs", "support_x=[[0.],[1.]];support_y=[[0.],[0.8]];query_x=[[0.5]]"],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    expected = meta.adapt(np.array([[0.0], [1.0]]), np.array([[0.0], [0.8]])).predict(np.array([[0.5]]), verbose=0)
+    value = float(run.split("Result for output key predictions:")[1].strip().strip("[]"))
+    assert value == pytest.approx(float(expected[0, 0]), abs=1e-5)
 
 
 def raw_omniglot_request(path, ways=5, shots=1, queries=2):

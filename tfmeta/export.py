@@ -136,21 +136,27 @@ def export_meta_learner(meta_learner: EpisodicLearner, export_dir: str, steps: O
         return [tf.TensorSpec(shape, x_dtype, name="support_x"), label, tf.TensorSpec(shape, x_dtype, name="query_x")]
 
     image_dtype = tf.uint8 if preprocessing is not None else None
-    signatures = {"serving_default": tf.function(
-        lambda support_x, support_y, query_x: module.run(support_x, support_y, query_x, module.steps),
-        input_signature=inputs(image_dtype)).get_concrete_function()}
+    # keras.export.ExportArchive, not tf.saved_model.save on a tf.Module: the latter leaves Keras 3 variables
+    # unrestorable by the TF1/C++ loaders that TF Serving and `saved_model_cli run` use.
+    archive = keras.export.ExportArchive()
+    archive.track(meta_learner)
+
+    def adapt(support_x, support_y, query_x):
+        return module.run(support_x, support_y, query_x, module.steps)
+
+    def adapt_with_steps(support_x, support_y, query_x, inner_steps):
+        return module.run(support_x, support_y, query_x, inner_steps)
+
+    endpoints = {"serving_default": (adapt, inputs(image_dtype))}
     if preprocessing is not None:
-        signatures["serving_float"] = tf.function(
-            lambda support_x, support_y, query_x: module.run(support_x, support_y, query_x, module.steps),
-            input_signature=inputs(tf.float32)).get_concrete_function()
+        endpoints["serving_float"] = (adapt, inputs(tf.float32))
     if isinstance(meta_learner, MetaLearner):
-        signatures["serving_with_steps"] = tf.function(
-            lambda support_x, support_y, query_x, inner_steps: module.run(support_x, support_y, query_x,
-                                                                          inner_steps),
-            input_signature=[*inputs(image_dtype), tf.TensorSpec([], tf.int32, name="inner_steps")],
-        ).get_concrete_function()
-    tf.saved_model.save(module, export_dir, signatures=signatures)
-    return signatures
+        steps_spec = tf.TensorSpec([], tf.int32, name="inner_steps")
+        endpoints["serving_with_steps"] = (adapt_with_steps, [*inputs(image_dtype), steps_spec])
+    functions = {name: archive.add_endpoint(name, fn, input_signature=signature)
+                 for name, (fn, signature) in endpoints.items()}
+    archive.write_out(export_dir, verbose=False)
+    return {name: function.get_concrete_function() for name, function in functions.items()}
 
 
 def save_adapted(model: keras.Model, directory: str) -> None:
