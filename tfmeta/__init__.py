@@ -5,7 +5,7 @@ Pipeline: a task distribution (`tfmeta.tasks`) yields batches of episodes as a `
 reports pre/post-adaptation metrics with `evaluate`, and returns an adapted Keras model with `adapt`.
 """
 
-from tfmeta import data, layers, metric, models, tasks, warp
+from tfmeta import data, distribute, layers, metric, models, tasks, warp
 from tfmeta.algorithms import IMAML, MALTML, MAML, ContinualWarpGrad, Leap, Reptile, WarpGrad
 from tfmeta.episodic import EpisodicLearner
 from tfmeta.inner_loop import Adaptation, inner_loop
@@ -45,6 +45,7 @@ __all__ = [
     "Sgd",
     "UpdateRule",
     "data",
+    "distribute",
     "inner_loop",
     "layers",
     "metric",

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence, Union
 import keras
 import tensorflow as tf
 
-from tfmeta import losses
+from tfmeta import distribute, losses
 
 EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
 TASK_PARALLELISM = ("map_fn", "unrolled", "vectorized_map")
@@ -198,6 +198,35 @@ class EpisodicLearner(keras.Model):
                 f"{tuple(support_x.shape)} and {tuple(support_y.shape)}."
             )
         return support_x, support_y
+
+    def apply_gradients(self, grads: list, variables: list) -> None:
+        """Applies meta-gradients with the compiled optimizer. Under a `tf.distribute` strategy each replica
+        holds the mean over its tasks and the optimizer sums the replicas', so each is divided by their count."""
+        self.optimizer.apply(distribute.replica_mean(grads), variables)
+
+    def update(self, grads: list, variables: list, state: list) -> None:
+        """Applies meta-gradients, then assigns the learner's new non-trainable state (BatchNorm statistics)."""
+        self.apply_gradients(grads, variables)
+        self.assign_state(self.reduce_state(state, after=variables))
+
+    def reduce_state(self, state: list, after: list) -> list:
+        """The learner's new non-trainable state averaged over replicas, all-reduced once the optimizer has
+        updated `after`: replicas must issue their collective operations in the same order, and the
+        optimizer's gradient all-reduce cannot be ordered from the replica's side."""
+        with tf.control_dependencies([tf.convert_to_tensor(v) for v in after[:1]]):
+            return distribute.all_reduce_mean([tf.identity(s) for s in state])
+
+    def assign_state(self, values: list) -> None:
+        """Assigns the learner's non-trainable state."""
+        for variable, value in zip(self.learner.non_trainable_variables, values):
+            variable.assign(value)
+
+    @staticmethod
+    def global_task_index(index, tasks) -> tf.Tensor:
+        """The index of task `index` of this replica's `tasks` in the global meta-batch (for per-task seeds that
+        do not depend on how the meta-batch is split across replicas)."""
+        _, replica = distribute.replicas()
+        return tf.cast(index, tf.int32) + tf.cast(replica, tf.int32) * tf.cast(tasks, tf.int32)
 
     def _log_spec(self, names) -> dict:
         return {n: tf.TensorSpec([], self._log_dtype) for n in names}

@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import gin
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmeta import evaluation
+from tfmeta import distribute, evaluation
 from tfmeta.episodic import EpisodicLearner
 from tfmeta.tasks import TaskDistribution
 
@@ -61,6 +61,10 @@ class Experiment:
         meta-step 2-4x faster. NaN checks and progress updates happen once per execution.
       verbose: `fit`'s progress output (1: progress bar, 2: a line per epoch; "auto": a progress bar on a
         terminal, lines otherwise).
+      strategy, tpu, devices: the `tf.distribute` strategy of meta-training (`tfmeta.distribute.make_strategy`:
+        "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu"), which splits each meta-batch of
+        tasks across its replicas (`meta_batch_size` must be a multiple of their number); XLA is off under a
+        strategy with several replicas (it fails there on TF 2.21).
     """
 
     def __init__(
@@ -81,6 +85,9 @@ class Experiment:
         jit_compile: Union[bool, str] = "auto",
         steps_per_execution: int = 1,
         verbose: Union[int, str] = "auto",
+        strategy: str = "default",
+        tpu: Optional[str] = None,
+        devices: Optional[Sequence[str]] = None,
     ):
         if num_steps < 0 or steps_per_epoch < 1 or num_steps % steps_per_epoch:
             raise ValueError(
@@ -109,14 +116,27 @@ class Experiment:
         self.jit_compile = jit_compile
         self.steps_per_execution = steps_per_execution
         self.verbose = verbose
+        if strategy not in distribute.STRATEGIES:
+            raise ValueError(f"`strategy` must be one of {distribute.STRATEGIES}; got {strategy!r}.")
+        self.strategy, self.tpu, self.devices = strategy, tpu, devices
+
+    def distribution(self) -> tf.distribute.Strategy:
+        """The run's `tf.distribute` strategy (created once per process)."""
+        return distribute.make_strategy(self.strategy, self.tpu, self.devices)
 
     def build(self) -> EpisodicLearner:
-        """The compiled meta-learner, with its optimizer's variables created (so checkpoints can restore them)."""
-        meta_learner = self.meta_learner()
-        meta_learner.compile(
-            optimizer=self.optimizer(), jit_compile=self.jit_compile, steps_per_execution=self.steps_per_execution
-        )
-        meta_learner.optimizer.build(meta_learner.meta_variables)
+        """The compiled meta-learner, with its optimizer's variables created (so checkpoints can restore them),
+        in the scope of the run's strategy."""
+        strategy = self.distribution()
+        replicas = strategy.num_replicas_in_sync
+        if self.meta_batch_size % replicas:
+            raise ValueError(f"`meta_batch_size` ({self.meta_batch_size}) must be a multiple of the strategy's "
+                             f"{replicas} replicas: each replica takes an equal share of the tasks.")
+        with strategy.scope():
+            meta_learner = self.meta_learner()
+            meta_learner.compile(optimizer=self.optimizer(), steps_per_execution=self.steps_per_execution,
+                                 jit_compile=self.jit_compile if replicas == 1 else False)
+            meta_learner.optimizer.build(meta_learner.meta_variables)
         return meta_learner
 
     def checkpoints(self, meta_learner: EpisodicLearner, model_dir: str) -> tf.train.CheckpointManager:

@@ -87,7 +87,7 @@ class _Adaptation(tf.Module):
             if isinstance(meta, MetricLearner):
                 episode = {"support_x": support_x[None], "support_y": tf.cast(support_y, tf.int32)[None],
                            "query_x": query_x[None]}
-                outputs = meta.episode_scores(episode, training=False)[0]
+                outputs = meta.episode_scores(episode, training=False)[0][0]
             else:
                 fast, slow = meta.read_params()
                 state = [tf.convert_to_tensor(v) for v in meta.learner.non_trainable_variables]

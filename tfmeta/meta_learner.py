@@ -168,8 +168,10 @@ class MetaLearner(EpisodicLearner):
         episodes = self.check_episodes(episodes)
         state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
         batch_seed = self.task_seeds.next()
+        tasks = tf.shape(episodes["support_x"])[0]
 
         def one_task(index, episode):
+            index = self.global_task_index(index, tasks)
             seed = tf.random.experimental.stateless_fold_in(batch_seed, index)
             grads, logs, new_state = self.task_gradients(episode, self.task_state(state, index), seed)
             return grads, {k: tf.cast(v, self._log_dtype) for k, v in logs.items()}, new_state
@@ -196,9 +198,7 @@ class MetaLearner(EpisodicLearner):
     def train_step(self, data):
         episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)  # `train_on_batch` passes (x, None, None)
         grads, logs, state = self.compute_meta_gradients(episodes)
-        self.optimizer.apply(grads, self.meta_variables)
-        for variable, value in zip(self.learner.non_trainable_variables, state):
-            variable.assign(value)
+        self.update(grads, self.meta_variables, state)
         return self._update_trackers(logs)
 
     def evaluate_tasks(

@@ -26,6 +26,14 @@ def parse_gin() -> None:
     gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings)
 
 
+def gin_value(name: str, default):
+    """The value bound to a gin parameter, or `default` when the configuration does not bind it."""
+    try:
+        return gin.query_parameter(name)
+    except ValueError:
+        return default
+
+
 def print_curve(curve: dict) -> None:
     """Prints the query loss and metrics of an adaptation curve (mean ± 95% CI) before adaptation, after one
     inner step and after the last one; a curve without inner steps (metric learners) has one point."""

@@ -113,10 +113,11 @@ def main(argv):
             mean, ci = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
             style = "--" if "without" in method else "-"
             ax.plot(steps, mean, style, marker="o", markersize=3, label=method)
-            ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
+            ax.fill_between(steps, np.maximum(mean - ci, 1e-3), mean + ci, alpha=0.2)
         ax.axhline(oracle.mean(), color="k", linestyle=":", label="oracle (amplitude and phase given)")
+        ax.set_yscale("log")
         ax.set_xlabel("goal-task finetuning steps")
-        ax.set_ylabel("goal-task MSE")
+        ax.set_ylabel("goal-task MSE (log scale; bands: 95% CI)")
         ax.set_title("5-task 5-shot sine families: 600 held-out families")
         ax.legend(fontsize=8)
         fig.tight_layout()

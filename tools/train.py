@@ -18,7 +18,11 @@ FLAGS = common.FLAGS
 def main(argv):
     del argv
     common.parse_gin()
+    from tfmeta import distribute
     from tfmeta.experiment import Experiment
+
+    # Multi-worker and TPU strategies configure the runtime: create the strategy before any other op.
+    distribute.make_strategy(*(common.gin_value(f"Experiment.{k}", None) for k in ("strategy", "tpu", "devices")))
 
     os.makedirs(FLAGS.model_dir, exist_ok=True)
     with open(os.path.join(FLAGS.model_dir, "config.gin"), "w") as f:

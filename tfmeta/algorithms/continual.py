@@ -106,7 +106,7 @@ class ContinualWarpGrad(WarpGrad):
                                             (tf.constant(start), theta, total))
             accumulated += end - start
             if end % self.warp_interval == 0 or end == steps:
-                self.optimizer.apply([t / accumulated for t in total], self.warp_variables)
+                self.apply_gradients([t / accumulated for t in total], self.warp_variables)
                 total, accumulated = [tf.zeros_like(t) for t in total], 0
         self.meta_steps.assign_add(1)
         _, slow = self.read_params()

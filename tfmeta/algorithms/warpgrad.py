@@ -231,6 +231,7 @@ class WarpGrad(MetaLearner):
                                                     training=False)  # only its structure is used
 
         def one_task(index, episode):
+            index = self.global_task_index(index, tf.shape(episodes["support_x"])[0])
             seed = tf.random.experimental.stateless_fold_in(batch_seed, index)
             return self._adapt_task(episode, self.task_state(state, index), seed)
 
@@ -252,14 +253,13 @@ class WarpGrad(MetaLearner):
             if self.task_parallelism == "unrolled":
                 indices = list(range(tasks * self.inner_steps))
             warp_grads = self._warp_gradients(episodes, buffer, indices, state, rule_template)
-            self.optimizer.apply(init_grads + warp_grads, self._fast_variables + self.warp_variables)
+            self.apply_gradients(init_grads + warp_grads, self._fast_variables + self.warp_variables)
         else:
             if self.warp_variables:
                 self._offline_updates(episodes, buffer, tasks, state, rule_template, batch_seed)
-            self.optimizer.apply(init_grads, self._fast_variables)
+            self.apply_gradients(init_grads, self._fast_variables)
         self.meta_steps.assign_add(1)
-        for variable, value in zip(self.learner.non_trainable_variables, self.merge_task_states(buffer["state"])):
-            variable.assign(value)
+        self.assign_state(self.reduce_state(self.merge_task_states(buffer["state"]), after=self._fast_variables))
         return self._update_trackers({k: tf.reduce_mean(v) for k, v in buffer["logs"].items()})
 
     def _offline_updates(self, episodes, buffer, tasks, state, rule_template, seed) -> None:
@@ -279,7 +279,7 @@ class WarpGrad(MetaLearner):
                 if self.task_parallelism == "unrolled":
                     batch = [batch[i] for i in range(min(self.warp_batch_size, size - start))]
                 grads = self._warp_gradients(episodes, buffer, batch, state, rule_template)
-                self.optimizer.apply(grads, self.warp_variables)
+                self.apply_gradients(grads, self.warp_variables)
 
     # ------------------------------------------------------------------------------------ serialisation
 

@@ -69,27 +69,31 @@ class MetricLearner(EpisodicLearner):
         """The embedding of a batch of images."""
         return self.learner(inputs, training=training)
 
-    def episode_scores(self, episodes: dict, training: bool) -> tf.Tensor:
-        """Embeds all images of a batch of episodes in one call and scores the queries: [tasks, queries, ways]."""
+    def episode_scores(self, episodes: dict, training: bool) -> tuple[tf.Tensor, list]:
+        """Embeds all images of a batch of episodes in one call and scores the queries: returns the scores
+        [tasks, queries, ways] and the embedding's new non-trainable state (BatchNorm statistics), which
+        `train_step` assigns (averaged over replicas under a `tf.distribute` strategy)."""
         sx, qx = episodes["support_x"], episodes["query_x"]
         tasks, shots, queries = tf.shape(sx)[0], tf.shape(sx)[1], tf.shape(qx)[1]
         images = tf.concat([tf.reshape(sx, tf.concat([[-1], tf.shape(sx)[2:]], 0)),
                             tf.reshape(qx, tf.concat([[-1], tf.shape(qx)[2:]], 0))], 0)
-        embedded = self.learner(images, training=training)
+        embedded, state = self.learner.stateless_call(
+            [tf.convert_to_tensor(v) for v in self.learner.trainable_variables],
+            [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables], images, training=training)
         feature_shape = tf.shape(embedded)[1:]
         support = tf.reshape(embedded[: tasks * shots], tf.concat([[tasks, shots], feature_shape], 0))
         query = tf.reshape(embedded[tasks * shots:], tf.concat([[tasks, queries], feature_shape], 0))
         support_y = tf.cast(episodes["support_y"], tf.int32)
         ways = tf.reduce_max(support_y) + 1
-        return self.scores(support, support_y, query, ways, training=training)
+        return self.scores(support, support_y, query, ways, training=training), state
 
     def train_step(self, data):
         episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         episodes = self.check_episodes(episodes)
         with tf.GradientTape() as tape:
-            scores = self.episode_scores(episodes, training=True)
+            scores, state = self.episode_scores(episodes, training=True)
             loss = self.loss_value(episodes["query_y"], scores)
-        self.optimizer.apply(tape.gradient(loss, self.meta_variables), self.meta_variables)
+        self.update(tape.gradient(loss, self.meta_variables), self.meta_variables, state)
         return self._update_trackers({"loss": loss, **self.metric_values(episodes["query_y"], scores)})
 
     def evaluate_tasks(self, episodes: dict, steps: Optional[int] = None,
@@ -97,7 +101,7 @@ class MetricLearner(EpisodicLearner):
         """Per-task query loss and metrics (no inner steps: the same values at each of `at_steps`)."""
         episodes = self.check_episodes(episodes)
         repeats = 1 if at_steps is None else len(tuple(at_steps))
-        scores = self.episode_scores(episodes, training=False)
+        scores, _ = self.episode_scores(episodes, training=False)
         y = episodes["query_y"]
         results = {"loss": self.task_loss(y, scores),
                    **{n: fn(y, scores) for n, fn in self.task_metrics.items()}}
