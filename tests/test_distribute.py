@@ -1,5 +1,6 @@
-"""tf.distribute: MirroredStrategy over two logical CPU devices gives the meta-updates of a single device, and
-a run checkpointed under one strategy resumes under another. The scripts run in a fresh process, which splits
+"""tf.distribute: MirroredStrategy over two logical CPU devices gives the meta-updates of a single device, two
+MultiWorkerMirroredStrategy workers on this machine stay in sync, and a run checkpointed under one strategy
+resumes under another. The scripts run in a fresh process, which splits
 the CPU into two logical devices before TensorFlow starts."""
 
 import os
@@ -72,6 +73,20 @@ print(json.dumps({"meta_steps": int(resumed.meta_step()), "difference": max(
 """
 
 
+WORKER = """
+import os, sys, numpy as np
+from tfmeta import distribute
+strategy = distribute.make_strategy("multi_worker_mirrored")  # before any other op: it configures the runtime
+import keras, tensorflow as tf, tfmeta
+keras.utils.set_random_seed(0)
+with strategy.scope():
+    meta = tfmeta.MAML(tfmeta.models.mlp(hidden_units=(16, 16)), update_rule=tfmeta.Sgd(0.01))
+    meta.compile(keras.optimizers.Adam(1e-3))
+meta.fit(tfmeta.tasks.SineTasks(num_support=5).dataset(4, seed=0), epochs=1, steps_per_epoch=5, verbose=0)
+np.savez(sys.argv[1], meta_step=int(meta.meta_step()), *[np.array(v) for v in meta.variables])
+"""
+
+
 def run(script, *args):
     result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
@@ -89,6 +104,43 @@ def test_mirrored_strategy_gives_the_single_device_meta_updates():
 def test_checkpoint_from_one_strategy_resumes_under_another(tmp_path):
     result = run(RESUME, str(tmp_path))
     assert result["meta_steps"] == 4 and result["difference"] < 1e-5
+
+
+def free_ports(count):
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_multi_worker_mirrored_workers_end_with_identical_weights(tmp_path):
+    import json
+
+    import numpy as np
+
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = []
+    for index in range(2):
+        config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        processes.append(subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tmp_path / f"worker{index}.npz")], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env={**os.environ, "TF_CONFIG": config, "TF_CPP_MIN_LOG_LEVEL": "3"}))
+    try:
+        for process in processes:
+            _, stderr = process.communicate(timeout=300)
+            assert process.returncode == 0, stderr[-3000:]
+    finally:
+        for process in processes:
+            process.kill()
+    first, second = np.load(tmp_path / "worker0.npz"), np.load(tmp_path / "worker1.npz")
+    assert int(first["meta_step"]) == int(second["meta_step"]) == 5
+    for key in first.files:
+        np.testing.assert_array_equal(first[key], second[key])
 
 
 def test_strategy_errors():

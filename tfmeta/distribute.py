@@ -57,6 +57,12 @@ def make_strategy(name: Optional[str] = "default", tpu: Optional[str] = None, de
     return strategy
 
 
+def multi_worker() -> bool:
+    """Whether the current strategy spans several workers."""
+    extended = tf.distribute.get_strategy().extended
+    return bool(getattr(extended, "_in_multi_worker_mode", lambda: False)())
+
+
 def replicas() -> tuple[int, tf.Tensor]:
     """(replicas in sync, this replica's index) in the current replica context; (1, 0) outside one."""
     context = tf.distribute.get_replica_context()

@@ -77,6 +77,15 @@ class EpisodicLearner(keras.Model):
         self._log_dtype = keras.backend.standardize_dtype(learner.trainable_variables[0].dtype)
         self._trackers = {n: keras.metrics.Mean(name=n) for n in self.log_names()}
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras' first-batch build, reduced to what a meta-learner needs. Under a strategy Keras reduces a
+        first batch over the replicas to trace the model symbolically, which fails across workers for a dict
+        of episodes; meta-learners are built already, and only the optimizer's variables are missing."""
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and not optimizer.built:
+            with self.distribute_strategy.scope():
+                optimizer.build(self.meta_variables)
+
     def log_names(self) -> list[str]:
         """The names `fit` and `evaluate` log: the query loss and metrics after adaptation."""
         return ["loss", *self.task_metrics]
@@ -234,7 +243,10 @@ class EpisodicLearner(keras.Model):
     def _update_trackers(self, logs: dict) -> dict:
         for name, value in logs.items():
             self._trackers[name].update_state(value)
-        return {name: self._trackers[name].result() for name in logs}
+        results = {name: self._trackers[name].result() for name in logs}
+        if distribute.multi_worker():  # Keras reduces logs across workers along an axis 0 they must have
+            results = {name: tf.reshape(value, [1]) for name, value in results.items()}
+        return results
 
     def get_config(self) -> dict:
         return {
