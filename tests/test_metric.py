@@ -23,7 +23,7 @@ def embed(model, x):
 def test_prototypical_scores_are_negative_squared_distances_to_class_means():
     episodes = {k: v.numpy() for k, v in classification_episodes(dtype="float32").items()}
     meta = tfmeta.PrototypicalNetwork(embedding())
-    scores = meta.episode_scores(episodes, training=False).numpy()
+    scores = meta.episode_scores(episodes, training=False)[0].numpy()
     support, query = embed(meta.learner, episodes["support_x"]), embed(meta.learner, episodes["query_x"])
     for t in range(2):
         prototypes = np.stack([support[t][episodes["support_y"][t] == c].mean(0) for c in range(3)])
@@ -34,7 +34,7 @@ def test_prototypical_scores_are_negative_squared_distances_to_class_means():
 def test_matching_scores_are_log_attention_over_the_support_labels():
     episodes = {k: v.numpy() for k, v in classification_episodes(dtype="float32").items()}
     meta = tfmeta.MatchingNetwork(embedding(), scale=3.0)
-    scores = meta.episode_scores(episodes, training=False).numpy()
+    scores = meta.episode_scores(episodes, training=False)[0].numpy()
     support, query = embed(meta.learner, episodes["support_x"]), embed(meta.learner, episodes["query_x"])
     for t in range(2):
         cosine = (query[t] / np.linalg.norm(query[t], axis=1, keepdims=True)) @ (
@@ -52,7 +52,7 @@ def test_relation_scores_pair_each_query_with_each_class_sum():
     module = keras.Model(module_inputs, keras.layers.Dense(1, activation="sigmoid")(
         keras.layers.Flatten()(module_inputs)))
     meta = tfmeta.RelationNetwork(maps, module=module)
-    scores = meta.episode_scores(episodes, training=False).numpy()
+    scores = meta.episode_scores(episodes, training=False)[0].numpy()
     support = maps.predict(episodes["support_x"].reshape(-1, 4, 4, 2), verbose=0).reshape(2, 6, 4, 4, 3)
     query = maps.predict(episodes["query_x"].reshape(-1, 4, 4, 2), verbose=0).reshape(2, 9, 4, 4, 3)
     t, q, c = 1, 4, 2
@@ -86,7 +86,7 @@ def test_fit_evaluate_adapt_save(name, tmp_path):
     results = meta.evaluate_tasks(episodes, at_steps=(0, 1))
     assert results["loss"].shape == (2, 2)
     # The adapted classifier predicts each query's scores as evaluation computed them.
-    expected = meta.episode_scores(episodes, training=False)[1].numpy()
+    expected = meta.episode_scores(episodes, training=False)[0][1].numpy()
     classifier = meta.adapt(episodes["support_x"][1], episodes["support_y"][1])
     np.testing.assert_allclose(classifier.predict(episodes["query_x"][1], verbose=0), expected, rtol=1e-4, atol=1e-5)
     # It owns its weights (further meta-training does not move it) and saves and loads as a Keras model.
