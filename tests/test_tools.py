@@ -37,7 +37,8 @@ def test_killed_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tm
     process = subprocess.Popen(command("train.py", killed), cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (killed / "checkpoints" / "ckpt-2.index").exists():
+    state = killed / "checkpoints" / "checkpoint"  # written after a checkpoint's files: it registers the checkpoint
+    while not (state.exists() and '"ckpt-2"' in state.read_text()):
         assert process.poll() is None and time.time() < deadline, "no checkpoint written"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
