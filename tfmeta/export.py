@@ -35,11 +35,10 @@ def is_classifier(meta_learner: EpisodicLearner) -> bool:
     return any(word in str(name).lower() for word in _CLASSIFICATION_LOSSES)
 
 
-class _Adaptation(tf.Module):
-    """The serving module: the meta-learner's variables and the adaptation as a `tf.function`."""
+class _Adaptation:
+    """What a serving signature runs: request checks, preprocessing and the meta-learner's adaptation."""
 
     def __init__(self, meta_learner: EpisodicLearner, steps: int, preprocessing: Optional[ImagePreprocessing]):
-        super().__init__(name="adaptation")
         self.meta_learner = meta_learner
         self.steps = steps
         self.preprocessing = preprocessing

@@ -208,10 +208,7 @@ class MetaLearner(EpisodicLearner):
         mode) and returns, per task, the query loss and metrics after each of `at_steps` steps (default: before
         and after adaptation) as tensors of shape `[tasks, len(at_steps)]`."""
         episodes = self.check_episodes(episodes)
-        steps = check_steps(self.eval_inner_steps if steps is None else steps, "steps")
-        at_steps = (0, steps) if at_steps is None else tuple(at_steps)
-        if not all(0 <= k <= steps for k in at_steps):
-            raise ValueError(f"`at_steps` must lie in [0, {steps}]; got {at_steps}.")
+        steps, at_steps = self.curve_points(steps, at_steps)
         state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
 
         def one_task(index, episode):
@@ -220,6 +217,15 @@ class MetaLearner(EpisodicLearner):
 
         signature = {n: tf.TensorSpec([len(at_steps)], self._log_dtype) for n in ["loss", *self.task_metrics]}
         return self.map_tasks(one_task, episodes, signature)
+
+    def curve_points(self, steps: Optional[int], at_steps: Optional[Sequence[int]]) -> tuple[int, tuple]:
+        """`evaluate_tasks`' inner steps (default `eval_inner_steps`) and the steps to report (default: before and
+        after adaptation), checked."""
+        steps = check_steps(self.eval_inner_steps if steps is None else steps, "steps")
+        at_steps = (0, steps) if at_steps is None else tuple(at_steps)
+        if not all(0 <= k <= steps for k in at_steps):
+            raise ValueError(f"`at_steps` must lie in [0, {steps}]; got {at_steps}.")
+        return steps, at_steps
 
     def task_curve(self, fast, slow, state, episode: dict, steps: int, at_steps: Sequence[int]) -> dict:
         """One task's query loss and metrics after each of `at_steps` of `steps` inner steps (inference mode)

@@ -189,10 +189,7 @@ class MALTML(MetaLearner):
         """Per family, the goal tasks' query loss and metrics (mean over its goal tasks) after each of `at_steps`
         of `steps` finetuning steps from θ_F, and `loss_without_meta_update` from θ: tensors [families, points]."""
         episodes = self.check_episodes(episodes)
-        steps = check_steps(self.eval_inner_steps if steps is None else steps, "steps")
-        at_steps = (0, steps) if at_steps is None else tuple(at_steps)
-        if not all(0 <= k <= steps for k in at_steps):
-            raise ValueError(f"`at_steps` must lie in [0, {steps}]; got {at_steps}.")
+        steps, at_steps = self.curve_points(steps, at_steps)
         state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
         goals = episodes["goal_support_x"].shape[1]
         names = ["loss", *self.task_metrics]
