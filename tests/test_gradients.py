@@ -64,6 +64,36 @@ def test_second_order_conv_with_exact_batch_norm_matches_finite_differences():
     check_finite_differences(meta, episodes, grads, rtol=1e-5)
 
 
+def test_fused_float32_batch_norm_equals_exact_float64_to_second_order():
+    """float32 batch norm runs as TensorFlow's fused kernel; float64 (checked above by finite differences) does not.
+    Same weights and data: equal meta-gradients, losses and moving statistics, with ReLU, max-pooling and a
+    dense batch norm."""
+    def learner(dtype):
+        conv = tfmeta.models.conv_net((6, 6, 1), outputs=None, filters=4, blocks=2, dtype=dtype)
+        x = keras.layers.Flatten(dtype=dtype)(conv.output)
+        x = tfmeta.layers.BatchNormalization(momentum=0.5, dtype=dtype)(keras.layers.Dense(6, dtype=dtype)(x))
+        return keras.Model(conv.input, keras.layers.Dense(3, dtype=dtype)(x))
+
+    fused, exact = learner("float32"), learner("float64")
+    exact.set_weights(fused.get_weights())
+    episodes32 = {k: v if v.dtype.is_integer else tf.cast(v, tf.float32) for k, v in classification_episodes().items()}
+    results = []
+    for model, episodes in ((fused, episodes32), (exact, classification_episodes())):
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=model.dtype)
+        meta = tfmeta.MAML(model, loss=loss, update_rule=tfmeta.Sgd(0.5), inner_steps=2)
+        compute = tf.function(meta.compute_meta_gradients)
+        graph = str(compute.get_concrete_function(episodes).graph.as_graph_def())
+        assert ("FusedBatchNormV3" in graph) == (model is fused)
+        grads, logs, state = compute(episodes)
+        results.append(([np.asarray(g, "float64") for g in grads], float(logs["loss"]), values(state)))
+    (g32, loss32, state32), (g64, loss64, state64) = results
+    assert loss32 == pytest.approx(loss64, rel=1e-5)
+    for a, b in zip(g32, g64):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)  # conv biases before batch norm: zero
+    for a, b in zip(state32, state64):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_keras_batch_norm_warns_and_exact_copy_does_not():
     learner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization(),
                                 keras.layers.Dense(1)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 STATISTICS = ("batch", "running")
@@ -23,6 +24,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
         query batch is normalised with its own statistics). The moving averages are still tracked in training.
       "running": the moving averages, as Keras does.
     In training (`training=True`) the layer always uses batch statistics and updates the moving averages.
+
+    Batch statistics over the last axis in float32 run as TensorFlow's fused batch norm (one kernel forward, one
+    backward, and an exact analytic second derivative), several times faster than the same computation in
+    separate ops; other cases (masks, other axes or dtypes) compute the moments as above.
     """
 
     def __init__(self, statistics: str = "batch", **kwargs):
@@ -35,6 +40,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self.statistics = statistics
 
     def call(self, inputs, training=None, mask=None):
+        batch_statistics = (training and self.trainable) or self.statistics == "batch"
+        if batch_statistics and self._fusable(inputs, mask):
+            return self._fused_call(inputs, update=bool(training and self.trainable))
         if (training and self.trainable) or self.statistics == "running":
             return super().call(inputs, training=training, mask=mask)
         # Batch statistics at inference, leaving the moving averages untouched.
@@ -50,6 +58,32 @@ class BatchNormalization(keras.layers.BatchNormalization):
             epsilon=self.epsilon,
         )
         return ops.cast(outputs, self.compute_dtype)
+
+    def _fusable(self, inputs, mask) -> bool:
+        rank = len(inputs.shape)
+        return (
+            keras.backend.backend() == "tensorflow" and mask is None and not self.renorm and rank >= 2
+            and self.axis in (-1, rank - 1) and inputs.dtype == "float32"
+        )
+
+    def _fused_call(self, inputs, update: bool):
+        """Normalises with the batch statistics through `FusedBatchNormV3` (channels last); with `update`, moves
+        the moving averages towards them (the biased variance, as Keras does)."""
+        channels = inputs.shape[-1]
+        x = inputs if len(inputs.shape) == 4 else tf.reshape(inputs, [-1, 1, 1, channels])
+        gamma = self.gamma if self.scale else tf.ones([channels])
+        beta = self.beta if self.center else tf.zeros([channels])
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            x, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta), epsilon=self.epsilon, is_training=True
+        )
+        if update:
+            count = tf.cast(tf.size(x) // channels, variance.dtype)
+            # The fused op returns the unbiased variance (Bessel's correction); Keras tracks the biased one.
+            biased = tf.where(count > 1, tf.stop_gradient(variance) * (count - 1) / count, tf.zeros_like(variance))
+            self.moving_mean.assign(self.moving_mean * self.momentum + tf.stop_gradient(mean) * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum + biased * (1.0 - self.momentum))
+        y = y if len(inputs.shape) == 4 else tf.reshape(y, tf.shape(inputs))
+        return ops.cast(y, self.compute_dtype)
 
     def _moments(self, inputs, mask):
         if mask is not None:
