@@ -12,6 +12,10 @@ override the workload's algorithm (MAML by default; iMAML solves the inner probl
 
   python benchmarks/meta_step.py --workloads b --modes map_fn --xla off --algorithms maml,imaml \
       --inner_steps 1,5,10,20 --tasks 4 --steps 3 --warmup 1
+
+`--xla auto` is what `compile()` does without the argument; `--threads INTRA,INTER` sets TensorFlow's thread
+pools (default: TensorFlow's own). Each line also carries the analytic FLOPs of the meta-step
+(`meta_step_flops`). `benchmarks/suite.py` runs these configurations side by side with learn2learn.
 """
 
 import argparse
@@ -56,6 +60,38 @@ def episodes(config, rng, np):
     return {"support_x": xs, "support_y": labels(k), "query_x": xq, "query_y": labels(q)}
 
 
+def layer_flops(learner) -> list:
+    """Forward FLOPs per example of each convolution and dense layer of a flat Keras model (2 per multiply-add)."""
+    import keras
+
+    costs = []
+    for layer in learner.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            height, width, channels_out = layer.output.shape[1:]
+            costs.append(2 * height * width * layer.kernel_size[0] * layer.kernel_size[1]
+                         * layer.input.shape[-1] * channels_out)
+        elif isinstance(layer, keras.layers.Dense):
+            costs.append(2 * layer.input.shape[-1] * layer.units)
+    return costs
+
+
+def meta_step_flops(costs: list, tasks: int, support: int, query: int, steps: int, first_order: bool) -> float:
+    """Analytic FLOPs of the convolutions and matrix products of one MAML meta-step (elementwise ops, batch norm
+    and pooling not counted), from the per-example forward cost f of each layer:
+
+    - a forward pass costs f; its backward f for the weight gradient plus f for the input gradient, except in
+      the first layer, whose input is data;
+    - second order differentiates each inner step's forward and backward pass once more: through the forward
+      pass as a backward (2f, f in the first layer); through the input-gradient op, bilinear in the output
+      gradient and the weights (2f, none in the first layer); through the weight-gradient op, bilinear in the
+      layer input and the output gradient (2f, f in the first layer).
+    Per example: first order 3f (2f in the first layer); a second-order inner step 9f (4f)."""
+    first, rest = costs[0], sum(costs[1:])
+    forward_backward = 3 * rest + 2 * first
+    inner = (9 * rest + 4 * first) if not first_order else forward_backward
+    return float(tasks * (support * steps * inner + query * forward_backward))
+
+
 def others_cpu():
     """Machine-wide busy CPU seconds minus our own, to report contention from other processes."""
     with open("/proc/stat") as f:
@@ -67,9 +103,14 @@ def others_cpu():
 
 def run_one(args):
     """Child process: one configuration, one JSON line."""
+    import tensorflow as tf
+
+    if args.threads != "default":
+        intra, inter = (int(n) for n in args.threads.split(","))
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
     import keras
     import numpy as np
-    import tensorflow as tf
 
     import tfmeta
 
@@ -89,7 +130,7 @@ def run_one(args):
         meta = tfmeta.IMAML(learner, cg_steps=5, **common)
     else:
         meta = tfmeta.MAML(learner, first_order=config["first_order"], **common)
-    meta.compile(keras.optimizers.Adam(1e-3), jit_compile=args.xla == "on")
+    meta.compile(keras.optimizers.Adam(1e-3), jit_compile="auto" if args.xla == "auto" else args.xla == "on")
     rng = np.random.default_rng(args.seed)
     batches = [episodes(config, rng, np) for _ in range(1 + args.warmup + args.steps)]
     stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
@@ -109,13 +150,24 @@ def run_one(args):
             times.append(elapsed)
             others.append((others_cpu() - other0) / (elapsed * os.cpu_count()))
     times = np.array(times)
+    if config["model"] == "mlp":
+        support, query = config["support"], config["query"]
+    else:
+        support, query = config["ways"] * config["shots"], config["ways"] * config["queries"]
+    flops = meta_step_flops(layer_flops(learner), config["tasks"], support, query, config["steps"],
+                            config["first_order"])
     print(json.dumps({
         "workload": args.workload, "name": config["name"], "algorithm": args.algorithm,
         "inner_steps": config["steps"], "tasks": config["tasks"], "task_parallelism": args.mode, "xla": args.xla,
         "median_s": float(np.median(times)), "p10_s": float(np.percentile(times, 10)),
         "p90_s": float(np.percentile(times, 90)), "steps": len(times), "first_step_s": first_step,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "others_cpu_frac": float(np.median(others)), "threads": os.cpu_count(),
+        "times_s": [round(float(t), 6) for t in times], "gflop": flops / 1e9,
+        "gflops": flops / 1e9 / float(np.median(times)), "xla_resolved": bool(meta.jit_compile),
+        "task_mapping": meta.task_mapping,
+        "others_cpu_frac": float(np.median(others)), "cpus": os.cpu_count(),
+        "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
+                    tf.config.threading.get_inter_op_parallelism_threads()],
         "tensorflow": tf.__version__, "keras": keras.__version__, "tfmeta": tfmeta.__version__,
     }), flush=True)
 
@@ -132,6 +184,7 @@ def main():
     parser.add_argument("--inner_steps", default="", help="override the workloads' inner steps (a list)")
     parser.add_argument("--tasks", type=int, default=0, help="override the tasks per meta-batch")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    parser.add_argument("--threads", default="default", help="INTRA,INTER thread pools, or default")
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--algorithm", default="maml", help=argparse.SUPPRESS)
@@ -148,7 +201,7 @@ def main():
     for workload, algorithm, inner_steps, mode, xla in configurations:
         command = [sys.executable, __file__, f"--workload={workload}", f"--mode={mode}", f"--xla={xla}",
                    f"--algorithm={algorithm}", f"--steps={args.steps}", f"--warmup={args.warmup}",
-                   f"--seed={args.seed}", f"--tasks={args.tasks}"]
+                   f"--seed={args.seed}", f"--tasks={args.tasks}", f"--threads={args.threads}"]
         if inner_steps:
             command.append(f"--inner_steps={inner_steps}")
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -17,7 +17,10 @@ import tensorflow as tf
 from tfmeta import distribute, losses
 
 EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
-TASK_PARALLELISM = ("map_fn", "unrolled", "vectorized_map")
+TASK_PARALLELISM = ("auto", "map_fn", "unrolled", "vectorized_map")
+# Layers that `tf.vectorized_map` turns into batched kernels (no while-loop fallback, no state).
+VECTORIZABLE_LAYERS = (keras.layers.InputLayer, keras.layers.Dense, keras.layers.Activation, keras.layers.Flatten,
+                       keras.layers.Reshape)
 
 Metric = Union[str, Callable[[tf.Tensor, tf.Tensor], tf.Tensor]]
 
@@ -43,20 +46,22 @@ class EpisodicLearner(keras.Model):
         learners.
       loss: the task loss, a Keras loss name, function or `keras.losses.Loss` (averaged over examples).
       metrics: per-example metric functions or their `keras.metrics` names, reported on the query set.
-      task_parallelism: how per-task computations of a meta-batch run: "map_fn" (`tf.map_fn`, default: fast to
-        trace, and on a par with the others at run time; see docs/performance.md), "unrolled" (a Python loop,
-        needs a static meta-batch size) or "vectorized_map" (`tf.vectorized_map`; fastest for small MLPs
-        without XLA, pathological with XLA).
+      task_parallelism: how per-task computations of a meta-batch run: "map_fn" (`tf.map_fn`: fast to trace,
+        and the fastest on conv learners; see docs/performance.md), "unrolled" (a Python loop, needs a static
+        meta-batch size), "vectorized_map" (`tf.vectorized_map`: batched kernels; the fastest for small dense
+        learners) or "auto" (default): "vectorized_map" for algorithms that declare it safe
+        (`vectorizes_dense_learners`) on learners made only of dense layers and activations, else "map_fn".
     """
 
     takes_support_streams = False  # Gradient-based learners can take one support batch per inner step.
+    vectorizes_dense_learners = False  # Whether "auto" may vectorise this algorithm's tasks over dense learners.
 
     def __init__(
         self,
         learner: keras.Model,
         loss: Union[str, Callable] = "mse",
         metrics: Sequence[Metric] = (),
-        task_parallelism: str = "map_fn",
+        task_parallelism: str = "auto",
         name: Optional[str] = None,
     ):
         super().__init__(name=name)
@@ -136,10 +141,20 @@ class EpisodicLearner(keras.Model):
 
     # -------------------------------------------------------------------------------------- utilities
 
+    @property
+    def task_mapping(self) -> str:
+        """`task_parallelism` with "auto" resolved for this algorithm and learner."""
+        if self.task_parallelism != "auto":
+            return self.task_parallelism
+        dense = all(isinstance(layer, VECTORIZABLE_LAYERS) or layer is self.learner
+                    for layer in self.learner._flatten_layers(include_self=True))
+        dense = dense and not self.learner.non_trainable_variables
+        return "vectorized_map" if self.vectorizes_dense_learners and dense else "map_fn"
+
     def map_tasks(self, fn: Callable, episodes: dict, signature):
         """Applies `fn(task_index, episode)` to every task of a batch and stacks the results."""
         tasks = episodes["support_x"].shape[0]
-        if self.task_parallelism == "unrolled":
+        if self.task_mapping == "unrolled":
             if tasks is None:
                 raise ValueError(
                     "task_parallelism='unrolled' needs a static number of tasks per meta-batch: batch the "
@@ -148,7 +163,7 @@ class EpisodicLearner(keras.Model):
             outputs = [fn(tf.constant(i), {k: v[i] for k, v in episodes.items()}) for i in range(tasks)]
             return tf.nest.map_structure(lambda *xs: tf.stack(xs), *outputs)
         indices = tf.range(tf.shape(episodes["support_x"])[0])
-        if self.task_parallelism == "vectorized_map":
+        if self.task_mapping == "vectorized_map":
             return tf.vectorized_map(lambda args: fn(*args), (indices, episodes))
         return tf.map_fn(lambda args: fn(*args), (indices, episodes), fn_output_signature=signature)
 

@@ -64,7 +64,7 @@ class MetaLearner(EpisodicLearner):
         inner_steps: int = 1,
         eval_inner_steps: Optional[int] = None,
         partition: Optional[partition_lib.Partition] = None,
-        task_parallelism: str = "map_fn",
+        task_parallelism: str = "auto",
         unroll_inner_loop: bool = True,
         name: Optional[str] = None,
     ):

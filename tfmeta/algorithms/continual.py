@@ -74,7 +74,7 @@ class ContinualWarpGrad(WarpGrad):
         return grads, [tf.stop_gradient(p) for p in adapted]
 
     def _map(self, fn, elems, signature):
-        if self.task_parallelism == "vectorized_map":
+        if self.task_mapping == "vectorized_map":
             return tf.vectorized_map(lambda args: fn(*args), elems)
         return tf.map_fn(lambda args: fn(*args), elems, fn_output_signature=signature)
 

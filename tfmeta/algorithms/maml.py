@@ -33,6 +33,8 @@ class MAML(MetaLearner):
     (`keras.optimizers.schedules.CosineDecay`).
     """
 
+    vectorizes_dense_learners = True
+
     def __init__(self, learner: keras.Model, first_order: bool = False,
                  query_step_weights: Optional[Sequence[float]] = None,
                  multi_step_loss_annealing: Optional[int] = None, first_order_steps: int = 0, **kwargs):

@@ -208,10 +208,10 @@ class WarpGrad(MetaLearner):
             grads, _ = self.point_gradients(episode, theta, rule_state, i % steps, state)
             return grads
 
-        if self.task_parallelism == "unrolled":
+        if self.task_mapping == "unrolled":
             grads = [one_point(tf.constant(i)) for i in indices]
             return [tf.add_n(g) / len(indices) for g in zip(*grads)]
-        if self.task_parallelism == "vectorized_map":
+        if self.task_mapping == "vectorized_map":
             grads = tf.vectorized_map(one_point, tf.convert_to_tensor(indices))
         else:
             grads = tf.map_fn(one_point, tf.convert_to_tensor(indices), fn_output_signature=_spec(self.warp_variables))
@@ -250,7 +250,7 @@ class WarpGrad(MetaLearner):
 
         if self.warp_variables and self.mode == "online":
             indices = tf.range(tf.shape(episodes["support_x"])[0] * self.inner_steps)
-            if self.task_parallelism == "unrolled":
+            if self.task_mapping == "unrolled":
                 indices = list(range(tasks * self.inner_steps))
             warp_grads = self._warp_gradients(episodes, buffer, indices, state, rule_template)
             self.apply_gradients(init_grads + warp_grads, self._fast_variables + self.warp_variables)
@@ -276,7 +276,7 @@ class WarpGrad(MetaLearner):
                 seed, -1 - epoch)))
             for start in range(0, size, self.warp_batch_size):
                 batch = order[start:start + self.warp_batch_size]
-                if self.task_parallelism == "unrolled":
+                if self.task_mapping == "unrolled":
                     batch = [batch[i] for i in range(min(self.warp_batch_size, size - start))]
                 grads = self._warp_gradients(episodes, buffer, batch, state, rule_template)
                 self.apply_gradients(grads, self.warp_variables)

@@ -25,9 +25,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
       "running": the moving averages, as Keras does.
     In training (`training=True`) the layer always uses batch statistics and updates the moving averages.
 
-    Batch statistics over the last axis in float32 run as TensorFlow's fused batch norm (one kernel forward, one
-    backward, and an exact analytic second derivative), several times faster than the same computation in
-    separate ops; other cases (masks, other axes or dtypes) compute the moments as above.
+    Batch statistics over the last axis in float32 run forward as TensorFlow's fused batch norm kernel, with the
+    analytic backward formula as its gradient (exact to any order); other cases (masks, other axes or dtypes)
+    compute the moments in separate ops as above.
     """
 
     def __init__(self, statistics: str = "batch", **kwargs):
@@ -73,9 +73,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         x = inputs if len(inputs.shape) == 4 else tf.reshape(inputs, [-1, 1, 1, channels])
         gamma = self.gamma if self.scale else tf.ones([channels])
         beta = self.beta if self.center else tf.zeros([channels])
-        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta), epsilon=self.epsilon, is_training=True
-        )
+        y, mean, variance = _fused_batch_norm(x, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta), self.epsilon)
         if update:
             count = tf.cast(tf.size(x) // channels, variance.dtype)
             # The fused op returns the unbiased variance (Bessel's correction); Keras tracks the biased one.
@@ -95,6 +93,39 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "statistics": self.statistics}
+
+
+def _fused_batch_norm(x, gamma, beta, epsilon: float):
+    """Training-mode batch norm over NHWC `x`: `(y, batch mean, unbiased batch variance)`.
+
+    The forward pass is TensorFlow's fused kernel; the backward pass is the analytic formula in ordinary ops, so
+    that it differentiates again exactly (MAML's second order through a support pass). TensorFlow's fused
+    backward kernel is faster, but its registered second derivative made graphs with cycles under Meta-SGD."""
+    epsilon = max(epsilon, 1.001e-5)  # the fused kernel's minimum
+
+    @tf.custom_gradient
+    def forward(x, gamma, beta):
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, epsilon=epsilon, is_training=True)
+
+        def backward(dy, dmean, dvariance):
+            del dmean, dvariance  # the statistics only feed the moving averages, under a stop-gradient
+            return _batch_norm_backward(dy, x, gamma, epsilon)
+
+        return (y, mean, variance), backward
+
+    return forward(x, gamma, beta)
+
+
+def _batch_norm_backward(dy, x, gamma, epsilon: float):
+    """Training-mode batch norm's (dx, dgamma, dbeta) over NHWC `x`, in differentiable ops."""
+    axes = [0, 1, 2]
+    centred = x - tf.reduce_mean(x, axes)
+    inverse_std = tf.math.rsqrt(tf.reduce_mean(tf.square(centred), axes) + epsilon)
+    normalised = centred * inverse_std
+    dbeta = tf.reduce_sum(dy, axes)
+    dgamma = tf.reduce_sum(dy * normalised, axes)
+    count = tf.cast(tf.size(dy) // tf.shape(dy)[-1], dy.dtype)
+    return (gamma * inverse_std) * (dy - (dbeta + normalised * dgamma) / count), dgamma, dbeta
 
 
 def inexact_batch_norms(model: keras.Layer) -> list[keras.Layer]:
