@@ -26,6 +26,7 @@ LAYERS = {  # name: (input side, input channels, filters)
 
 
 def rate(fn, args: tuple, flops: float, repeats: int = 7) -> float:
+    """GFLOP/s of `fn(*args)` (`flops` per call): the median of `repeats` timed calls after one untimed."""
     fn(*args).numpy()
     times = []
     for _ in range(repeats):

@@ -27,7 +27,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -64,20 +63,15 @@ def peak(repeats: int = 7) -> dict:
     14x14 maps, a batch of 600 = 8 tasks' queries), with TensorFlow's default thread pools."""
     import tensorflow as tf
 
-    def rate(fn, args, flops):
-        fn(*args).numpy()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(*args).numpy()
-            times.append(time.perf_counter() - start)
-        return flops / float(np.median(times))
+    sys.path.insert(0, HERE)
+    from conv_rates import rate
 
     a = tf.random.normal([4096, 4096])
-    matmul = rate(tf.function(tf.matmul), (a, a), 2 * 4096**3)
+    matmul = rate(tf.function(tf.matmul), (a, a), 2 * 4096**3, repeats)
     x, w = tf.random.normal([600, 14, 14, 64]), tf.random.normal([3, 3, 64, 64])
-    conv = rate(tf.function(lambda x, w: tf.nn.conv2d(x, w, 1, "SAME")), (x, w), 2 * 600 * 14 * 14 * 64 * 64 * 9)
-    return {"kind": "peak", "matmul_gflops": matmul / 1e9, "conv_gflops": conv / 1e9,
+    conv = rate(tf.function(lambda x, w: tf.nn.conv2d(x, w, 1, "SAME")), (x, w), 2 * 600 * 14 * 14 * 64 * 64 * 9,
+                repeats)
+    return {"kind": "peak", "matmul_gflops": matmul, "conv_gflops": conv,
             "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
                         tf.config.threading.get_inter_op_parallelism_threads()]}
 
