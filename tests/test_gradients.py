@@ -198,3 +198,10 @@ def test_task_parallelism_modes_agree(mode):
     expected = reference.compute_meta_gradients(episodes)[0]
     for a, b in zip(expected, tf.function(other.compute_meta_gradients)(episodes)[0]):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_task_parallelism_vectorises_maml_over_dense_learners_only():
+    assert tfmeta.MAML(small_mlp()).task_mapping == "vectorized_map"
+    assert tfmeta.MAML(small_conv()).task_mapping == "map_fn"  # convolutions and batch norm state
+    assert tfmeta.Reptile(small_mlp()).task_mapping == "map_fn"  # not declared safe to vectorise
+    assert tfmeta.MAML(small_mlp(), task_parallelism="map_fn").task_mapping == "map_fn"
