@@ -68,6 +68,7 @@ def inner_loop(
     training: bool = True,
     seed: Optional[tf.Tensor] = None,
     unroll: bool = True,
+    rematerialize: bool = False,
 ) -> Adaptation:
     """Adapts `params` with `steps` steps of `rule` on `loss_fn(params, state, step) -> (loss, state)`.
 
@@ -80,7 +81,9 @@ def inner_loop(
     variables are not read or written here: everything flows through `params` and `state`. `training` and
     the stateless `seed` are passed to the rule's per-task state (e.g. MT-Nets sample their masks from it).
     `steps` may be an int tensor (a serving request's step count): the loop then runs in a `tf.while_loop`
-    whatever `unroll` says, and returns only the parameters and state.
+    whatever `unroll` says, and returns only the parameters and state. `rematerialize=True` keeps only each
+    unrolled step's inputs for the backward pass and recomputes the step there (see `rematerialized`): the
+    second-order meta-gradient's memory then grows with the steps by a parameter set, not by the activations.
     """
     params = list(params)
     rule_state = rule.init_state(params, training=training, seed=seed)
@@ -101,6 +104,8 @@ def inner_loop(
 
     if not unroll and steps > 1:
         return _while_loop(one_step, params, list(state), rule_state, steps, keep_trajectory)
+    if rematerialize and not first_order:
+        one_step = _rematerialized_step(one_step)
     trajectory, all_grads, rule_states = ([params], [], []) if keep_trajectory else (None, None, None)
     losses = []
     for step in range(steps):
@@ -113,6 +118,69 @@ def inner_loop(
         params, rule_state = next_params, next_rule_state
     return Adaptation(params=params, state=list(state), losses=losses, trajectory=trajectory, grads=all_grads,
                       rule_states=rule_states)
+
+
+def _rematerialized_step(one_step):
+    """`one_step` as a function whose backward pass recomputes the step from its inputs."""
+
+    def step_fn(step, params, state, rule_state, unrolled):
+        flat_rule_state = tf.nest.flatten(rule_state)
+        sizes = (len(params), len(state))
+
+        def flat_step(inputs):
+            params, state, rule_leaves = inputs[:sizes[0]], inputs[sizes[0]:sum(sizes)], inputs[sum(sizes):]
+            loss, grads, next_params, next_state, next_rule_state = one_step(
+                step, params, state, tf.nest.pack_sequence_as(rule_state, rule_leaves), unrolled)
+            return [loss, *grads, *next_params, *next_state, *tf.nest.flatten(next_rule_state)], next_rule_state
+
+        structure = []
+
+        def outputs_only(inputs):
+            outputs, next_rule_state = flat_step(inputs)
+            structure[:] = [next_rule_state]
+            return outputs
+
+        outputs = rematerialized(outputs_only)(*params, *state, *flat_rule_state)
+        n = len(params)
+        loss, grads, next_params = outputs[0], outputs[1:1 + n], outputs[1 + n:1 + 2 * n]
+        next_state = outputs[1 + 2 * n:1 + 2 * n + len(state)]
+        next_rule_state = tf.nest.pack_sequence_as(structure[0], outputs[1 + 2 * n + len(state):])
+        return loss, list(grads), list(next_params), list(next_state), next_rule_state
+
+    return step_fn
+
+
+def rematerialized(fn: Callable[[list], list]) -> Callable[..., list]:
+    """`fn(tensors) -> tensors` as a function of the same value whose gradient recomputes `fn` instead of keeping its
+    intermediate tensors (gradient checkpointing; like `tf.recompute_grad`, which stops the tapes inside `fn`
+    that an inner loop needs). The recomputation waits for the incoming gradients, so that graph optimisations
+    cannot merge it with the forward pass. Only floating-point inputs and outputs carry gradients."""
+
+    @tf.custom_gradient
+    def run(*inputs):
+        outputs = fn(list(inputs))
+
+        def grad(*output_grads, variables=None):
+            # `tf.custom_gradient` passes `variables` only when `fn` read variables; then it wants their grads.
+            read_variables = variables is not None
+            variables = list(variables or [])
+            pairs = [(o, g) for o, g in zip(outputs, output_grads) if o.dtype.is_floating and g is not None]
+            with tf.control_dependencies([g for _, g in pairs]):
+                replayed = [tf.identity(x) for x in inputs]
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch([x for x in replayed if x.dtype.is_floating] + variables)
+                recomputed = fn(replayed)
+            kept = [r for r, o, g in zip(recomputed, outputs, output_grads) if o.dtype.is_floating and g is not None]
+            sources = [x for x in replayed if x.dtype.is_floating]
+            grads = tape.gradient(kept, sources + variables, output_gradients=[g for _, g in pairs],
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            source_grads = iter(grads[:len(sources)])
+            input_grads = [next(source_grads) if x.dtype.is_floating else None for x in inputs]
+            return (input_grads, grads[len(sources):]) if read_variables else input_grads
+
+        return outputs, grad
+
+    return run
 
 
 def _dynamic_loop(loss_fn, params, state, rule, rule_state, steps) -> Adaptation:

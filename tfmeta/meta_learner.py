@@ -51,6 +51,10 @@ class MetaLearner(EpisodicLearner):
         second-order meta-gradient, and for per-step layers); False runs them in a `tf.while_loop`, whose graph
         and tracing time do not grow with the steps: for first-order algorithms with long inner loops (Leap,
         Reptile) and long evaluations.
+      rematerialize_inner_steps: recompute each inner step in the backward pass instead of keeping its
+        activations (gradient checkpointing): second-order memory grows with the inner steps by one parameter
+        set per step rather than by the activations, for about one more forward-backward pass per step (see
+        docs/performance.md for measured memory and time).
     """
 
     takes_support_streams = True
@@ -66,6 +70,7 @@ class MetaLearner(EpisodicLearner):
         partition: Optional[partition_lib.Partition] = None,
         task_parallelism: str = "auto",
         unroll_inner_loop: bool = True,
+        rematerialize_inner_steps: bool = False,
         name: Optional[str] = None,
     ):
         if update_rule is not None and not isinstance(update_rule, UpdateRule):
@@ -84,6 +89,7 @@ class MetaLearner(EpisodicLearner):
             inner_steps if eval_inner_steps is None else eval_inner_steps, "eval_inner_steps"
         )
         self.unroll_inner_loop = bool(unroll_inner_loop)
+        self.rematerialize_inner_steps = bool(rematerialize_inner_steps)
         self.task_seeds = keras.random.SeedGenerator(name="task_seeds")  # for update rules that sample
         context = {id(v) for v in partition_lib.context_weights(learner)}
         self.context_mask = tuple(id(v) in context for v in self.meta_variables)
@@ -134,7 +140,7 @@ class MetaLearner(EpisodicLearner):
         return inner_loop(
             support_loss, fast, state, self.update_rule, steps,
             first_order=first_order, keep_trajectory=keep_trajectory, training=training, seed=seed,
-            unroll=self.unroll_inner_loop,
+            unroll=self.unroll_inner_loop, rematerialize=self.rematerialize_inner_steps,
         )
 
     def is_stream(self, x) -> bool:
@@ -286,6 +292,7 @@ class MetaLearner(EpisodicLearner):
             "eval_inner_steps": self.eval_inner_steps,
             "partition": self.partition.get_config(),
             "unroll_inner_loop": self.unroll_inner_loop,
+            "rematerialize_inner_steps": self.rematerialize_inner_steps,
         }
 
     @classmethod
