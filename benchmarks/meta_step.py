@@ -11,7 +11,9 @@ override the workload's algorithm (MAML by default; iMAML solves the inner probl
 5 CG steps) and its number of inner steps, e.g. for memory against inner steps:
 
   python benchmarks/meta_step.py --workloads b --modes map_fn --xla off --algorithms maml,imaml \
-      --inner_steps 1,5,10,20 --tasks 4 --steps 3 --warmup 1
+      --inner_steps 1,5,10,20 --tasks 4 --steps 3 --warmup 1 --remat off,on
+
+`--remat on` recomputes inner steps in the backward pass (`rematerialize_inner_steps=True`).
 
 `--xla auto` is what `compile()` does without the argument; `--threads INTRA,INTER` sets TensorFlow's thread
 pools (default: TensorFlow's own). Each line also carries the analytic FLOPs of the meta-step
@@ -101,8 +103,8 @@ def others_cpu():
     return busy - own
 
 
-def run_one(args):
-    """Child process: one configuration, one JSON line."""
+def build(args):
+    """The compiled meta-learner of `args.workload` and an iterator over its pre-drawn episode batches."""
     import tensorflow as tf
 
     if args.threads != "default":
@@ -125,7 +127,7 @@ def run_one(args):
         learner = tfmeta.models.conv_net(config["shape"], outputs=config["ways"], filters=config["filters"])
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     common = dict(loss=loss, update_rule=tfmeta.Sgd(config["lr"]), inner_steps=config["steps"],
-                  task_parallelism=args.mode)
+                  task_parallelism=args.mode, rematerialize_inner_steps=args.rematerialize == "on")
     if args.algorithm == "imaml":
         meta = tfmeta.IMAML(learner, cg_steps=5, **common)
     else:
@@ -136,7 +138,20 @@ def run_one(args):
     stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
     iterator = iter(tf.data.Dataset.from_tensor_slices(stacked))
     meta.make_train_function()
+    return meta, iterator, config
+
+
+def run_one(args):
+    """Child process: one configuration, one JSON line."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import tfmeta
+
+    meta, iterator, config = build(args)
     train_function = meta.train_function
+    learner = meta.learner
 
     times, others = [], []
     for i in range(1 + args.warmup + args.steps):
@@ -159,6 +174,7 @@ def run_one(args):
     print(json.dumps({
         "workload": args.workload, "name": config["name"], "algorithm": args.algorithm,
         "inner_steps": config["steps"], "tasks": config["tasks"], "task_parallelism": args.mode, "xla": args.xla,
+        "rematerialize": args.rematerialize,
         "median_s": float(np.median(times)), "p10_s": float(np.percentile(times, 10)),
         "p90_s": float(np.percentile(times, 90)), "steps": len(times), "first_step_s": first_step,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -185,6 +201,8 @@ def main():
     parser.add_argument("--tasks", type=int, default=0, help="override the tasks per meta-batch")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     parser.add_argument("--threads", default="default", help="INTRA,INTER thread pools, or default")
+    parser.add_argument("--remat", default="off", help="rematerialise inner steps: off, on or off,on")
+    parser.add_argument("--rematerialize", default="off", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--algorithm", default="maml", help=argparse.SUPPRESS)
@@ -196,17 +214,18 @@ def main():
     inner_steps_list = args.inner_steps.split(",") if args.inner_steps else [""]
     configurations = itertools.product(
         args.workloads.split(","), args.algorithms.split(","), inner_steps_list, args.modes.split(","),
-        args.xla.split(","),
+        args.xla.split(","), args.remat.split(","),
     )
-    for workload, algorithm, inner_steps, mode, xla in configurations:
+    for workload, algorithm, inner_steps, mode, xla, remat in configurations:
         command = [sys.executable, __file__, f"--workload={workload}", f"--mode={mode}", f"--xla={xla}",
                    f"--algorithm={algorithm}", f"--steps={args.steps}", f"--warmup={args.warmup}",
-                   f"--seed={args.seed}", f"--tasks={args.tasks}", f"--threads={args.threads}"]
+                   f"--seed={args.seed}", f"--tasks={args.tasks}", f"--threads={args.threads}",
+                   f"--rematerialize={remat}"]
         if inner_steps:
             command.append(f"--inner_steps={inner_steps}")
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         failed = {"workload": workload, "algorithm": algorithm, "task_parallelism": mode, "xla": xla,
-                  "inner_steps": inner_steps}
+                  "inner_steps": inner_steps, "rematerialize": remat}
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -216,11 +235,12 @@ def main():
             row = {**failed, "error": f"timed out after {args.timeout:.0f} s"}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print("\n| workload | algorithm | inner steps | tasks computed with | XLA | median s/step | p10-p90 | first step s "
-          "| peak RSS GB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| workload | algorithm | inner steps | tasks computed with | XLA | remat | median s/step | p10-p90 "
+          "| first step s | peak RSS GB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        head = f"| {r['workload']} | {r['algorithm']} | {r['inner_steps']} | {r['task_parallelism']} | {r['xla']} |"
+        head = (f"| {r['workload']} | {r['algorithm']} | {r['inner_steps']} | {r['task_parallelism']} | {r['xla']} "
+                f"| {r['rematerialize']} |")
         if "error" in r:
             print(f"{head} failed: {r['error']} | | | |")
         else:
