@@ -114,3 +114,28 @@ def test_nan_loss_stops_training_with_a_message(tmp_path):
     with pytest.raises(FloatingPointError, match="meta-step 1: the loss is not finite"):
         experiment.train(str(tmp_path))
     assert not (tmp_path / "checkpoints" / "checkpoint").exists()
+
+
+def test_support_stream_with_a_subclassed_learner():
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.dense(x)
+
+    learner = Subclassed()
+    learner(np.zeros((1, 2), "float32"))
+    episodes = random_episodes(dtype="float32")
+    episodes["support_x"] = tf.stack([episodes["support_x"]] * 3, axis=1)  # [tasks, steps, batch, features]
+    episodes["support_y"] = tf.stack([episodes["support_y"]] * 3, axis=1)
+    with pytest.raises(ValueError, match="stream of support batches.*subclassed"):
+        tfmeta.MAML(learner, inner_steps=3).compute_meta_gradients(episodes)
+
+
+def test_surface_loss_with_wrong_shapes():
+    with pytest.raises(ValueError, match=r"`surface` of shape \[..., 7\].*got \(1, 6\) and \(1, 2\)"):
+        tfmeta.tasks.surface_loss(tf.zeros([1, 6]), tf.zeros([1, 2]))
+    with pytest.raises(ValueError, match=r"`point` of\s+shape \[..., 2\]"):
+        tfmeta.tasks.surface_loss(tf.zeros([1, 7]), tf.zeros([1, 3]))

@@ -191,6 +191,12 @@ class EpisodicLearner(keras.Model):
                     f"{type(self).__name__} takes one support set per task, not a stream of batches: "
                     f"episodes['support_x'] has shape {tuple(sx)} against episodes['query_x'] {tuple(qx)}."
                 )
+            if not getattr(self.learner, "inputs", None):
+                raise ValueError(
+                    f"A stream of support batches (episodes['support_x'] of shape {tuple(sx)}) needs a learner "
+                    f"whose input shape is known (a functional or Sequential model with an Input): learner "
+                    f"'{self.learner.name}' is subclassed, so its inputs' rank cannot tell batches from examples."
+                )
             sx, sy = sx[:2].concatenate(sx[3:]), sy[:2].concatenate(sy[3:])
         if not sx[2:].is_compatible_with(qx[2:]):
             raise ValueError(

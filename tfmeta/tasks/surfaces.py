@@ -13,6 +13,9 @@ PARAMETERS = ("s", "a1", "a2", "a3", "b1", "b2", "b3")
 @keras.saving.register_keras_serializable(package="tfmeta")
 def surface_loss(surface, point):
     """The surface's height at each point: `surface` [..., 7] holds (s, a1, a2, a3, b1, b2, b3), `point` [..., 2]."""
+    if surface.shape[-1] != 7 or point.shape[-1] != 2:
+        raise ValueError(f"surface_loss takes `surface` of shape [..., 7] (s, a1, a2, a3, b1, b2, b3) and `point` of "
+                         f"shape [..., 2]; got {tuple(surface.shape)} and {tuple(point.shape)}.")
     s, a1, a2, a3, b1, b2, b3 = tf.unstack(tf.cast(surface, point.dtype), axis=-1)
     x1, x2 = tf.unstack(point, axis=-1)
     return (b1 * (a1 - x1) ** 2 * tf.exp(-(x1**2) - (x2 + a2) ** 2)
