@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -17,42 +18,48 @@ def _pyplot():
     return plt
 
 
+@contextlib.contextmanager
+def figure(path: str, rows: int = 1, columns: int = 1, **subplots_kwargs) -> Iterator[tuple]:
+    """`with figure(path, ...) as (fig, axes):` a figure and its axes (`plt.subplots`), laid out, written to `path`
+    (PNG, 120 dpi) and closed when the block ends; closed without writing if the block raises."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(rows, columns, **subplots_kwargs)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
 def plot_adaptation_curve(curve: dict, path: str, label: str = "query loss") -> None:
     """Query loss against inner steps with its 95% confidence band (from `evaluation.adaptation_curve`)."""
-    plt = _pyplot()
     steps = np.asarray(curve["steps"])
     mean, ci = np.asarray(curve["loss"]["mean"]), np.asarray(curve["loss"]["ci95"])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(steps, mean, marker="o")
-    ax.fill_between(steps, mean - ci, mean + ci, alpha=0.3)
-    ax.set_xlabel("inner steps")
-    ax.set_ylabel(label)
-    ax.set_title(f"{curve['num_tasks']} held-out tasks (mean, 95% CI)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(5, 3.5)) as (_, ax):
+        ax.plot(steps, mean, marker="o")
+        ax.fill_between(steps, mean - ci, mean + ci, alpha=0.3)
+        ax.set_xlabel("inner steps")
+        ax.set_ylabel(label)
+        ax.set_title(f"{curve['num_tasks']} held-out tasks (mean, 95% CI)")
+        ax.grid(alpha=0.3)
 
 
 def plot_sine_adaptation(meta_learner, tasks, path: str, seed: int, steps: Sequence[int] = (1, 10),
                          num_tasks: int = 4) -> None:
     """A few held-out sine tasks: true curve, support points, predictions before and after adaptation
     (as in Figure 2 of the MAML paper)."""
-    plt = _pyplot()
     episodes, parameters = tasks.sample_with_parameters(tf.constant([seed, 0], tf.int64), num_tasks)
     grid = np.linspace(*tasks.input_range, 200, dtype=np.float32)[:, None]
     truth = tasks.function(parameters, tf.constant(np.broadcast_to(grid, (num_tasks, *grid.shape)))).numpy()
     before = meta_learner.learner(grid, training=False).numpy()
-    fig, axes = plt.subplots(1, num_tasks, figsize=(4 * num_tasks, 3.2), squeeze=False)
-    for i, ax in enumerate(axes[0]):
-        ax.plot(grid, truth[i], "k-", label="ground truth")
-        ax.plot(grid, before, ":", label="before adaptation")
-        for k in steps:
-            adapted = meta_learner.adapt(episodes["support_x"][i], episodes["support_y"][i], steps=k)
-            ax.plot(grid, adapted(grid, training=False).numpy(), "--", label=f"after {k} step{'s' * (k != 1)}")
-        ax.plot(episodes["support_x"][i], episodes["support_y"][i], "^", color="tab:purple", label="support")
-        ax.set_xlabel("x")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, num_tasks, figsize=(4 * num_tasks, 3.2), squeeze=False) as (_, axes):
+        for i, ax in enumerate(axes[0]):
+            ax.plot(grid, truth[i], "k-", label="ground truth")
+            ax.plot(grid, before, ":", label="before adaptation")
+            for k in steps:
+                adapted = meta_learner.adapt(episodes["support_x"][i], episodes["support_y"][i], steps=k)
+                ax.plot(grid, adapted(grid, training=False).numpy(), "--", label=f"after {k} step{'s' * (k != 1)}")
+            ax.plot(episodes["support_x"][i], episodes["support_y"][i], "^", color="tab:purple", label="support")
+            ax.set_xlabel("x")
+        axes[0][0].legend(fontsize=7)

@@ -68,7 +68,7 @@ def main(argv):
     import numpy as np
 
     from tfmeta.evaluation import adaptation_curve, mean_confidence_interval
-    from tfmeta.plotting import _pyplot
+    from tfmeta.plotting import figure
 
     curves, minutes = {}, {}
     for method, name in METHODS.items():
@@ -105,24 +105,20 @@ def main(argv):
         json.dump({"mean_curves": {k: v.mean(axis=0).tolist() for k, v in curves.items()},
                    "oracle": float(oracle.mean()), "meta_update_gain": gain, "minutes": minutes}, f, indent=2)
     if FLAGS.figure:
-        plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(6, 4))
         steps = np.arange(next(iter(curves.values())).shape[1])
-        for method, values in curves.items():
-            stats = [mean_confidence_interval(values[:, k]) for k in steps]
-            mean, ci = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
-            style = "--" if "without" in method else "-"
-            ax.plot(steps, mean, style, marker="o", markersize=3, label=method)
-            ax.fill_between(steps, np.maximum(mean - ci, 1e-3), mean + ci, alpha=0.2)
-        ax.axhline(oracle.mean(), color="k", linestyle=":", label="oracle (amplitude and phase given)")
-        ax.set_yscale("log")
-        ax.set_xlabel("goal-task finetuning steps")
-        ax.set_ylabel("goal-task MSE (log scale; bands: 95% CI)")
-        ax.set_title("5-task 5-shot sine families: 600 held-out families")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(FLAGS.figure, dpi=120)
-        plt.close(fig)
+        with figure(FLAGS.figure, figsize=(6, 4)) as (_, ax):
+            for method, values in curves.items():
+                stats = [mean_confidence_interval(values[:, k]) for k in steps]
+                mean, ci = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
+                style = "--" if "without" in method else "-"
+                ax.plot(steps, mean, style, marker="o", markersize=3, label=method)
+                ax.fill_between(steps, np.maximum(mean - ci, 1e-3), mean + ci, alpha=0.2)
+            ax.axhline(oracle.mean(), color="k", linestyle=":", label="oracle (amplitude and phase given)")
+            ax.set_yscale("log")
+            ax.set_xlabel("goal-task finetuning steps")
+            ax.set_ylabel("goal-task MSE (log scale; bands: 95% CI)")
+            ax.set_title("5-task 5-shot sine families: 600 held-out families")
+            ax.legend(fontsize=8)
         print(f"Figure written to {FLAGS.figure}")
 
 

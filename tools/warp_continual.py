@@ -40,7 +40,7 @@ def main(argv):
     import keras
 
     from tfmeta.evaluation import mean_confidence_interval
-    from tfmeta.plotting import _pyplot
+    from tfmeta.plotting import figure
 
     keras.utils.set_random_seed(experiment.seed)
     sgd = experiment.build()  # the initialisation meta-training started from: identity warps
@@ -64,21 +64,17 @@ def main(argv):
         json.dump({"table": table, "minutes": seconds / 60,
                    "mean_curves": {f"{o}/{n}": c.mean(axis=0).tolist() for (o, n), c in results.items()}}, f)
     if FLAGS.figure:
-        plt = _pyplot()
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-        for ax, order in zip(axes, ("sequential", "random")):
-            for name, style in (("SGD", "--"), ("WarpGrad", "-")):
-                mean = results[(order, name)].mean(axis=0)
-                for j in range(mean.shape[1]):
-                    ax.plot(mean[:, j], style, color=f"C{j}", label=f"{name}, sub-task {j + 1}")
-            ax.set_yscale("log")
-            ax.set_xlabel("stream step")
-            ax.set_title(f"sub-tasks in {order} order")
-        axes[0].set_ylabel("query loss (MSE)")
-        axes[1].legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(FLAGS.figure, dpi=120)
-        plt.close(fig)
+        with figure(FLAGS.figure, 1, 2, figsize=(11, 4), sharey=True) as (_, axes):
+            for ax, order in zip(axes, ("sequential", "random")):
+                for name, style in (("SGD", "--"), ("WarpGrad", "-")):
+                    mean = results[(order, name)].mean(axis=0)
+                    for j in range(mean.shape[1]):
+                        ax.plot(mean[:, j], style, color=f"C{j}", label=f"{name}, sub-task {j + 1}")
+                ax.set_yscale("log")
+                ax.set_xlabel("stream step")
+                ax.set_title(f"sub-tasks in {order} order")
+            axes[0].set_ylabel("query loss (MSE)")
+            axes[1].legend(fontsize=7, ncol=2)
         print(f"Figure written to {FLAGS.figure}")
 
 

@@ -108,18 +108,14 @@ def main(argv):
     with open(os.path.join(FLAGS.model_dir, f"table_{FLAGS.schedule}.md"), "w") as f:
         f.write(table + "\n")
     if FLAGS.figure:
-        from tfmeta.plotting import _pyplot
+        from tfmeta.plotting import figure
 
-        plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, (steps, mean) in curves.items():
-            ax.plot(steps, mean, label=name)
-        ax.set_xlabel("adaptation step (batch of 20)")
-        ax.set_ylabel("test accuracy on held-out alphabets (%)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(FLAGS.figure, dpi=120)
-        plt.close(fig)
+        with figure(FLAGS.figure, figsize=(6, 4)) as (_, ax):
+            for name, (steps, mean) in curves.items():
+                ax.plot(steps, mean, label=name)
+            ax.set_xlabel("adaptation step (batch of 20)")
+            ax.set_ylabel("test accuracy on held-out alphabets (%)")
+            ax.legend()
         print(f"Figure written to {FLAGS.figure}")
 
 

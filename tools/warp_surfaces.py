@@ -37,30 +37,26 @@ def plot(warpgrad, sgd, episodes, steps, path):
     import numpy as np
     import tensorflow as tf
 
-    from tfmeta.plotting import _pyplot
+    from tfmeta.plotting import figure
     from tfmeta.tasks import surface_loss
 
-    plt = _pyplot()
     count = FLAGS.plot_surfaces
-    fig, axes = plt.subplots(1, count, figsize=(4 * count, 4))
     grid = np.linspace(-3, 3, 200)
     x1, x2 = np.meshgrid(grid, grid)
-    for i, ax in enumerate(np.atleast_1d(axes)):
-        surface, start = episodes["support_y"][i], episodes["support_x"][i]
-        heights = surface_loss(tf.broadcast_to(surface[0], (200, 200, 7)),
-                               tf.constant(np.stack([x1, x2], -1), tf.float32)).numpy()
-        ax.contourf(x1, x2, heights, levels=30, cmap="viridis")
-        for meta, colour, label in ((sgd, "black", "gradient descent"), (warpgrad, "magenta", "WarpGrad")):
-            points = np.array(trajectory(meta, start, surface, steps))
-            ax.plot(points[:, 0], points[:, 1], color=colour, marker=".", markersize=3, label=label)
-        ax.plot(*start.numpy()[0], "w*", markersize=12)
-        ax.set_xlim(-3, 3)
-        ax.set_ylim(-3, 3)
-        ax.set_title(f"held-out surface {i + 1}")
-    np.atleast_1d(axes)[0].legend(loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, count, figsize=(4 * count, 4), squeeze=False) as (_, axes):
+        for i, ax in enumerate(axes[0]):
+            surface, start = episodes["support_y"][i], episodes["support_x"][i]
+            heights = surface_loss(tf.broadcast_to(surface[0], (200, 200, 7)),
+                                   tf.constant(np.stack([x1, x2], -1), tf.float32)).numpy()
+            ax.contourf(x1, x2, heights, levels=30, cmap="viridis")
+            for meta, colour, label in ((sgd, "black", "gradient descent"), (warpgrad, "magenta", "WarpGrad")):
+                points = np.array(trajectory(meta, start, surface, steps))
+                ax.plot(points[:, 0], points[:, 1], color=colour, marker=".", markersize=3, label=label)
+            ax.plot(*start.numpy()[0], "w*", markersize=12)
+            ax.set_xlim(-3, 3)
+            ax.set_ylim(-3, 3)
+            ax.set_title(f"held-out surface {i + 1}")
+        axes[0][0].legend(loc="lower left")
 
 
 def main(argv):
