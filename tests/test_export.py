@@ -141,6 +141,38 @@ def test_adapted_learner_saves_as_keras_and_as_a_saved_model(tmp_path):
     np.testing.assert_allclose(next(iter(outputs.values())), expected, rtol=1e-6)
 
 
+def test_warpgrad_and_an_explicit_classifier_serve_what_adapt_gives(tmp_path):
+    """A WarpGrad learner adapts its task layers at serving time with its warp layers fixed; `classifier=True`
+    serves labels for a classification loss that `is_classifier` cannot recognise by name."""
+    warped = tfmeta.warp.insert_warps(
+        tfmeta.models.mlp(hidden_units=(8, 8)), after="hidden_*",
+        warp=lambda layer: tfmeta.warp.ResidualWarp(depth=1, identity_init=False, name=f"warp_{layer.name}"))
+    warpgrad = tfmeta.WarpGrad(warped, update_rule=tfmeta.Sgd(0.05), eval_inner_steps=3)
+    export.export_meta_learner(warpgrad, str(tmp_path / "warpgrad"))
+
+    def labels_loss(y, logits):
+        return tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+
+    classifier = tfmeta.MAML(tfmeta.models.mlp(input_shape=(2,), hidden_units=(8,), outputs=3), loss=labels_loss,
+                             update_rule=tfmeta.Sgd(0.5), eval_inner_steps=2)
+    assert not export.is_classifier(classifier)
+    export.export_meta_learner(classifier, str(tmp_path / "classifier"), classifier=True)
+    sine = sine_request(3, 5)
+    rng = np.random.default_rng(0)
+    points = {"support_x": rng.normal(size=(6, 2)).astype("float32"), "support_y": np.int32([0, 1, 2, 0, 1, 2]),
+              "query_x": rng.normal(size=(4, 2)).astype("float32")}
+    sine_answer, labels_answer = serve(tmp_path, [
+        (str(tmp_path / "warpgrad"), "serving_default", {k: sine[k] for k in points}),
+        (str(tmp_path / "classifier"), "serving_default", points),
+    ])
+    expected = warpgrad.adapt(sine["support_x"], sine["support_y"]).predict(sine["query_x"], verbose=0)
+    np.testing.assert_allclose(sine_answer["predictions"], expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(expected, warpgrad.learner.predict(sine["query_x"], verbose=0), atol=1e-4)
+    logits = classifier.adapt(points["support_x"], points["support_y"]).predict(points["query_x"], verbose=0)
+    np.testing.assert_allclose(labels_answer["logits"], logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(labels_answer["classes"], np.argmax(logits, axis=-1))
+
+
 def test_export_rejects_what_it_cannot_serve(tmp_path):
     meta = tfmeta.MAML(tfmeta.models.conv_net(outputs=5, filters=4, blocks=1), loss="scores_cross_entropy")
     with pytest.raises(ValueError, match="preprocessing.*makes images of shape"):
@@ -149,3 +181,8 @@ def test_export_rejects_what_it_cannot_serve(tmp_path):
     with pytest.raises(TypeError, match="MetaLearner or a MetricLearner"):
         export.export_meta_learner(maltml, str(tmp_path / "y"))
     assert export.is_classifier(meta) and not export.is_classifier(maltml)
+    with pytest.raises(TypeError, match="`classifier` must be True, False or None"):
+        export.export_meta_learner(meta, str(tmp_path / "z"), classifier="yes")
+    protonet = tfmeta.PrototypicalNetwork(tfmeta.models.conv_net(outputs=None, filters=4, blocks=1, batch_norm=False))
+    with pytest.raises(ValueError, match="`classifier=False`: PrototypicalNetwork is a metric learner"):
+        export.export_meta_learner(protonet, str(tmp_path / "w"), classifier=False)

@@ -38,11 +38,12 @@ def is_classifier(meta_learner: EpisodicLearner) -> bool:
 class _Adaptation:
     """What a serving signature runs: request checks, preprocessing and the meta-learner's adaptation."""
 
-    def __init__(self, meta_learner: EpisodicLearner, steps: int, preprocessing: Optional[ImagePreprocessing]):
+    def __init__(self, meta_learner: EpisodicLearner, steps: int, preprocessing: Optional[ImagePreprocessing],
+                 classifier: bool):
         self.meta_learner = meta_learner
         self.steps = steps
         self.preprocessing = preprocessing
-        self.classifier = is_classifier(meta_learner)
+        self.classifier = classifier
         self.ways = meta_learner.learner.outputs[0].shape[-1] if (
             self.classifier and isinstance(meta_learner, MetaLearner)) else None
 
@@ -99,7 +100,8 @@ class _Adaptation:
 
 
 def export_meta_learner(meta_learner: EpisodicLearner, export_dir: str, steps: Optional[int] = None,
-                        preprocessing: Optional[ImagePreprocessing] = None) -> dict:
+                        preprocessing: Optional[ImagePreprocessing] = None,
+                        classifier: Optional[bool] = None) -> dict:
     """Writes a SavedModel to `export_dir` that adapts at serving time (see the module docstring).
 
     Args:
@@ -107,6 +109,9 @@ def export_meta_learner(meta_learner: EpisodicLearner, export_dir: str, steps: O
       steps: inner steps of `serving_default` (default: the meta-learner's `eval_inner_steps`).
       preprocessing: for image learners, the training pipeline's `ImagePreprocessing` (e.g.
         `tasks.classes.preprocessing`); None feeds inputs to the learner as they come.
+      classifier: whether the signatures take integer labels and return `logits` and `classes` (True) or take
+        targets and return `predictions` (False); None infers it with `is_classifier` (metric learners and
+        cross-entropy losses classify), which a custom classification loss needs to override.
 
     Returns the concrete functions of the signatures, by name.
     """
@@ -123,7 +128,12 @@ def export_meta_learner(meta_learner: EpisodicLearner, export_dir: str, steps: O
                          f"{input_shape}.")
     if isinstance(meta_learner, MetaLearner):
         steps = check_steps(meta_learner.eval_inner_steps if steps is None else steps, "steps")
-    module = _Adaptation(meta_learner, steps or 0, preprocessing)
+    if classifier is not None and not isinstance(classifier, bool):
+        raise TypeError(f"`classifier` must be True, False or None (inferred); got {classifier!r}.")
+    if classifier is False and isinstance(meta_learner, MetricLearner):
+        raise ValueError(f"`classifier=False`: {type(meta_learner).__name__} is a metric learner, which classifies.")
+    module = _Adaptation(meta_learner, steps or 0, preprocessing,
+                         is_classifier(meta_learner) if classifier is None else classifier)
     dtype = keras.backend.standardize_dtype(learner.inputs[0].dtype)
     label = tf.TensorSpec([None], tf.int32 if module.classifier else dtype, name="support_y")
     if not module.classifier:

@@ -20,6 +20,9 @@ from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("export_dir", None, "Where to write the SavedModel.", required=True)
 flags.DEFINE_integer("steps", None, "Inner steps of serving_default (default: the config's eval_inner_steps).")
+flags.DEFINE_enum("classifier", "auto", ["auto", "true", "false"],
+                  "Serve labels -> logits and classes (true) or targets -> predictions (false); auto infers it "
+                  "from the meta-learner and its loss.")
 FLAGS = common.FLAGS
 
 
@@ -33,8 +36,9 @@ def main(argv):
     meta_learner = experiment.restore(FLAGS.model_dir)
     classes = getattr(experiment.tasks, "classes", None)
     preprocessing = getattr(classes, "preprocessing", None)
+    classifier = {"auto": None, "true": True, "false": False}[FLAGS.classifier]
     signatures = export.export_meta_learner(meta_learner, FLAGS.export_dir, steps=FLAGS.steps,
-                                            preprocessing=preprocessing)
+                                            preprocessing=preprocessing, classifier=classifier)
     print(f"Exported {type(meta_learner).__name__} after {int(meta_learner.meta_step())} meta-steps to "
           f"{FLAGS.export_dir}:")
     for name, function in signatures.items():
