@@ -6,7 +6,9 @@ train function (`make_train_function`, as `fit` runs it) on episodes drawn with 
 
   python benchmarks/meta_step.py --workloads a,b --modes map_fn,unrolled,vectorized_map --xla off,on
 
-Prints one JSON line per configuration and a Markdown table at the end. `--algorithms` and `--inner_steps`
+Prints one JSON line per configuration and a Markdown table at the end. Memory is reported as the process's
+peak resident set (which includes TensorFlow itself and tracing) and as the peak of TensorFlow's CPU allocator
+(the tensors alone: `tf.config.experimental.get_memory_info`). `--algorithms` and `--inner_steps`
 override the workload's algorithm (MAML by default; iMAML solves the inner problem with the same steps and
 5 CG steps) and its number of inner steps, e.g. for memory against inner steps:
 
@@ -178,6 +180,7 @@ def run_one(args):
         "median_s": float(np.median(times)), "p10_s": float(np.percentile(times, 10)),
         "p90_s": float(np.percentile(times, 90)), "steps": len(times), "first_step_s": first_step,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_tensor_gb": tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**30,
         "times_s": [round(float(t), 6) for t in times], "gflop": flops / 1e9,
         "gflops": flops / 1e9 / float(np.median(times)), "xla_resolved": bool(meta.jit_compile),
         "task_mapping": meta.task_mapping,
@@ -236,16 +239,16 @@ def main():
         print(json.dumps(row), flush=True)
         rows.append(row)
     print("\n| workload | algorithm | inner steps | tasks computed with | XLA | remat | median s/step | p10-p90 "
-          "| first step s | peak RSS GB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| first step s | peak RSS GB | peak tensors GB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         head = (f"| {r['workload']} | {r['algorithm']} | {r['inner_steps']} | {r['task_parallelism']} | {r['xla']} "
                 f"| {r['rematerialize']} |")
         if "error" in r:
-            print(f"{head} failed: {r['error']} | | | |")
+            print(f"{head} failed: {r['error']} | | | | |")
         else:
             print(f"{head} {r['median_s']:.4f} | {r['p10_s']:.4f}-{r['p90_s']:.4f} | {r['first_step_s']:.1f} | "
-                  f"{r['peak_rss_gb']:.2f} |")
+                  f"{r['peak_rss_gb']:.2f} | {r['peak_tensor_gb']:.3f} |")
 
 
 if __name__ == "__main__":
