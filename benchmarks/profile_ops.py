@@ -28,8 +28,10 @@ import meta_step  # noqa: E402
 GROUPS = {  # op type -> group; everything else is "other (elementwise, reductions, control flow, copies)"
     "Conv2D": "conv forward", "FusedConv2D": "conv forward", "DepthwiseConv2dNative": "conv forward",
     "Conv2DBackpropInput": "conv input gradient", "Conv2DBackpropFilter": "conv filter gradient",
+    "Conv2DBackpropFilterWithBias": "conv filter gradient",  # oneDNN's, with the bias gradient fused
     "MatMul": "matmul", "FusedMatMul": "matmul", "BatchMatMulV2": "matmul", "BatchMatMulV3": "matmul",
-    "FusedBatchNormV3": "batch norm forward", "FusedBatchNormGradV3": "batch norm gradient",
+    "FusedBatchNormV3": "batch norm forward", "FusedBatchNormEx": "batch norm forward",
+    "FusedBatchNormGradV3": "batch norm gradient",
     "MaxPool": "pooling", "MaxPoolGrad": "pooling", "MaxPoolGradGrad": "pooling",
 }
 OTHER = "other (elementwise, reductions, control flow, copies)"
