@@ -124,28 +124,20 @@ def _rematerialized_step(one_step):
     """`one_step` as a function whose backward pass recomputes the step from its inputs."""
 
     def step_fn(step, params, state, rule_state, unrolled):
-        flat_rule_state = tf.nest.flatten(rule_state)
-        sizes = (len(params), len(state))
+        n, m = len(params), len(state)
+        structure = []  # the rule state's structure after the step, recorded when the step runs
 
         def flat_step(inputs):
-            params, state, rule_leaves = inputs[:sizes[0]], inputs[sizes[0]:sum(sizes)], inputs[sum(sizes):]
             loss, grads, next_params, next_state, next_rule_state = one_step(
-                step, params, state, tf.nest.pack_sequence_as(rule_state, rule_leaves), unrolled)
-            return [loss, *grads, *next_params, *next_state, *tf.nest.flatten(next_rule_state)], next_rule_state
-
-        structure = []
-
-        def outputs_only(inputs):
-            outputs, next_rule_state = flat_step(inputs)
+                step, inputs[:n], inputs[n:n + m], tf.nest.pack_sequence_as(rule_state, inputs[n + m:]), unrolled)
             structure[:] = [next_rule_state]
-            return outputs
+            return [loss, *grads, *next_params, *next_state, *tf.nest.flatten(next_rule_state)]
 
-        outputs = rematerialized(outputs_only)(*params, *state, *flat_rule_state)
-        n = len(params)
+        outputs = rematerialized(flat_step)(*params, *state, *tf.nest.flatten(rule_state))
         loss, grads, next_params = outputs[0], outputs[1:1 + n], outputs[1 + n:1 + 2 * n]
-        next_state = outputs[1 + 2 * n:1 + 2 * n + len(state)]
-        next_rule_state = tf.nest.pack_sequence_as(structure[0], outputs[1 + 2 * n + len(state):])
-        return loss, list(grads), list(next_params), list(next_state), next_rule_state
+        next_state, rule_leaves = outputs[1 + 2 * n:1 + 2 * n + m], outputs[1 + 2 * n + m:]
+        return (loss, list(grads), list(next_params), list(next_state),
+                tf.nest.pack_sequence_as(structure[0], rule_leaves))
 
     return step_fn
 
@@ -164,16 +156,16 @@ def rematerialized(fn: Callable[[list], list]) -> Callable[..., list]:
             # `tf.custom_gradient` passes `variables` only when `fn` read variables; then it wants their grads.
             read_variables = variables is not None
             variables = list(variables or [])
-            pairs = [(o, g) for o, g in zip(outputs, output_grads) if o.dtype.is_floating and g is not None]
-            with tf.control_dependencies([g for _, g in pairs]):
+            used = [o.dtype.is_floating and g is not None for o, g in zip(outputs, output_grads)]
+            output_grads = [g for g, u in zip(output_grads, used) if u]
+            with tf.control_dependencies(output_grads):
                 replayed = [tf.identity(x) for x in inputs]
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch([x for x in replayed if x.dtype.is_floating] + variables)
-                recomputed = fn(replayed)
-            kept = [r for r, o, g in zip(recomputed, outputs, output_grads) if o.dtype.is_floating and g is not None]
             sources = [x for x in replayed if x.dtype.is_floating]
-            grads = tape.gradient(kept, sources + variables, output_gradients=[g for _, g in pairs],
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(sources + variables)
+                recomputed = fn(replayed)
+            grads = tape.gradient([r for r, u in zip(recomputed, used) if u], sources + variables,
+                                  output_gradients=output_grads, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             source_grads = iter(grads[:len(sources)])
             input_grads = [next(source_grads) if x.dtype.is_floating else None for x in inputs]
             return (input_grads, grads[len(sources):]) if read_variables else input_grads
