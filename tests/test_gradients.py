@@ -219,11 +219,16 @@ def test_rematerialized_inner_steps_give_the_same_meta_gradients(case):
         learner, episodes, extra = small_mlp(), random_episodes(), {}
         rule = lambda: tfmeta.InnerAdam(0.1)  # noqa: E731
     function = tf.function(jit_compile=case == "mlp_inner_adam_xla")
-    results = []
+    results, forward_ops = [], []
     for rematerialize in (False, True):
         meta = tfmeta.MAML(learner, update_rule=rule(), inner_steps=2, rematerialize_inner_steps=rematerialize,
                            task_parallelism="map_fn", **extra)
-        results.append(function(meta.compute_meta_gradients)(episodes))
+        compute = function(meta.compute_meta_gradients)
+        results.append(compute(episodes))
+        graph = compute.get_concrete_function(episodes).graph.as_graph_def()
+        nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+        forward_ops.append(sum(n.op in ("Conv2D", "MatMul") for n in nodes))
+    assert forward_ops[1] > forward_ops[0]  # the recomputation is in the graph: rematerialisation is on
     (grads, logs, state), (remat_grads, remat_logs, remat_state) = results
     assert len(grads) == len(remat_grads)
     if case == "conv_batch_norm_meta_sgd":  # the step sizes' meta-gradient comes through the recomputation

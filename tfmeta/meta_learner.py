@@ -54,7 +54,8 @@ class MetaLearner(EpisodicLearner):
       rematerialize_inner_steps: recompute each inner step in the backward pass instead of keeping its
         activations (gradient checkpointing): second-order memory grows with the inner steps by one parameter
         set per step rather than by the activations, for about one more forward-backward pass per step (see
-        docs/performance.md for measured memory and time).
+        docs/performance.md for measured memory and time). Only second-order unrolled inner loops keep past
+        steps' activations, so first-order and `tf.while_loop` inner loops are unchanged by it.
     """
 
     takes_support_streams = True
