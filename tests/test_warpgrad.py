@@ -464,3 +464,28 @@ def test_metric_learners_reject_a_stream_of_support_batches():
                                                                  blocks=1, dtype="float64"))
     with pytest.raises(ValueError, match="not a stream of batches"):
         protonet.evaluate_tasks(stream)
+
+
+def test_next_batch_meta_loss_is_the_query_loss_on_the_streams_next_batch():
+    """meta_batch="next_batch": the meta loss of the point before step k is on stream batch k + 1 (cycling), as a
+    query set holding that batch gives; a non-stream episode is refused."""
+    rng = np.random.default_rng(1)
+    learner = warp.insert_warps(small_mlp(), warp.WarpDense, after="hidden_*")
+    shapes = {"support_x": (3, 4, 2), "support_y": (3, 4, 1), "query_x": (7, 2), "query_y": (7, 1)}
+    stream = {k: tf.constant(rng.normal(size=shape)) for k, shape in shapes.items()}
+    next_batch = tfmeta.WarpGrad(learner, inner_steps=3, meta_batch="next_batch")
+    query = tfmeta.WarpGrad(learner, inner_steps=3)
+    theta = next_batch.read_params()[0]
+    for step in (0, 2):
+        following = (step + 1) % 3
+        grads, loss = next_batch.point_gradients(stream, theta, (), step, [])
+        expected, expected_loss = query.point_gradients(
+            dict(stream, query_x=stream["support_x"][following], query_y=stream["support_y"][following]),
+            theta, (), step, [])
+        np.testing.assert_allclose(float(loss), float(expected_loss), rtol=1e-12)
+        for a, b in zip(grads, expected):
+            np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-12)
+    with pytest.raises(ValueError, match="meta_batch='next_batch' needs stream episodes"):
+        next_batch.point_gradients({k: v[0] for k, v in random_episodes(tasks=1).items()}, theta, (), 0, [])
+    with pytest.raises(ValueError, match="meta_batch"):
+        tfmeta.WarpGrad(learner, meta_batch="test")

@@ -25,6 +25,7 @@ from tfmeta.meta_learner import MetaLearner, _spec
 OBJECTIVES = ("full", "approximate")
 INIT_OBJECTIVES = ("leap", "maml", "reptile", "none")
 MODES = ("online", "offline")
+META_BATCHES = ("query", "next_batch")
 
 
 def _flatten_steps(per_step: list) -> list[tf.Tensor]:
@@ -84,6 +85,9 @@ class WarpGrad(MetaLearner):
       warp_batch_size: η, trajectory points per warp update in offline mode (at most the buffer's size,
         tasks x inner steps).
       warp_epochs: passes over the buffer per meta-step in offline mode.
+      meta_batch: the task data of a point's meta loss: "query" (the episode's query set) or "next_batch" (for
+        stream episodes: the stream's batch after the point's own, as the official code draws a second
+        training batch; a twentieth of the cost of 100 test images per point on multi-shot Omniglot).
       leap_norm, leap_loss_delta: Leap's segment normalisation and loss coordinate (see `leap_gradient`).
       first_order: for init_objective="maml": first-order MAML for the initialisation.
       **kwargs: see `MetaLearner` (`update_rule` is the task learner's optimiser; a `LearnedSgd` with
@@ -96,10 +100,12 @@ class WarpGrad(MetaLearner):
 
     def __init__(self, learner: keras.Model, objective: str = "full", init_objective: str = "leap",
                  init_weight: float = 1.0, mode: str = "online", warp_batch_size: int = 1, warp_epochs: int = 1,
-                 leap_norm: bool = True, leap_loss_delta: bool = True, first_order: bool = False, **kwargs):
+                 meta_batch: str = "query", leap_norm: bool = True, leap_loss_delta: bool = True,
+                 first_order: bool = False, **kwargs):
         super().__init__(learner, **kwargs)
         for argument, value, allowed in (("objective", objective, OBJECTIVES),
-                                         ("init_objective", init_objective, INIT_OBJECTIVES), ("mode", mode, MODES)):
+                                         ("init_objective", init_objective, INIT_OBJECTIVES), ("mode", mode, MODES),
+                                         ("meta_batch", meta_batch, META_BATCHES)):
             if value not in allowed:
                 raise ValueError(f"WarpGrad `{argument}` must be one of {allowed}; got {value!r}.")
         if not init_weight >= 0:
@@ -114,6 +120,7 @@ class WarpGrad(MetaLearner):
                              "it needs `unroll_inner_loop=True` (or `first_order=True`).")
         self.objective, self.init_objective, self.init_weight = objective, init_objective, float(init_weight)
         self.mode, self.warp_batch_size, self.warp_epochs = mode, warp_batch_size, warp_epochs
+        self.meta_batch = meta_batch
         self.leap_norm, self.leap_loss_delta, self.first_order = leap_norm, leap_loss_delta, bool(first_order)
         self.meta_steps = keras.Variable(0, dtype="int64", trainable=False, name="meta_steps")
         self._fast_variables, self._slow_variables = partition_lib.split(learner.trainable_variables, self.fast_mask)
@@ -167,9 +174,16 @@ class WarpGrad(MetaLearner):
     def point_gradients(self, episode: dict, theta: list, rule_state, step, state: list) -> tuple[list, tf.Tensor]:
         """The warp objective's gradient for `warp_variables` at one trajectory point: task parameters `theta`
         and update-rule state `rule_state` before inner step `step`; also returns the meta loss."""
-        qx, qy = episode["query_x"], episode["query_y"]
+        sx, sy = episode["support_x"], episode["support_y"]
+        if self.meta_batch == "query":
+            qx, qy = episode["query_x"], episode["query_y"]
+        elif self.is_stream(sx):
+            qx, qy = self.step_batch(sx, sy, step + 1)
+        else:
+            raise ValueError("WarpGrad meta_batch='next_batch' needs stream episodes (support_x [tasks, steps, "
+                             f"batch, ...]); got support_x of shape {sx.shape} for one task.")
         grads, meta_loss, _ = self.warp_step(
-            theta, rule_state, step, state, self.step_batch(episode["support_x"], episode["support_y"], step),
+            theta, rule_state, step, state, self.step_batch(sx, sy, step),
             lambda adapted, slow: self.loss_value(qy, self.forward(adapted, slow, state, qx, training=True)[0]))
         return grads, meta_loss
 
@@ -286,7 +300,7 @@ class WarpGrad(MetaLearner):
     def get_config(self) -> dict:
         return {**super().get_config(), "objective": self.objective, "init_objective": self.init_objective,
                 "init_weight": self.init_weight, "mode": self.mode, "warp_batch_size": self.warp_batch_size,
-                "warp_epochs": self.warp_epochs, "leap_norm": self.leap_norm,
+                "warp_epochs": self.warp_epochs, "meta_batch": self.meta_batch, "leap_norm": self.leap_norm,
                 "leap_loss_delta": self.leap_loss_delta, "first_order": self.first_order}
 
 
