@@ -23,5 +23,5 @@ setup(
         "numpy>=1.26",
         "matplotlib>=3.8",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6"]},
 )
