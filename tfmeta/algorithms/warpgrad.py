@@ -87,7 +87,7 @@ class WarpGrad(MetaLearner):
       warp_epochs: passes over the buffer per meta-step in offline mode.
       meta_batch: the task data of a point's meta loss: "query" (the episode's query set) or "next_batch" (for
         stream episodes: the stream's batch after the point's own, as the official code draws a second
-        training batch; a twentieth of the cost of 100 test images per point on multi-shot Omniglot).
+        training batch; on multi-shot Omniglot 20 images per point instead of the 100 test images).
       leap_norm, leap_loss_delta: Leap's segment normalisation and loss coordinate (see `leap_gradient`).
       first_order: for init_objective="maml": first-order MAML for the initialisation.
       **kwargs: see `MetaLearner` (`update_rule` is the task learner's optimiser; a `LearnedSgd` with
