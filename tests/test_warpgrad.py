@@ -346,6 +346,8 @@ def test_continual_warp_updates_every_interval_and_streams_learn(interval, updat
 def test_continual_errors():
     with pytest.raises(ValueError, match="fixed initialisation"):
         tfmeta.ContinualWarpGrad(continual_learner(), init_objective="leap")
+    with pytest.raises(ValueError, match="`meta_batch` must be 'query'"):
+        tfmeta.ContinualWarpGrad(continual_learner(), meta_batch="next_batch")
     with pytest.raises(ValueError, match="stateless update rule"):
         tfmeta.ContinualWarpGrad(continual_learner(), update_rule=tfmeta.InnerAdam())
     meta = tfmeta.ContinualWarpGrad(continual_learner())

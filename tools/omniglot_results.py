@@ -28,12 +28,12 @@ SETTINGS = ("5w1s", "5w5s", "20w1s")
 # run takes 5-50 minutes on two cores (the papers' schedules take 3-340 hours there: docs/performance.md).
 # 5-way 5-shot episodes cost 2-3x more per meta-step: they get half the meta-steps. 20-way 1-shot meta-steps cost
 # 5-10x more (MAML: five inner steps on 20 classes, 1.7-2.4 s; Reptile: ten on 200 examples, 4-5 s): 1/8.
-# (The 5-way runs in docs/results.md logged and checkpointed every 250 steps; the results do not depend on it.)
+# Every run logs and checkpoints every 25 meta-steps, which divides all of these step counts (the 5-way runs in
+# docs/results.md did so every 250; the results do not depend on it).
 SCHEDULES = {
-    "gradient": ["Experiment.num_steps = {2000}", "Experiment.steps_per_epoch = 25", "Experiment.meta_batch_size = 8"],
-    "reptile": ["Experiment.num_steps = {3000}", "Experiment.steps_per_epoch = 25",
-                "PolynomialDecay.decay_steps = {3000}"],
-    "metric": ["Experiment.num_steps = {2000}", "Experiment.steps_per_epoch = 25", "Experiment.meta_batch_size = 1",
+    "gradient": ["Experiment.num_steps = {2000}", "Experiment.meta_batch_size = 8"],
+    "reptile": ["Experiment.num_steps = {3000}", "PolynomialDecay.decay_steps = {3000}"],
+    "metric": ["Experiment.num_steps = {2000}", "Experiment.meta_batch_size = 1",
                "ExponentialDecay.decay_steps = {500}"],
 }
 STEP_SCALE = {"5w1s": 1.0, "5w5s": 0.5, "20w1s": 0.125}
@@ -65,7 +65,7 @@ def main(argv):
             model_dir = os.path.abspath(os.path.join(FLAGS.out_dir, f"{name}_{FLAGS.schedule}"))
             bindings = ["Experiment.verbose = 2", "Experiment.validation_tasks = 0"]
             if FLAGS.schedule == "cpu":
-                bindings += cpu_schedule(METHODS[method], setting)
+                bindings += ["Experiment.steps_per_epoch = 25", *cpu_schedule(METHODS[method], setting)]
             seconds = runs.train_once(f"gin_configs/omniglot/{name}.gin", model_dir, bindings + FLAGS.gin_bindings)
             metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
             accuracy = metrics["eval"]["sparse_categorical_accuracy"]

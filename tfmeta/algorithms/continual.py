@@ -36,6 +36,9 @@ class ContinualWarpGrad(WarpGrad):
         if kwargs["init_objective"] != "none":
             raise ValueError(f"ContinualWarpGrad keeps a fixed initialisation: `init_objective` must be 'none'; "
                              f"got {kwargs['init_objective']!r}.")
+        if kwargs.get("meta_batch", "query") != "query":
+            raise ValueError("ContinualWarpGrad's meta loss is on the query sets of the current and previous "
+                             f"sub-tasks: `meta_batch` must be 'query'; got {kwargs['meta_batch']!r}.")
         kwargs.setdefault("inner_steps", 1)
         super().__init__(learner, **kwargs)
         if isinstance(warp_interval, bool) or not isinstance(warp_interval, int) or warp_interval < 1:
