@@ -76,6 +76,10 @@ def test_update_rule_that_does_not_match_the_partition(meta):
         tfmeta.MAML(meta.learner, update_rule=keras.optimizers.SGD(0.1))
     with pytest.raises(ValueError, match="learning_rate"):
         tfmeta.Sgd(-0.1)
+    with pytest.raises(ValueError, match=r"Sgd `momentum` must be in \[0, 1\); got 1.0"):
+        tfmeta.Sgd(0.1, momentum=1.0)
+    with pytest.raises(ValueError, match="`shared=True`.*needs `per_element=False`"):
+        tfmeta.LearnedSgd(0.1, shared=True)
 
 
 def test_adapt_with_wrong_feature_shape(meta):

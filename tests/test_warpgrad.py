@@ -45,7 +45,7 @@ def trajectory(meta, episodes, steps=3):
                              training=True, keep_trajectory=True).trajectory
 
 
-@pytest.mark.parametrize("kind", ["dense", "scale", "conv3", "conv1"])
+@pytest.mark.parametrize("kind", ["dense", "scale", "conv3", "conv2", "conv1"])
 def test_identity_warps_leave_the_inner_trajectory_unchanged(kind):
     if kind in ("dense", "scale"):
         base, episodes = small_mlp(), random_episodes(tasks=1)
@@ -98,8 +98,10 @@ def test_approximate_objective_warp_gradient_by_hand():
 @pytest.mark.parametrize("rule", ["sgd", "learned_scalar"])
 def test_full_objective_matches_finite_differences(rule):
     learner = warp.insert_warps(small_mlp(), warp.ResidualWarp, after="hidden_*")
-    update_rule = tfmeta.Sgd(0.2) if rule == "sgd" else tfmeta.LearnedSgd(0.2, per_element=False, dtype="float64")
+    update_rule = (tfmeta.Sgd(0.2) if rule == "sgd" else
+                   tfmeta.LearnedSgd(0.2, per_element=False, shared=True, dtype="float64"))
     meta = tfmeta.WarpGrad(learner, update_rule=update_rule, objective="full")
+    assert [tuple(v.shape) for v in update_rule.trainable_variables] == ([] if rule == "sgd" else [()])
     for layer in learner.layers:
         if isinstance(layer, warp.WarpLayer):
             randomise(layer)
@@ -127,8 +129,8 @@ def test_full_objective_matches_finite_differences(rule):
 
 def test_approximate_objective_gives_a_learned_step_size_no_gradient():
     learner = warp.insert_warps(small_mlp(), warp.WarpDense, after="hidden_*")
-    meta = tfmeta.WarpGrad(learner, update_rule=tfmeta.LearnedSgd(0.2, per_element=False, dtype="float64"),
-                           objective="approximate")
+    rule = tfmeta.LearnedSgd(0.2, per_element=False, shared=True, dtype="float64")
+    meta = tfmeta.WarpGrad(learner, update_rule=rule, objective="approximate")
     episode = {k: v[0] for k, v in random_episodes(tasks=1).items()}
     grads, _ = meta.point_gradients(episode, meta.read_params()[0], (), 0, [])
     assert all(float(tf.reduce_sum(tf.abs(g))) == 0 for g in grads[-len(meta.update_rule.trainable_variables):])
@@ -205,6 +207,51 @@ def test_offline_buffer_visits_every_point_once_per_pass(parallelism):
     np.testing.assert_array_equal(meta.visits.numpy(), np.full(tasks * steps, epochs))
     assert meta.batch_sizes == [5, 5, 2] * epochs
     assert int(meta.meta_step()) == 1 and int(meta.optimizer.iterations) == 3 * epochs + 1
+
+
+def test_offline_buffer_replays_each_points_momentum():
+    """Algorithm 2 with a momentum inner optimiser: one warp update over the whole buffer equals the mean of the
+    warp-objective gradients at the points of an independent inner loop, each with its velocity."""
+    tasks, steps = 2, 3
+    learner = warp.insert_warps(small_mlp(), warp.WarpDense, after="hidden_*")
+    for layer in learner.layers:
+        if isinstance(layer, warp.WarpLayer):
+            randomise(layer)
+    meta = tfmeta.WarpGrad(learner, update_rule=tfmeta.Sgd(0.1, momentum=0.9), inner_steps=steps, mode="offline",
+                           warp_batch_size=tasks * steps, init_objective="none")
+    meta.compile(optimizer=keras.optimizers.SGD(1.0))
+    episodes = random_episodes(tasks=tasks)
+    phi, expected = values(meta.warp_variables), [0.0] * len(meta.warp_variables)
+    for task in range(tasks):
+        episode = {k: v[task] for k, v in episodes.items()}
+        batch = (episode["support_x"], episode["support_y"])
+        theta, velocity = meta.read_params()[0], meta.update_rule.init_state(meta.read_params()[0])
+        for step in range(steps):
+            grads, _ = meta.point_gradients(episode, theta, velocity, step, [])
+            expected = [e + np.array(g) / (tasks * steps) for e, g in zip(expected, grads)]
+            with tf.GradientTape() as tape:
+                tape.watch(theta)
+                loss = meta.loss_value(batch[1], meta.forward(theta, meta.read_params()[1], [], batch[0], True)[0])
+            updates, velocity = meta.update_rule.update(tape.gradient(loss, theta), velocity, theta, step)
+            theta = [t + u for t, u in zip(theta, updates)]
+    assert any(np.any(v != 0) for v in values(velocity))
+    meta.train_on_batch(episodes)
+    for after, before, grad in zip(values(meta.warp_variables), phi, expected):
+        np.testing.assert_allclose(after, before - grad, rtol=1e-10, atol=1e-12)
+
+
+def test_reptile_initialisation_objective_moves_the_initialisation_to_the_adapted_parameters():
+    """C = Reptile: the initialisation's meta-gradient is θ0 − θK, so one task and an outer step of 1 land on θK."""
+    learner = warp.insert_warps(small_mlp(), warp.WarpDense, after="hidden_*")
+    meta = tfmeta.WarpGrad(learner, update_rule=tfmeta.Sgd(0.1), inner_steps=3, init_objective="reptile")
+    meta.compile(optimizer=keras.optimizers.SGD(1.0))
+    episodes = random_episodes(tasks=1)
+    adapted = values(trajectory(meta, episodes, steps=3)[-1])
+    meta.train_on_batch(episodes)
+    fast = [v for v, is_fast in zip(learner.trainable_variables, meta.fast_mask) if is_fast]
+    assert len(fast) == len(adapted)
+    for variable, expected in zip(fast, adapted):
+        np.testing.assert_allclose(np.array(variable), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_online_warpgrad_trains_warps_and_the_initialisation():

@@ -91,8 +91,8 @@ class WarpGrad(MetaLearner):
       leap_norm, leap_loss_delta: Leap's segment normalisation and loss coordinate (see `leap_gradient`).
       first_order: for init_objective="maml": first-order MAML for the initialisation.
       **kwargs: see `MetaLearner` (`update_rule` is the task learner's optimiser; a `LearnedSgd` with
-        `per_element=False` gives the ablation's meta-learned scalar learning rate, learned by the full
-        objective).
+        `per_element=False, shared=True` gives the ablation's meta-learned scalar learning rate, learned by the
+        full objective).
 
     `meta_step()` counts meta-steps (batches of tasks); in offline mode the Keras optimizer takes several
     updates per meta-step, so its `iterations` (and learning-rate schedules) count updates.

@@ -53,15 +53,18 @@ class Sgd(UpdateRule):
     """Gradient descent, `update = -learning_rate * grad`: MAML's inner rule.
 
     `learning_rate` is one step size for all fast variables, or a list with one per fast variable
-    (fixed, not meta-learned).
+    (fixed, not meta-learned). With `momentum` > 0 the update is Keras SGD's heavy-ball velocity,
+    `velocity = momentum * velocity - learning_rate * grad`, kept per task (WarpGrad's offline buffer stores it).
     """
 
-    def __init__(self, learning_rate: float | Sequence[float] = 0.01, **kwargs):
+    def __init__(self, learning_rate: float | Sequence[float] = 0.01, momentum: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         rates = list(learning_rate) if isinstance(learning_rate, (list, tuple)) else [learning_rate]
         if not all(isinstance(r, (int, float)) and math.isfinite(r) and r >= 0 for r in rates):
             raise ValueError(f"Sgd `learning_rate` must be finite and non-negative; got {learning_rate!r}.")
-        self.learning_rate = learning_rate
+        if not 0 <= momentum < 1:
+            raise ValueError(f"Sgd `momentum` must be in [0, 1); got {momentum!r}.")
+        self.learning_rate, self.momentum = learning_rate, float(momentum)
 
     def build(self, param_shapes: Shapes) -> None:
         rates = self.learning_rate
@@ -74,11 +77,18 @@ class Sgd(UpdateRule):
         self._rates = rates
         super().build(param_shapes)
 
+    def init_state(self, params, *, training=True, seed=None):
+        return tuple(tf.zeros_like(p) for p in params) if self.momentum else ()
+
     def update(self, grads, state, params, step):
-        return [-tf.convert_to_tensor(rate, g.dtype) * g for rate, g in zip(self._rates, grads)], state
+        steps = [-tf.convert_to_tensor(rate, g.dtype) * g for rate, g in zip(self._rates, grads)]
+        if not self.momentum:
+            return steps, state
+        velocity = tuple(self.momentum * v + s for v, s in zip(state, steps))
+        return list(velocity), velocity
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "learning_rate": self.learning_rate}
+        return {**super().get_config(), "learning_rate": self.learning_rate, "momentum": self.momentum}
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")

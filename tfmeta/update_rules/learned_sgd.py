@@ -17,6 +17,8 @@ class LearnedSgd(UpdateRule):
     """`update = -alpha * grad` with alpha meta-learned, initialised to `initial_learning_rate`.
 
     per_element: one step size per parameter element (Meta-SGD's α ⊙ ∇L) or one per variable (LSLR).
+    shared: one step size for all variables (WarpGrad's ablation of a meta-learned scalar learning rate); needs
+      `per_element=False`.
     steps: None to share the step sizes across inner steps, or the number of inner steps, each with its own
       step sizes (LSLR); inner steps past `steps` (e.g. a longer evaluation) reuse the last step's.
     log_space: meta-learn log(alpha) instead of alpha (as the papers do): step sizes stay positive, and an
@@ -25,8 +27,10 @@ class LearnedSgd(UpdateRule):
     """
 
     def __init__(self, initial_learning_rate: float = 0.01, per_element: bool = True, steps: Optional[int] = None,
-                 log_space: bool = False, **kwargs):
+                 log_space: bool = False, shared: bool = False, **kwargs):
         super().__init__(**kwargs)
+        if shared and per_element:
+            raise ValueError("LearnedSgd `shared=True` (one step size for all variables) needs `per_element=False`.")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"`steps` must be None or a positive integer; got {steps!r}.")
         if log_space and not initial_learning_rate > 0:
@@ -35,6 +39,7 @@ class LearnedSgd(UpdateRule):
         self.per_element = per_element
         self.steps = steps
         self.log_space = log_space
+        self.shared = bool(shared)
 
     def build(self, param_shapes: Shapes) -> None:
         leading = (self.steps,) if self.steps else ()
@@ -44,7 +49,7 @@ class LearnedSgd(UpdateRule):
                 initializer=self._initializer,
                 name=f"learning_rate_{i}",
             )
-            for i, shape in enumerate(param_shapes)
+            for i, shape in enumerate(param_shapes[:1] if self.shared else param_shapes)
         ]
         super().build(param_shapes)
 
@@ -57,11 +62,14 @@ class LearnedSgd(UpdateRule):
         rates = [tf.exp(rate) for rate in self.learning_rates] if self.log_space else self.learning_rates
         if self.steps:
             rates = [tf.gather(rate, tf.minimum(step, self.steps - 1)) for rate in rates]
+        if self.shared:
+            rates = rates * len(grads)
         return [-tf.cast(rate, g.dtype) * g for rate, g in zip(rates, grads)], state
 
     def get_config(self) -> dict:
         return {**super().get_config(), "initial_learning_rate": self.initial_learning_rate,
-                "per_element": self.per_element, "steps": self.steps, "log_space": self.log_space}
+                "per_element": self.per_element, "steps": self.steps, "log_space": self.log_space,
+                "shared": self.shared}
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")
@@ -73,7 +81,7 @@ class MetaSGD(LearnedSgd):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        del config["per_element"], config["steps"]
+        del config["per_element"], config["steps"], config["shared"]
         return config
 
 
@@ -86,5 +94,5 @@ class LSLR(LearnedSgd):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        del config["per_element"]
+        del config["per_element"], config["shared"]
         return config

@@ -29,11 +29,11 @@ def _check_width(layer: keras.layers.Layer, argument: str, expected: Optional[in
 
 
 def _identity_conv(shape, dtype=None):
-    """A convolution kernel that maps its input to itself: the identity on the centre tap."""
+    """A convolution kernel that maps its input to itself under "same" padding: the identity on the tap at
+    (size - 1) // 2, the centre for odd sizes (for even sizes "same" pads one more after than before)."""
     rows, cols, channels, _ = shape
-    centre = ops.pad(ops.eye(channels, dtype=dtype)[None, None], [[rows // 2, (rows - 1) // 2],
-                                                                   [cols // 2, (cols - 1) // 2], [0, 0], [0, 0]])
-    return centre
+    return ops.pad(ops.eye(channels, dtype=dtype)[None, None], [[(rows - 1) // 2, rows // 2],
+                                                                 [(cols - 1) // 2, cols // 2], [0, 0], [0, 0]])
 
 
 class WarpLayer(keras.layers.Layer):
@@ -69,7 +69,7 @@ class WarpDense(WarpLayer):
 @keras.saving.register_keras_serializable(package="tfmeta")
 class WarpConv2D(WarpLayer):
     """A linear convolutional warp (3x3 as in the paper's Omniglot and miniImageNet models, or 1x1), stride 1,
-    "same" padding; `identity_init` starts it as the identity (centre tap)."""
+    "same" padding; `identity_init` starts it as the identity."""
 
     def __init__(self, kernel_size: int = 3, filters: Optional[int] = None, use_bias: bool = False,
                  identity_init: bool = True, **kwargs):
