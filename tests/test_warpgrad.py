@@ -180,6 +180,23 @@ def test_inner_loops_never_change_warps():
     assert_same(values(warps), before)
 
 
+def test_model_partitioning_makes_existing_layers_the_warps():
+    """Designating a layer of a plain model as slow makes it a warp: meta-learned, never adapted."""
+    learner = small_mlp()
+    meta = tfmeta.WarpGrad(learner, update_rule=tfmeta.Sgd(0.3), inner_steps=2, init_objective="none",
+                           partition=tfmeta.Partition(slow="hidden_1"))
+    assert [v.path for v in meta.warp_variables] == ["hidden_1/kernel", "hidden_1/bias"]
+    episodes = random_episodes(tasks=2)
+    adapted = meta.adapt(episodes["support_x"][0], episodes["support_y"][0], steps=2)
+    assert_same(values(adapted.get_layer("hidden_1").weights), values(learner.get_layer("hidden_1").weights))
+    assert not np.array_equal(np.array(adapted.get_layer("head").kernel), np.array(learner.get_layer("head").kernel))
+    meta.compile(optimizer=keras.optimizers.SGD(0.1))
+    before = values(learner.trainable_variables)
+    meta.train_on_batch(episodes)
+    moved = [v.path for v, was in zip(learner.trainable_variables, before) if not np.array_equal(np.array(v), was)]
+    assert moved == ["hidden_1/kernel", "hidden_1/bias"]
+
+
 class _CountingWarpGrad(tfmeta.WarpGrad):
     """Records how often each buffer point enters a warp update."""
 
