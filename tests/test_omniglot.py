@@ -94,10 +94,10 @@ def test_multi_shot_alphabet_tasks(omniglot_dir):
 
 
 MULTI_SHOT = ["Experiment.num_steps = 2", "Experiment.steps_per_epoch = 1", "Experiment.meta_batch_size = 2",
-              "Experiment.eval_num_tasks = 4", "Experiment.eval_steps = 3", "Experiment.verbose = 0",
-              "omniglot_alphabet_tasks.steps = 3", "omniglot_alphabet_tasks.batch_size = 8", "conv_net.filters = 8",
-              "WarpGrad.warp_batch_size = 4"] + [f"{c}.{a} = 3" for c in ("Leap", "WarpGrad", "Reptile")
-                                                 for a in ("inner_steps", "eval_inner_steps")]
+              "Experiment.eval_num_tasks = 4", "Experiment.eval_steps = 3", "Experiment.eval_every = 2",
+              "Experiment.verbose = 0", "omniglot_alphabet_tasks.steps = 3", "omniglot_alphabet_tasks.batch_size = 8",
+              "conv_net.filters = 8", "WarpGrad.warp_batch_size = 4"] + [
+                  f"{c}.{a} = 3" for c in ("Leap", "WarpGrad", "Reptile") for a in ("inner_steps", "eval_inner_steps")]
 
 
 def multi_shot_experiment(config, *bindings):
@@ -113,7 +113,8 @@ def test_multi_shot_configs_train_and_evaluate(config, omniglot_dir, tmp_path):
     no_meta_training = ["Experiment.num_steps = 0"] if config == "omniglot_sgd.gin" else []
     results = multi_shot_experiment(config, *no_meta_training).train(str(tmp_path))
     assert results["meta_steps"] == (0 if no_meta_training else 2)
-    assert results["eval"]["steps"] == [0, 1, 2, 3]
+    assert results["eval"]["steps"] == [0, 2, 3]  # scored every `eval_every` steps and after the last
+    assert len(results["eval"]["sparse_categorical_accuracy"]["mean"]) == 3
     assert np.isfinite(results["eval"]["sparse_categorical_accuracy"]["mean"]).all()
 
 

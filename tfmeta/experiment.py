@@ -52,6 +52,8 @@ class Experiment:
       validation_tasks: held-out tasks evaluated after every epoch (`val_*` logs).
       eval_num_tasks, eval_steps, eval_seed: the final evaluation: query loss after 0..`eval_steps` inner
         steps on `eval_num_tasks` held-out tasks drawn with `eval_seed` (validation uses `eval_seed + 1`).
+      eval_every: score the query every `eval_every` inner steps of the final evaluation (and after the last):
+        on long adaptations (100 steps of multi-shot Omniglot) scoring every step costs more than adapting.
       eval_batch_size: held-out tasks evaluated per call (lower it for learners whose evaluation memory
         grows fast with the tasks, e.g. Relation Networks on 20-way episodes).
       jit_compile: passed to `compile`; "auto" means no XLA on CPU. XLA speeds up small learners (1.5x on
@@ -82,6 +84,7 @@ class Experiment:
         eval_steps: int = 10,
         eval_seed: int = 1_000_000,
         eval_batch_size: int = 100,
+        eval_every: int = 1,
         jit_compile: Union[bool, str] = "auto",
         steps_per_execution: int = 1,
         verbose: Union[int, str] = "auto",
@@ -98,6 +101,8 @@ class Experiment:
                 f"`steps_per_execution` ({steps_per_execution}) must be a positive divisor of `steps_per_epoch` "
                 f"({steps_per_epoch})."
             )
+        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+            raise ValueError(f"`eval_every` must be a positive integer; got {eval_every!r}.")
         if seed in (eval_seed, eval_seed + 1):
             raise ValueError(f"`seed` ({seed}) must differ from `eval_seed` and `eval_seed + 1` ({eval_seed}).")
         self.meta_learner = meta_learner
@@ -113,6 +118,7 @@ class Experiment:
         self.eval_steps = eval_steps
         self.eval_seed = eval_seed
         self.eval_batch_size = eval_batch_size
+        self.eval_every = eval_every
         self.jit_compile = jit_compile
         self.steps_per_execution = steps_per_execution
         self.verbose = verbose
@@ -200,7 +206,8 @@ class Experiment:
         """The adaptation curve on the held-out tasks (see `evaluation.adaptation_curve`)."""
         return evaluation.adaptation_curve(
             meta_learner, self.eval_tasks, num_tasks=self.eval_num_tasks, steps=self.eval_steps, seed=self.eval_seed,
-            batch_size=self.eval_batch_size,
+            batch_size=self.eval_batch_size, at_steps=sorted({*range(0, self.eval_steps, self.eval_every),
+                                                              self.eval_steps}),
         )
 
 
