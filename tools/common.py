@@ -35,13 +35,13 @@ def gin_value(name: str, default):
 
 
 def print_curve(curve: dict) -> None:
-    """Prints the query loss and metrics of an adaptation curve (mean ± 95% CI) before adaptation, after one
-    inner step and after the last one; a curve without inner steps (metric learners) has one point."""
+    """Prints the query loss and metrics of an adaptation curve (mean ± 95% CI) before adaptation, at the first
+    scored inner step and after the last one; a curve without inner steps (metric learners) has one point."""
     names = [n for n, v in curve.items() if isinstance(v, dict) and "mean" in v]
     print(f"On {curve['num_tasks']} held-out tasks (seed {curve['seed']}; mean ± 95% CI):")
-    last = curve["steps"][-1]
-    for k in sorted({0, min(1, last), last}):
-        where = "adapted (no inner steps)" if last == 0 else f"{k:2d} inner steps"
-        values = ", ".join(f"{n} {curve[n]['mean'][k]:.4f} ± {curve[n]['ci95'][k]:.4f}" for n in names)
+    steps = curve["steps"]  # the scored inner steps (see `Experiment.eval_every`)
+    for i in sorted({0, min(1, len(steps) - 1), len(steps) - 1}):
+        where = "adapted (no inner steps)" if steps[-1] == 0 else f"{steps[i]:2d} inner steps"
+        values = ", ".join(f"{n} {curve[n]['mean'][i]:.4f} ± {curve[n]['ci95'][i]:.4f}" for n in names)
         print(f"  {where}: {values}")
 
