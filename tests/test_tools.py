@@ -17,6 +17,7 @@ BINDINGS = [
     "Experiment.validation_tasks = 20",
     "Experiment.eval_num_tasks = 50",
     "Experiment.eval_steps = 3",
+    "Experiment.eval_every = 2",  # scored after 0, 2 and 3 inner steps
 ]
 
 
@@ -57,9 +58,9 @@ def test_killed_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tm
 
     output = run("evaluate.py", uninterrupted)
     evaluation = json.loads((uninterrupted / "eval.json").read_text())
-    assert evaluation["steps"] == [0, 1, 2, 3] and evaluation["num_tasks"] == 50
+    assert evaluation["steps"] == [0, 2, 3] and evaluation["num_tasks"] == 50
     assert evaluation["loss"]["mean"] == pytest.approx(reference["eval"]["loss"]["mean"])
     assert len(evaluation["loss"]["per_task"]) == 50
     for png in ("eval_curve.png", "eval_tasks.png"):
         assert (uninterrupted / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "3 inner steps" in output
+    assert " 2 inner steps" in output and " 3 inner steps" in output
