@@ -49,10 +49,10 @@ def main(argv):
                         "Experiment.verbose = 2", *FLAGS.gin_bindings]
             seconds = runs.train_once(f"gin_configs/{METHODS[method]}", model_dir, bindings)
             metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
-            loss = metrics["eval"]["loss"]
+            loss, at = metrics["eval"]["loss"], metrics["eval"]["steps"].index  # position of a scored step
             rows.append(
-                f"| {method} | {shots} | {loss['mean'][1]:.3f} ± {loss['ci95'][1]:.3f} | "
-                f"{loss['mean'][10]:.3f} ± {loss['ci95'][10]:.3f} | {metrics['meta_steps']} | "
+                f"| {method} | {shots} | {loss['mean'][at(1)]:.3f} ± {loss['ci95'][at(1)]:.3f} | "
+                f"{loss['mean'][at(10)]:.3f} ± {loss['ci95'][at(10)]:.3f} | {metrics['meta_steps']} | "
                 f"{seconds / 60:.0f} min |"
             )
     table = "\n".join(rows)

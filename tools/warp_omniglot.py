@@ -88,8 +88,8 @@ def main(argv):
     import numpy as np
 
     bindings = (SCHEDULE if FLAGS.schedule == "cpu" else []) + ["Experiment.verbose = 2"] + FLAGS.gin_bindings
-    curves, rows = {}, ["| method | test accuracy after adaptation (95% CI) | meta-steps | training time |",
-                        "| --- | --- | --- | --- |"]
+    curves, rows = {}, ["| method | test accuracy after adaptation (95% CI) | meta-steps | wall time (training, "
+                        "evaluation) |", "| --- | --- | --- | --- |"]
     for name, method in [*METHODS.items(), ("fine-tuning", "finetune")]:
         model_dir = os.path.abspath(os.path.join(FLAGS.model_dir, f"{method}_{FLAGS.schedule}"))
         if method == "finetune":
