@@ -24,11 +24,13 @@ class Partition:
     matched against variable paths (`"dense_1/kernel"`), their prefixes and their layer names (`"head"`,
     `"block_*"`). A variable is fast if `fast` selects it (None: every variable), `slow` does not, and it does
     not belong to a layer marked `meta_only` (T-Nets' transforms, per-step batch norm, warp layers) or to a
-    layer's `slow_weights` (FiLM's projections): those are always slow.
+    layer's `slow_weights` (FiLM's projections): those are slow unless `adapt_meta_only=True`, which treats them
+    as ordinary layers (e.g. MAML adapting every layer of a warped network, the equal-capacity baseline of
+    Warp-MAML).
     ANIL is `Partition(fast="head")`, BOIL is `Partition(slow="head")`.
     """
 
-    def __init__(self, fast: Selector = None, slow: Selector = None):
+    def __init__(self, fast: Selector = None, slow: Selector = None, adapt_meta_only: bool = False):
         for name, selector in (("fast", fast), ("slow", slow)):
             is_globs = isinstance(selector, (list, tuple)) and all(isinstance(s, str) for s in selector)
             if not (selector is None or isinstance(selector, str) or callable(selector) or is_globs):
@@ -36,15 +38,18 @@ class Partition:
                     f"Partition argument `{name}` must be None, a glob, a list of globs or a predicate on "
                     f"variables; got {selector!r}."
                 )
+        if not isinstance(adapt_meta_only, bool):
+            raise TypeError(f"Partition argument `adapt_meta_only` must be a bool; got {adapt_meta_only!r}.")
         self.fast = fast
         self.slow = slow
+        self.adapt_meta_only = adapt_meta_only
 
     def mask(self, learner: keras.Layer) -> tuple[bool, ...]:
         """One boolean per `learner.trainable_variables`, True where the variable is fast."""
         variables = learner.trainable_variables
         fast = _select(variables, self.fast, "fast", default=True)
         slow = _select(variables, self.slow, "slow", default=False)
-        meta_only = {id(v) for v in slow_weights(learner)}
+        meta_only = set() if self.adapt_meta_only else {id(v) for v in slow_weights(learner)}
         mask = tuple(f and not s and id(v) not in meta_only for f, s, v in zip(fast, slow, variables))
         if not any(mask):
             raise ValueError(
@@ -56,10 +61,10 @@ class Partition:
     def get_config(self) -> dict:
         if callable(self.fast) or callable(self.slow):
             raise ValueError("A Partition with a predicate cannot be serialised: select variables with globs.")
-        return {"fast": self.fast, "slow": self.slow}
+        return {"fast": self.fast, "slow": self.slow, "adapt_meta_only": self.adapt_meta_only}
 
     def __repr__(self) -> str:
-        return f"Partition(fast={self.fast!r}, slow={self.slow!r})"
+        return f"Partition(fast={self.fast!r}, slow={self.slow!r}, adapt_meta_only={self.adapt_meta_only!r})"
 
 
 def _layers(learner: keras.Layer) -> list[keras.Layer]:
