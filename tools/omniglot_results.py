@@ -22,7 +22,7 @@ from absl import app, flags  # noqa: E402
 
 METHODS = {"MAML": "maml", "first-order MAML": "fomaml", "Reptile": "reptile", "Meta-SGD": "metasgd",
            "ANIL": "anil", "ProtoNets": "protonet", "Matching": "matching", "Relation": "relation",
-           "Warp-MAML": "warp_maml", "MAML (warped network, all layers adapted)": "maml_warped",
+           "Warp-MAML": "warp_maml", "MAML on the warped network (all layers adapted)": "maml_warped",
            "Warp-MAML (5 inner steps)": "warp_maml5"}
 SETTINGS = ("5w1s", "5w5s", "20w1s")
 # The CPU schedule: fewer meta-steps and smaller meta-batches than the papers (per method family), so that a
