@@ -106,18 +106,28 @@ def test_other_bad_arguments(meta):
         Experiment(meta_learner=lambda: meta, tasks=tfmeta.tasks.SineTasks(), eval_every=0)
 
 
-class _NaNTasks(tfmeta.tasks.SineTasks):
+class _ScaledTasks(tfmeta.tasks.SineTasks):
+    """Sine tasks whose query targets are multiplied by `scale`: 1e30 overflows the float32 query loss."""
+
+    def __init__(self, scale, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = scale
+
     def sample(self, seed, num_tasks):
         episodes = super().sample(seed, num_tasks)
-        return {**episodes, "query_y": episodes["query_y"] * np.nan}
+        return {**episodes, "query_y": episodes["query_y"] * self.scale}
 
 
-def test_nan_loss_stops_training_with_a_message(tmp_path):
+@pytest.mark.parametrize("scale, error, message", [
+    (1e30, FloatingPointError, "meta-step 1: loss is not finite"),
+    (np.nan, ValueError, r"stopped after \d meta-steps: episodes\['query_y'\] holds NaN or infinite values"),
+])
+def test_non_finite_loss_or_data_stops_training_with_a_message(tmp_path, scale, error, message):
     experiment = Experiment(
-        meta_learner=lambda: tfmeta.MAML(tfmeta.models.mlp()), tasks=_NaNTasks(), num_steps=20, steps_per_epoch=10,
-        validation_tasks=0, verbose=0,
+        meta_learner=lambda: tfmeta.MAML(tfmeta.models.mlp()), tasks=_ScaledTasks(scale), num_steps=20,
+        steps_per_epoch=10, validation_tasks=0, verbose=0,
     )
-    with pytest.raises(FloatingPointError, match="meta-step 1: the loss is not finite"):
+    with pytest.raises(error, match=message):
         experiment.train(str(tmp_path))
     assert not (tmp_path / "checkpoints" / "checkpoint").exists()
 

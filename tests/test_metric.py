@@ -109,7 +109,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="must output feature maps"):
         tfmeta.RelationNetwork(embedding())
     meta = tfmeta.PrototypicalNetwork(embedding())
-    with pytest.raises(ValueError, match="labels \\[1\\] have no example"):
+    with pytest.raises(ValueError, match="`support_y` must hold every label 0..N-1 .* a label below N has no support"):
         meta.adapt(np.zeros((2, 6, 6, 1), np.float32), np.array([0, 2]))
     with pytest.raises(ValueError, match="`support_x` must have shape \\[examples, 6, 6, 1\\]"):
         meta.adapt(np.zeros((2, 5, 5, 1), np.float32), np.array([0, 1]))

@@ -57,6 +57,14 @@ def make_strategy(name: Optional[str] = "default", tpu: Optional[str] = None, de
     return strategy
 
 
+def worker(strategy: tf.distribute.Strategy) -> tuple[str, int]:
+    """(task type, index) of this process in `strategy`'s cluster (from TF_CONFIG); ("worker", 0) alone."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type is None:
+        return "worker", 0
+    return resolver.task_type, int(resolver.task_id)
+
+
 def multi_worker() -> bool:
     """Whether the current strategy spans several workers."""
     extended = tf.distribute.get_strategy().extended

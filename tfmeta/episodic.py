@@ -38,6 +38,12 @@ def resolve_metric(metric: Metric) -> tuple[str, Callable]:
     return metric, fn
 
 
+def with_checks(tensors: dict, checks: list) -> dict:
+    """`tensors` made to depend on the run-time `checks` (assertion ops), so that they run before any use."""
+    with tf.control_dependencies(checks):
+        return {k: tf.identity(v) for k, v in tensors.items()}
+
+
 class EpisodicLearner(keras.Model):
     """Base class of meta-learners over a Keras `learner` (see the module docstring).
 
@@ -168,12 +174,20 @@ class EpisodicLearner(keras.Model):
         return tf.map_fn(lambda args: fn(*args), (indices, episodes), fn_output_signature=signature)
 
     def check_episodes(self, episodes: dict) -> dict:
-        """Validates the static shapes of a batch of episodes; returns the four arrays it uses."""
+        """Validates a batch of episodes: its static shapes here (errors at trace time), its values in the graph
+        (`value_checks`: finite inputs, labels in range); returns the four arrays it uses, which depend on the
+        value checks."""
         if not isinstance(episodes, dict) or not all(k in episodes for k in EPISODE_KEYS):
             found = sorted(episodes) if isinstance(episodes, dict) else type(episodes).__name__
             raise ValueError(f"episodes must be a dict with keys {EPISODE_KEYS}; got {found}.")
         e = {k: tf.convert_to_tensor(episodes[k]) for k in EPISODE_KEYS}
         sx, sy, qx, qy = (e[k].shape for k in EPISODE_KEYS)
+        for key, shape in zip(EPISODE_KEYS, (sx, sy, qx, qy)):
+            if shape.rank is None:
+                raise ValueError(
+                    f"episodes['{key}'] has an unknown rank: Keras relaxes the traced shapes when one meta-learner "
+                    "is given episodes of different ranks; give every call episodes of the same layout (or rebuild "
+                    "the meta-learner).")
         for split, x, y in (("support", sx, sy), ("query", qx, qy)):
             if x.rank is not None and x.rank < 3:
                 raise ValueError(
@@ -210,10 +224,47 @@ class EpisodicLearner(keras.Model):
             )
         if sx[1] == 0:
             raise ValueError("episodes['support_x'] holds no support example (K must be >= 1).")
-        return e
+        self.check_targets(sy[2:], qy[2:], e["query_y"].dtype, lambda k: f"episodes['{k}']")
+        return with_checks(e, self.value_checks(e, lambda k: f"episodes['{k}']"))
+
+    def check_targets(self, support_shape: tf.TensorShape, query_shape: tf.TensorShape, dtype: tf.DType,
+                      name: Callable[[str], str]) -> None:
+        """Static checks of the per-example shape of the targets (`name(key)` names an argument in errors).
+        Subclasses check them against their learner; this base checks nothing."""
+
+    def value_checks(self, tensors: dict, name: Callable[[str], str]) -> list:
+        """Run-time checks of an episode's (or a support set's) values, as ops for `with_checks`: inputs and
+        targets finite; subclasses add their label checks. `tensors` holds some of `EPISODE_KEYS` (with their
+        leading task axis); `name(key)` names the argument in the errors."""
+        return [tf.debugging.assert_all_finite(value, f"{name(key)} holds NaN or infinite values")
+                for key, value in tensors.items() if value.dtype.is_floating]
+
+    def _check_data(self, data) -> None:
+        """Validates what `fit` or `evaluate` is given before Keras traces it: a traced step that fails leaves
+        Keras' relaxed (unknown-rank) trace behind for the good data that follows."""
+        if isinstance(data, tf.data.Dataset):
+            spec = data.element_spec
+        elif isinstance(data, dict):
+            spec = {k: tf.TensorSpec([None, *tf.convert_to_tensor(v).shape[1:]], tf.convert_to_tensor(v).dtype)
+                    for k, v in data.items()}
+        else:
+            return
+        spec = spec[0] if isinstance(spec, tuple) else spec  # (x, y, sample_weight) from `train_on_batch` style data
+        tf.function(self.check_episodes, autograph=False).get_concrete_function(spec)
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        self._check_data(x)
+        validation = kwargs.get("validation_data")
+        if validation is not None:
+            self._check_data(validation)
+        return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        self._check_data(x)
+        return super().evaluate(x, y, *args, **kwargs)
 
     def check_support(self, support_x, support_y) -> tuple[tf.Tensor, tf.Tensor]:
-        """Validates one task's support set for `adapt`."""
+        """Validates one task's support set for `adapt` (shapes, then values: `value_checks`)."""
         support_x = tf.convert_to_tensor(support_x)
         support_y = tf.convert_to_tensor(support_y)
         expected = self.learner.inputs[0].shape[1:] if getattr(self.learner, "inputs", None) else None
@@ -227,6 +278,14 @@ class EpisodicLearner(keras.Model):
                 "`support_x` and `support_y` must hold the same number (>= 1) of examples; got shapes "
                 f"{tuple(support_x.shape)} and {tuple(support_y.shape)}."
             )
+        stream = getattr(self, "is_stream", lambda x: False)(support_x)
+        per_example = support_y.shape[2 if stream else 1:]
+        self.check_targets(per_example, per_example, support_y.dtype, lambda k: f"`{k}`")
+        try:
+            with_checks({}, self.value_checks({"support_x": support_x[None], "support_y": support_y[None]},
+                                              lambda k: f"`{k}`"))
+        except tf.errors.InvalidArgumentError as error:
+            raise ValueError(error.message) from None
         return support_x, support_y
 
     def apply_gradients(self, grads: list, variables: list) -> None:

@@ -1,11 +1,16 @@
-"""Evaluation over held-out tasks: adaptation curves with 95% confidence intervals."""
+"""Evaluation over held-out tasks: adaptation curves with 95% confidence intervals, and strict JSON reports."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import statistics
-from typing import Optional, Sequence
+import sys
+import time
+from typing import Any, Optional, Sequence
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -31,12 +36,14 @@ def adaptation_curve(
     seed: int = 1,
     batch_size: int = 100,
     at_steps: Optional[Sequence[int]] = None,
+    progress: bool = False,
 ) -> dict:
     """Query loss and metrics after each of `at_steps` (default 0, 1, ..., `steps`) of `steps` inner steps on
     `num_tasks` held-out tasks.
 
     Tasks are drawn from `tasks` with the fixed evaluation `seed`. Returns the scored steps and, for "loss" and
-    each metric, the mean and the 95% CI half-width per scored step, plus the per-task values.
+    each metric, the mean and the 95% CI half-width per scored step, plus the per-task values. `progress` prints
+    a line after each batch of `batch_size` tasks (a progress bar on a terminal).
     """
     if num_tasks < 2:
         raise ValueError(f"`num_tasks` must be >= 2 for a confidence interval; got {num_tasks}.")
@@ -45,9 +52,16 @@ def adaptation_curve(
     batches = tasks.dataset(batch_size, seed=seed, num_batches=math.ceil(num_tasks / batch_size))
     evaluate = tf.function(lambda e: meta_learner.evaluate_tasks(e, steps=steps, at_steps=at_steps))
     per_task: dict[str, list] = {}
-    for episodes in batches:
+    bar = keras.utils.Progbar(num_tasks, unit_name="task") if progress and sys.stdout.isatty() else None
+    start = time.monotonic()
+    for i, episodes in enumerate(batches):
         for name, values in evaluate(episodes).items():
             per_task.setdefault(name, []).append(values.numpy())
+        done = min((i + 1) * batch_size, num_tasks)
+        if bar is not None:
+            bar.update(done)
+        elif progress:
+            print(f"Evaluated {done}/{num_tasks} held-out tasks ({time.monotonic() - start:.0f} s)", flush=True)
     result = {"num_tasks": num_tasks, "seed": seed, "steps": at_steps}
     for name, chunks in per_task.items():
         values = np.concatenate(chunks)[:num_tasks]
@@ -58,3 +72,38 @@ def adaptation_curve(
             "per_task": values.tolist(),
         }
     return result
+
+
+def strict(value: Any, path: str = "", non_finite: Optional[list] = None) -> tuple[Any, list[str]]:
+    """`value` (nested dicts, lists, numbers) with every non-finite number replaced by None, and the names of the
+    fields that held one (e.g. "eval.loss.mean"), each once: JSON has no NaN or Infinity."""
+    non_finite = [] if non_finite is None else non_finite
+    if isinstance(value, dict):
+        value = {k: strict(v, f"{path}.{k}" if path else str(k), non_finite)[0] for k, v in value.items()}
+    elif isinstance(value, (list, tuple)):
+        value = [strict(v, path, non_finite)[0] for v in value]
+    elif isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        if path not in non_finite:
+            non_finite.append(path)
+        value = None
+    elif isinstance(value, np.generic):
+        value = value.item()
+    return value, non_finite
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` atomically: to a temporary file beside it, then renamed over it."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+def write_json(path: str, data: dict) -> list[str]:
+    """Writes `data` as strict JSON, atomically: non-finite numbers become null and their paths are listed under
+    "non_finite". Returns those paths (empty when every number is finite)."""
+    data, non_finite = strict(data)
+    if non_finite:
+        data = {**data, "non_finite": non_finite}
+    write_text(path, json.dumps(data, indent=2, allow_nan=False))
+    return non_finite

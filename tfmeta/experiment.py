@@ -1,15 +1,26 @@
 """A gin-configured meta-training run: what `tools/train.py` and `tools/evaluate.py` execute.
 
-Training checkpoints the meta-learner and its optimizer at the end of every epoch. A restarted run restores
-the last checkpoint and continues the episode stream at the next batch (episodes depend only on the seed and
-their index), so a run killed and restarted ends exactly as an uninterrupted one.
+Training checkpoints the meta-learner, its optimizer and the epoch's running logs after every epoch, every
+`checkpoint_interval` seconds and when the process receives SIGTERM (which then stops the run). A restarted run
+restores the last checkpoint, possibly from the middle of an epoch, and continues the episode stream at the next
+batch (episodes depend only on the seed and their index), so a run killed and restarted ends exactly as an
+uninterrupted one, having lost at most the meta-steps since the last checkpoint. Checkpoint files are written
+by TensorFlow's `CheckpointManager`, which registers a checkpoint only once its files are complete; JSON
+outputs are written to a temporary file and renamed.
+
+A run stops with an error naming what went wrong: a non-finite training loss, a non-finite validation or
+evaluation result, or an in-graph check of the data or of the inner loop (`tfmeta.inner_loop.check_finite_loss`).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
+import re
+import signal
 import sys
+import threading
+import time
 from typing import Callable, Optional, Sequence, Union
 
 import gin
@@ -22,16 +33,69 @@ from tfmeta.episodic import EpisodicLearner
 from tfmeta.tasks import TaskDistribution
 
 
-class _CheckpointEachEpoch(keras.callbacks.Callback):
-    """Saves a checkpoint after every epoch whose loss is finite."""
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on SIGTERM after saving a checkpoint; running the same command again resumes it."""
 
-    def __init__(self, manager: tf.train.CheckpointManager):
+
+def check_failure(error: tf.errors.OpError) -> Optional[str]:
+    """The message of the tfmeta run-time check (data, labels, inner-loop losses) that `error` reports, or None
+    when it reports something else."""
+    for line in error.message.splitlines():
+        if "assertion failed:" in line:
+            groups = re.findall(r"\[([^\[\]]*)\]", line.split("assertion failed:", 1)[1])
+            if groups and groups[0].startswith("tfmeta:"):  # the inner loop's check: its data are the step, task
+                return " ".join(groups)[len("tfmeta: "):]
+            return groups[0] if groups else line.strip()
+        if "holds NaN or infinite values" in line:
+            return line.split(" : Tensor had")[0].strip()
+    return None
+
+
+class _Checkpoints(keras.callbacks.Callback):
+    """Saves the run after every epoch, every `interval` seconds and on SIGTERM (then stops training), only
+    while the logs are finite; stops training when an epoch's logs (validation included) are not finite.
+    Checkpoints are numbered by meta-step and hold the epoch's running logs, so that a run resumed in the middle
+    of an epoch reports the same epoch logs as an uninterrupted one (`restore_epoch_logs`)."""
+
+    def __init__(self, manager: Optional[tf.train.CheckpointManager], epoch_logs: tf.Variable, interval: float):
         super().__init__()
-        self.manager = manager
+        self.manager, self.epoch_logs, self.interval = manager, epoch_logs, interval
+        self.resume_logs = False  # set when the run resumes in the middle of an epoch
+        self.terminate = False  # set by the SIGTERM handler
+        self.interrupted = False
+        self.non_finite: list[str] = []
+        self.last_save = time.monotonic()
+
+    def _trackers(self) -> list:
+        return [v for tracker in self.model.metrics for v in (tracker.total, tracker.count)]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.resume_logs:  # after Keras reset the trackers for the epoch
+            for variable, value in zip(self._trackers(), tf.unstack(self.epoch_logs)):
+                variable.assign(tf.cast(value, variable.dtype))
+            self.resume_logs = False
+
+    def save(self) -> None:
+        self.epoch_logs.assign(tf.stack([tf.cast(v, tf.float64) for v in self._trackers()]))
+        if self.manager is not None:
+            self.manager.save(checkpoint_number=int(self.model.meta_step()))
+        self.last_save = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.stop_training or not np.isfinite((logs or {}).get("loss", np.nan)):
+            return  # TerminateOnNaN stops the run: the last checkpoint stays the last finite state
+        if self.terminate:
+            self.save()
+            self.interrupted = self.model.stop_training = True
+        elif time.monotonic() - self.last_save >= self.interval:
+            self.save()
 
     def on_epoch_end(self, epoch, logs=None):
-        if np.isfinite((logs or {}).get("loss", np.nan)):
-            self.manager.save(checkpoint_number=epoch + 1)
+        self.non_finite = [name for name, value in (logs or {}).items() if not np.all(np.isfinite(value))]
+        if self.non_finite:
+            self.model.stop_training = True
+        elif not self.interrupted:
+            self.save()
 
 
 @gin.configurable
@@ -47,7 +111,9 @@ class Experiment:
       meta_batch_size: tasks per meta-step.
       num_steps: meta-steps in total; a multiple of `steps_per_epoch`; 0 evaluates the initialisation as built
         (a baseline without meta-training).
-      steps_per_epoch: meta-steps between checkpoints, progress lines and validation.
+      steps_per_epoch: meta-steps between progress lines and validation (and checkpoints).
+      checkpoint_interval: seconds between checkpoints within an epoch (a killed run loses at most this much
+        meta-training, or an epoch if that is shorter); SIGTERM also saves one.
       seed: seed of the learner's initialisation and of the training episodes.
       validation_tasks: held-out tasks evaluated after every epoch (`val_*` logs).
       eval_num_tasks, eval_steps, eval_seed: the final evaluation: query loss after 0..`eval_steps` inner
@@ -78,6 +144,7 @@ class Experiment:
         meta_batch_size: int = 25,
         num_steps: int = 70_000,
         steps_per_epoch: int = 1000,
+        checkpoint_interval: float = 300.0,
         seed: int = 0,
         validation_tasks: int = 100,
         eval_num_tasks: int = 600,
@@ -103,6 +170,9 @@ class Experiment:
             )
         if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
             raise ValueError(f"`eval_every` must be a positive integer; got {eval_every!r}.")
+        if not checkpoint_interval > 0:
+            raise ValueError(f"`checkpoint_interval` must be a positive number of seconds; got "
+                             f"{checkpoint_interval!r}.")
         if seed in (eval_seed, eval_seed + 1):
             raise ValueError(f"`seed` ({seed}) must differ from `eval_seed` and `eval_seed + 1` ({eval_seed}).")
         self.meta_learner = meta_learner
@@ -112,6 +182,7 @@ class Experiment:
         self.meta_batch_size = meta_batch_size
         self.num_steps = num_steps
         self.steps_per_epoch = steps_per_epoch
+        self.checkpoint_interval = float(checkpoint_interval)
         self.seed = seed
         self.validation_tasks = validation_tasks
         self.eval_num_tasks = eval_num_tasks
@@ -145,70 +216,143 @@ class Experiment:
             meta_learner.optimizer.build(meta_learner.meta_variables)
         return meta_learner
 
-    def checkpoints(self, meta_learner: EpisodicLearner, model_dir: str) -> tf.train.CheckpointManager:
+    def checkpoints(self, meta_learner: EpisodicLearner, model_dir: str
+                    ) -> tuple[tf.train.CheckpointManager, Optional[str], tf.Variable]:
+        """The run's checkpoint manager, the checkpoint to resume from (None for a new run) and the variable that
+        holds the epoch's running logs. Under a multi-worker strategy every worker restores the chief's checkpoint
+        and only the chief writes to `model_dir`; the others write to `model_dir/workers/<index>`."""
+        epoch_logs = tf.Variable(tf.zeros([2 * len(meta_learner.metrics)], tf.float64), trainable=False)
         # The meta-learner's per-task seed stream (MT-Net masks, WarpGrad's buffer order) is not a Keras weight.
         seeds = {"task_seeds": meta_learner.task_seeds.state} if hasattr(meta_learner, "task_seeds") else {}
-        checkpoint = tf.train.Checkpoint(meta_learner=meta_learner, optimizer=meta_learner.optimizer, **seeds)
-        return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=3)
+        checkpoint = tf.train.Checkpoint(meta_learner=meta_learner, optimizer=meta_learner.optimizer,
+                                         epoch_logs=epoch_logs, **seeds)
+        directory = os.path.join(model_dir, "checkpoints")
+        latest = tf.train.latest_checkpoint(directory)
+        if not self.distribution().extended.should_checkpoint:
+            _, worker = distribute.worker(self.distribution())
+            directory = os.path.join(model_dir, "workers", str(worker), "checkpoints")
+        return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3), latest, epoch_logs
 
     def train(self, model_dir: str) -> dict:
-        """Meta-trains (resuming from the last checkpoint in `model_dir`), evaluates, writes `metrics.json`."""
+        """Meta-trains (resuming from the last checkpoint in `model_dir`), evaluates, writes `metrics.json` (and
+        `config.gin`, the operative gin configuration). Raises `TrainingInterrupted` after SIGTERM (a checkpoint
+        is saved), `FloatingPointError` when a training, validation or evaluation result is not finite and
+        `ValueError` when a run-time check of the data fails."""
+        if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+            raise ValueError(f"`model_dir` {model_dir!r} is a file, not a directory.")
         keras.utils.set_random_seed(self.seed)
         meta_learner = self.build()
-        manager = self.checkpoints(meta_learner, model_dir)
-        if manager.latest_checkpoint:
-            manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        manager, latest, epoch_logs = self.checkpoints(meta_learner, model_dir)
+        chief = self.distribution().extended.should_checkpoint
+        if chief:
+            os.makedirs(model_dir, exist_ok=True)
+            if gin.config_str().strip():
+                evaluation.write_text(os.path.join(model_dir, "config.gin"), gin.config_str())
+        if latest:
+            manager.checkpoint.restore(latest).assert_existing_objects_matched()
         done = int(meta_learner.meta_step())
         if done:
-            print(f"Resuming from {manager.latest_checkpoint} after {done} meta-steps.")
+            print(f"Resuming from {latest} after {done} meta-steps.")
+        saver = _Checkpoints(manager, epoch_logs, self.checkpoint_interval)
+        callbacks = [keras.callbacks.TerminateOnNaN(), saver]
+        if chief:
+            callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, "logs")))
         validation = None
         if self.validation_tasks:
             validation = self.eval_tasks.dataset(self.validation_tasks, seed=self.eval_seed + 1, num_batches=1)
-        history = meta_learner.fit(
-            self.tasks.dataset(self.meta_batch_size, seed=self.seed, start=done),
-            epochs=self.num_steps // self.steps_per_epoch,
-            initial_epoch=done // self.steps_per_epoch,
-            steps_per_epoch=self.steps_per_epoch,
-            validation_data=validation,
-            callbacks=[
-                keras.callbacks.TerminateOnNaN(),
-                _CheckpointEachEpoch(manager),
-                keras.callbacks.TensorBoard(os.path.join(model_dir, "logs")),
-            ],
-            verbose=(1 if sys.stdout.isatty() else 2) if self.verbose == "auto" else self.verbose,
-            shuffle=False,
-        )
+        epochs, first_epoch = self.num_steps // self.steps_per_epoch, done // self.steps_per_epoch
+        verbose = (1 if sys.stdout.isatty() else 2) if self.verbose == "auto" else self.verbose
+        fit = dict(validation_data=validation, callbacks=callbacks, verbose=verbose, shuffle=False)
+        history: dict = {}
+        with _sigterm_stops(saver):
+            try:
+                if done % self.steps_per_epoch:  # resumed in the middle of an epoch: finish it first
+                    saver.resume_logs = True
+                    partial = meta_learner.fit(
+                        self.tasks.dataset(self.meta_batch_size, seed=self.seed, start=done), epochs=first_epoch + 1,
+                        initial_epoch=first_epoch, steps_per_epoch=(first_epoch + 1) * self.steps_per_epoch - done,
+                        **fit)
+                    history, first_epoch = partial.history, first_epoch + 1
+                    done = int(meta_learner.meta_step())
+                if not meta_learner.stop_training and first_epoch < epochs:
+                    history = meta_learner.fit(
+                        self.tasks.dataset(self.meta_batch_size, seed=self.seed, start=done), epochs=epochs,
+                        initial_epoch=first_epoch, steps_per_epoch=self.steps_per_epoch, **fit).history
+            except tf.errors.InvalidArgumentError as error:
+                message = check_failure(error)
+                if message is None:
+                    raise
+                steps = int(meta_learner.meta_step())
+                kind = FloatingPointError if "non-finite support loss" in message else ValueError
+                raise kind(f"meta-training stopped after {steps} meta-steps: {message}. The last checkpoint is "
+                           f"{manager.latest_checkpoint}.") from None
         steps = int(meta_learner.meta_step())
-        if meta_learner.stop_training and steps < self.num_steps:
+        if saver.interrupted:
+            raise TrainingInterrupted(f"stopped by SIGTERM at meta-step {steps} after saving "
+                                      f"{manager.latest_checkpoint}: run the same command to resume.")
+        if saver.non_finite:
+            names = ", ".join(saver.non_finite)
             raise FloatingPointError(
-                f"meta-training stopped at meta-step {steps}: the loss is not finite. The last good checkpoint "
-                f"is {manager.latest_checkpoint}; lower the learning rates or inspect the data."
-            )
+                f"meta-training stopped at meta-step {steps}: {names} {'is' if len(saver.non_finite) == 1 else 'are'} "
+                f"not finite. The last good checkpoint is {manager.latest_checkpoint}; lower the learning rates or "
+                "inspect the data.")
         results = {
             "meta_steps": steps,
-            "train": {k: float(v[-1]) for k, v in history.history.items()},
+            "train": {k: float(v[-1]) for k, v in history.items()},
             "eval": summarize(self.evaluate(meta_learner)),
         }
-        with open(os.path.join(model_dir, "metrics.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        if chief:
+            non_finite = evaluation.write_json(os.path.join(model_dir, "metrics.json"), results)
+            if non_finite:
+                raise FloatingPointError(
+                    f"the results after {steps} meta-steps are not finite: {', '.join(non_finite[:6])}"
+                    f"{' ...' if len(non_finite) > 6 else ''} (written as null in metrics.json, which lists them "
+                    "under 'non_finite').")
         return results
 
     def restore(self, model_dir: str) -> EpisodicLearner:
         """The meta-learner as of the last checkpoint in `model_dir`."""
         meta_learner = self.build()
-        manager = self.checkpoints(meta_learner, model_dir)
-        if not manager.latest_checkpoint:
+        manager, latest, _ = self.checkpoints(meta_learner, model_dir)
+        if not latest:
             raise FileNotFoundError(f"no checkpoint in {os.path.join(model_dir, 'checkpoints')}: train first.")
-        manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        manager.checkpoint.restore(latest).assert_existing_objects_matched()
         return meta_learner
 
     def evaluate(self, meta_learner: EpisodicLearner) -> dict:
-        """The adaptation curve on the held-out tasks (see `evaluation.adaptation_curve`)."""
-        return evaluation.adaptation_curve(
-            meta_learner, self.eval_tasks, num_tasks=self.eval_num_tasks, steps=self.eval_steps, seed=self.eval_seed,
-            batch_size=self.eval_batch_size, at_steps=sorted({*range(0, self.eval_steps, self.eval_every),
-                                                              self.eval_steps}),
-        )
+        """The adaptation curve on the held-out tasks (see `evaluation.adaptation_curve`), with a progress line
+        per batch of tasks unless `verbose` is 0."""
+        try:
+            return evaluation.adaptation_curve(
+                meta_learner, self.eval_tasks, num_tasks=self.eval_num_tasks, steps=self.eval_steps,
+                seed=self.eval_seed, batch_size=self.eval_batch_size,
+                at_steps=sorted({*range(0, self.eval_steps, self.eval_every), self.eval_steps}),
+                progress=self.verbose != 0)
+        except tf.errors.InvalidArgumentError as error:
+            message = check_failure(error)
+            if message is None:
+                raise
+            kind = FloatingPointError if "non-finite support loss" in message else ValueError
+            raise kind(f"the evaluation on held-out tasks failed: {message}.") from None
+
+
+@contextlib.contextmanager
+def _sigterm_stops(saver: _Checkpoints):
+    """Within: SIGTERM makes `saver` save a checkpoint and stop training at the next meta-step (in the main
+    thread; elsewhere signals cannot be handled, and SIGTERM keeps its default action)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum, frame):
+        del signum, frame
+        saver.terminate = True
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def summarize(curve: dict) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import tensorflow as tf
 
@@ -17,23 +17,47 @@ _context = threading.local()
 
 
 @contextlib.contextmanager
-def at_step(step: int) -> Iterator[None]:
-    """Marks the forward passes traced inside as belonging to inner step `step` (0: before adaptation).
+def _setting(name: str, value) -> Iterator[None]:
+    previous = getattr(_context, name, None)
+    setattr(_context, name, value)
+    try:
+        yield
+    finally:
+        setattr(_context, name, previous)
+
+
+def at_step(step: Union[int, tf.Tensor]) -> contextlib.AbstractContextManager:
+    """Marks the forward passes traced inside as belonging to inner step `step` (0: before adaptation), a Python
+    int or, in `tf.while_loop` inner loops and serving signatures, an int tensor.
 
     Layers whose behaviour depends on the inner step (MAML++'s per-step batch norm) read it with
     `current_step()`. The inner loop sets it for every support pass; a query pass after k steps sets k.
     """
-    previous = getattr(_context, "step", None)
-    _context.step = step
-    try:
-        yield
-    finally:
-        _context.step = previous
+    return _setting("step", step)
 
 
-def current_step() -> Optional[int]:
-    """The inner step being traced, or None outside an adaptation."""
+def current_step() -> Optional[Union[int, tf.Tensor]]:
+    """The inner step being traced (an int or an int tensor), or None outside an adaptation."""
     return getattr(_context, "step", None)
+
+
+def at_task(index: tf.Tensor) -> contextlib.AbstractContextManager:
+    """Marks the inner loops traced inside as adapting task `index` of a meta-batch, which their error messages
+    name (a non-finite support loss)."""
+    return _setting("task", index)
+
+
+def check_finite_loss(loss: tf.Tensor, step) -> tf.Tensor:
+    """`loss`, after an in-graph check that it is finite whose error names the inner step and the task (see
+    `at_task`). XLA compiles the check out; the training loop's NaN guard still stops the run."""
+    task = getattr(_context, "task", None)
+    where = ["tfmeta: non-finite support loss (NaN or inf) at inner step", tf.cast(step, tf.int32)]
+    if task is not None:
+        where += ["of task", tf.cast(task, tf.int32), "of the meta-batch"]
+    check = tf.debugging.Assert(tf.math.is_finite(loss), where + [
+        "(non-finite inputs, or an inner learning rate too large for the task)"])
+    with tf.control_dependencies([check]):
+        return tf.identity(loss)
 
 
 @dataclasses.dataclass
@@ -77,13 +101,14 @@ def inner_loop(
     treated as constants, which gives first-order MAML. `unroll=False` runs the steps after the first in a
     `tf.while_loop`, so the graph and its tracing time do not grow with `steps` (Leap's or Reptile's hundreds
     of steps, long evaluations); gradients then do not flow through the steps (inner gradients are constants)
-    and `step` is a tensor in `loss_fn` and the rule (per-step layers need `unroll=True`). The learner's
+    and `step` is a tensor in `loss_fn`, the rule and `current_step()` (per-step layers index by it). The learner's
     variables are not read or written here: everything flows through `params` and `state`. `training` and
     the stateless `seed` are passed to the rule's per-task state (e.g. MT-Nets sample their masks from it).
     `steps` may be an int tensor (a serving request's step count): the loop then runs in a `tf.while_loop`
     whatever `unroll` says, and returns only the parameters and state. `rematerialize=True` keeps only each
     unrolled step's inputs for the backward pass and recomputes the step there (see `rematerialized`): the
     second-order meta-gradient's memory then grows with the steps by a parameter set, not by the activations.
+    Every support loss is checked to be finite in the graph (`check_finite_loss`).
     """
     params = list(params)
     rule_state = rule.init_state(params, training=training, seed=seed)
@@ -93,9 +118,10 @@ def inner_loop(
         raise ValueError(f"inner loop `steps` must be >= 0; got {steps}.")
 
     def one_step(step, params, state, rule_state, unrolled):
-        with tf.GradientTape(watch_accessed_variables=False) as tape, at_step(step if unrolled else None):
+        with tf.GradientTape(watch_accessed_variables=False) as tape, at_step(step):
             tape.watch(params)
             loss, state = loss_fn(params, state, step)
+            loss = check_finite_loss(loss, step)
         grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if first_order or not unrolled:
             grads = [tf.stop_gradient(g) for g in grads]
@@ -180,9 +206,10 @@ def _dynamic_loop(loss_fn, params, state, rule, rule_state, steps) -> Adaptation
     from step 0, without differentiation through it, trajectory or losses."""
 
     def body(step, params, state, rule_state):
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
+        with tf.GradientTape(watch_accessed_variables=False) as tape, at_step(step):
             tape.watch(params)
             loss, state = loss_fn(params, state, step)
+            loss = check_finite_loss(loss, step)
         grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         updates, rule_state = rule.update([tf.stop_gradient(g) for g in grads], rule_state, params, step)
         return step + 1, [p + u for p, u in zip(params, updates)], list(state), rule_state

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import keras
 import tensorflow as tf
@@ -22,6 +22,12 @@ def relation_mse(y_true, scores):
 
 
 LOSSES = {"scores_cross_entropy": scores_cross_entropy, "relation_mse": relation_mse}
+# What the targets of the known losses are: integer class labels (one dimension fewer than the predictions), or
+# values shaped like the predictions. Other (custom) losses may take any targets, and are not checked.
+LABEL_LOSSES = ("sparse_categorical_crossentropy", "scores_cross_entropy", "relation_mse")
+DENSE_LOSSES = ("mean_squared_error", "mean_absolute_error", "mean_absolute_percentage_error",
+                "mean_squared_logarithmic_error", "huber", "log_cosh", "categorical_crossentropy",
+                "binary_crossentropy", "kl_divergence", "poisson", "hinge", "squared_hinge", "categorical_hinge")
 
 
 def get(loss: Union[str, dict, Callable]) -> Callable:
@@ -29,6 +35,14 @@ def get(loss: Union[str, dict, Callable]) -> Callable:
     if isinstance(loss, str) and loss in LOSSES:
         return LOSSES[loss]
     return keras.losses.get(loss)
+
+
+def target_kind(loss: Callable) -> Optional[str]:
+    """"labels" if `loss` (a tfmeta or Keras loss) takes integer class labels, "dense" if it takes targets shaped
+    like the predictions, None for losses it does not know."""
+    name = getattr(loss, "name", None) or getattr(loss, "__name__", "")
+    name = getattr(getattr(loss, "fn", None), "__name__", name)  # a keras.losses.Loss wraps its function
+    return "labels" if name in LABEL_LOSSES else "dense" if name in DENSE_LOSSES else None
 
 
 def per_example(loss: Callable) -> Callable:

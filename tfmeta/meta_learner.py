@@ -12,14 +12,18 @@ through `learner.stateless_call` with substituted parameter values; the inner lo
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Sequence, Union
 
 import keras
 import tensorflow as tf
 
+from tfmeta import adapted as adapted_lib
+from tfmeta import losses
 from tfmeta import partition as partition_lib
 from tfmeta.episodic import EpisodicLearner, Metric
-from tfmeta.inner_loop import Adaptation, at_step, inner_loop
+from tfmeta.inner_loop import Adaptation, at_step, at_task, inner_loop
+from tfmeta.layers import batch_statistics_layers, freeze_batch_statistics
 from tfmeta.update_rules import Sgd, UpdateRule
 
 
@@ -48,7 +52,7 @@ class MetaLearner(EpisodicLearner):
       eval_inner_steps: inner-loop steps in `evaluate` and `adapt` (default: `inner_steps`).
       partition: which learner variables the inner loop adapts (default: all).
       unroll_inner_loop: unroll inner loops in Python (needed to differentiate through them, e.g. MAML's
-        second-order meta-gradient, and for per-step layers); False runs them in a `tf.while_loop`, whose graph
+        second-order meta-gradient); False runs them in a `tf.while_loop`, whose graph
         and tracing time do not grow with the steps: for first-order algorithms with long inner loops (Leap,
         Reptile) and long evaluations.
       rematerialize_inner_steps: recompute each inner step in the backward pass instead of keeping its
@@ -120,11 +124,24 @@ class MetaLearner(EpisodicLearner):
     def forward(self, fast, slow, state, x, training: bool, step: Optional[int] = None):
         """The learner's output for fast parameter values `fast`: returns `(outputs, new_state)`. `step` marks
         a query pass after that many inner steps (for layers that depend on the step)."""
+        outputs, state, _ = self._stateless_call(fast, slow, state, x, training, step)
+        return outputs, state
+
+    def task_objective(self, fast, slow, state, x, y, training: bool, step: Optional[int] = None):
+        """The task loss of fast parameters `fast` on examples `(x, y)`, with the learner's own Keras losses
+        (`kernel_regularizer`, `add_loss`) at those parameters added, as Keras' `fit` adds them: what the inner
+        loop minimises on a support set and the outer loop on a query set. Returns `(loss, outputs, new_state)`."""
+        outputs, state, losses = self._stateless_call(fast, slow, state, x, training, step)
+        loss = self.loss_value(y, outputs)
+        if losses:
+            loss += tf.cast(tf.add_n(losses), loss.dtype)
+        return loss, outputs, state
+
+    def _stateless_call(self, fast, slow, state, x, training: bool, step):
         trainable = partition_lib.merge(fast, slow, self.fast_mask)
-        if step is None:
-            return self.learner.stateless_call(trainable, state, x, training=training)
-        with at_step(step):
-            return self.learner.stateless_call(trainable, state, x, training=training)
+        kwargs = {"training": training} if self.learner._call_has_training_arg else {}
+        with contextlib.nullcontext() if step is None else at_step(step):
+            return self.learner.stateless_call(trainable, state, x, return_losses=True, **kwargs)
 
     def adapt_params(
         self, fast, slow, state, x, y, steps: int, *, training: bool, first_order: bool = False,
@@ -135,8 +152,8 @@ class MetaLearner(EpisodicLearner):
 
         def support_loss(params, state, step):
             xs, ys = self.step_batch(x, y, step)
-            predictions, state = self.forward(params, slow, state, xs, training=training)
-            return self.loss_value(ys, predictions), state
+            loss, _, state = self.task_objective(params, slow, state, xs, ys, training=training)
+            return loss, state
 
         return inner_loop(
             support_loss, fast, state, self.update_rule, steps,
@@ -149,6 +166,41 @@ class MetaLearner(EpisodicLearner):
         e.g. the mini-batches of multi-shot adaptation) rather than one set [examples, features...]."""
         inputs = getattr(self.learner, "inputs", None)
         return bool(inputs) and x.shape.rank == len(inputs[0].shape) + 1
+
+    def check_targets(self, support_shape, query_shape, dtype, name) -> None:
+        """For the losses `tfmeta.losses.target_kind` knows, the targets' per-example shape must be the learner's
+        output shape (e.g. MSE) or, for integer class labels, that shape without its last axis (the classes)."""
+        kind, outputs = losses.target_kind(self.loss_object), getattr(self.learner, "outputs", None)
+        if kind is None or not outputs or len(outputs) != 1:
+            return
+        output_shape = outputs[0].shape[1:]
+        expected = output_shape[:-1] if kind == "labels" else output_shape
+        what = "integer class labels" if kind == "labels" else "targets"
+        for key, shape in (("support_y", support_shape), ("query_y", query_shape)):
+            if not shape.is_compatible_with(expected):
+                raise ValueError(
+                    f"{name(key)} must hold {what} of shape {tuple(expected)} per example for the loss of learner "
+                    f"'{self.learner.name}', whose outputs have shape {tuple(output_shape)}; got {tuple(shape)} per "
+                    f"example{' (one-hot labels: pass their argmax)' if kind == 'labels' else ''}.")
+        if kind == "labels" and not dtype.is_integer:
+            raise ValueError(f"{name('support_y')} and {name('query_y')} must hold integer class labels for the loss "
+                             f"of learner '{self.learner.name}'; got dtype {dtype.name}.")
+
+    def value_checks(self, tensors: dict, name) -> list:
+        """`EpisodicLearner.value_checks`, and class labels within the learner's head: 0..outputs-1."""
+        checks = super().value_checks(tensors, name)
+        outputs = getattr(self.learner, "outputs", None)
+        if losses.target_kind(self.loss_object) != "labels" or not outputs or outputs[0].shape[-1] is None:
+            return checks
+        ways = outputs[0].shape[-1]
+        for key in ("support_y", "query_y"):
+            if key in tensors and tensors[key].dtype.is_integer:
+                labels = tf.cast(tensors[key], tf.int64)
+                checks.append(tf.debugging.assert_non_negative(labels, message=f"{name(key)} holds negative labels"))
+                checks.append(tf.debugging.assert_less(labels, tf.constant(ways, tf.int64), message=(
+                    f"{name(key)} holds class labels outside 0..{ways - 1}: learner '{self.learner.name}' has "
+                    f"{ways} outputs")))
+        return checks
 
     def step_batch(self, x, y, step):
         """The support examples of inner step `step` (a Python int or an int tensor): all of `(x, y)`, or for a
@@ -180,7 +232,8 @@ class MetaLearner(EpisodicLearner):
         def one_task(index, episode):
             index = self.global_task_index(index, tasks)
             seed = tf.random.experimental.stateless_fold_in(batch_seed, index)
-            grads, logs, new_state = self.task_gradients(episode, self.task_state(state, index), seed)
+            with at_task(index):
+                grads, logs, new_state = self.task_gradients(episode, self.task_state(state, index), seed)
             return grads, {k: tf.cast(v, self._log_dtype) for k, v in logs.items()}, new_state
 
         signature = (_spec(self.meta_variables), self._log_spec(self.train_log_names()), _spec(state))
@@ -220,7 +273,8 @@ class MetaLearner(EpisodicLearner):
 
         def one_task(index, episode):
             fast, slow = self.read_params()
-            return self.task_curve(fast, slow, state, episode, steps, at_steps)
+            with at_task(index):
+                return self.task_curve(fast, slow, state, episode, steps, at_steps)
 
         signature = {n: tf.TensorSpec([len(at_steps)], self._log_dtype) for n in ["loss", *self.task_metrics]}
         return self.map_tasks(one_task, episodes, signature)
@@ -242,34 +296,46 @@ class MetaLearner(EpisodicLearner):
         )
 
         def query_results(params, k=None):
-            predictions, _ = self.forward(params, slow, state, episode["query_x"], training=False, step=k)
-            results = {"loss": self.loss_value(episode["query_y"], predictions),
-                       **self.metric_values(episode["query_y"], predictions)}
+            loss, predictions, _ = self.task_objective(params, slow, state, episode["query_x"], episode["query_y"],
+                                                       training=False, step=k)
+            results = {"loss": loss, **self.metric_values(episode["query_y"], predictions)}
             return {n: tf.cast(v, self._log_dtype) for n, v in results.items()}
 
         if self.unroll_inner_loop:
             results = [query_results(adaptation.trajectory[k], k) for k in at_steps]
             return {n: tf.stack([r[n] for r in results]) for n in results[0]}
-        # One query pass in the graph, mapped over the points, however many steps.
+        # One query pass in the graph, mapped over the points (and their step, for per-step layers).
         points = [tf.stack([adaptation.trajectory[k][i] for k in at_steps]) for i in range(len(fast))]
-        return tf.map_fn(query_results, points, fn_output_signature={
+        return tf.map_fn(lambda point: query_results(*point), (points, tf.constant(at_steps)), fn_output_signature={
             n: tf.TensorSpec([], self._log_dtype) for n in ["loss", *self.task_metrics]})
 
     # ------------------------------------------------------------------------------------------ adapt
 
-    def adapt(self, support_x, support_y, steps: Optional[int] = None) -> keras.Model:
+    def adapt(self, support_x, support_y, steps: Optional[int] = None, batch_norm: str = "batch") -> keras.Model:
         """Adapts the learner to one task's support set and returns it as a new Keras model.
 
         The result is a copy of the learner (same architecture) carrying the adapted weights: it can `predict`,
-        be saved and be trained further. Adaptation runs in inference mode, as in `evaluate`.
+        be saved and be trained further. Adaptation runs in inference mode, as in `evaluate`, and the copy
+        predicts what `evaluate` scores. For a learner that normalises with batch statistics at inference
+        (`tfmeta.layers.batch_statistics_layers`), `batch_norm` says how:
+          "batch" (default, `evaluate`'s policy): the copy comes wrapped in a `TransductiveModel`, which
+            normalises the whole input it is given as one batch, as `evaluate` normalises the query set,
+            whatever `predict`'s `batch_size`;
+          "support": the normalisation is fixed to the statistics of the support set at the adapted weights
+            (`tfmeta.layers.freeze_batch_statistics`), so each example is predicted on its own (an inductive
+            classifier, which `evaluate` does not score).
+        Learners with per-step batch norm predict with the set of inner step `steps`, as `evaluate` does.
         """
         steps = check_steps(self.eval_inner_steps if steps is None else steps, "steps")
         support_x, support_y = self.check_support(support_x, support_y)
         fast, slow = self.read_params()
-        return self.adapted_model(fast, slow, support_x, support_y, steps)
+        return self.adapted_model(fast, slow, support_x, support_y, steps, batch_norm)
 
-    def adapted_model(self, fast, slow, support_x, support_y, steps: int) -> keras.Model:
-        """A copy of the learner carrying the parameters adapted from `fast` to `(support_x, support_y)`."""
+    def adapted_model(self, fast, slow, support_x, support_y, steps: int, batch_norm: str = "batch") -> keras.Model:
+        """A copy of the learner carrying the parameters adapted from `fast` to `(support_x, support_y)` (see
+        `adapt`)."""
+        if batch_norm not in adapted_lib.BATCH_NORM_POLICIES:
+            raise ValueError(f"`batch_norm` must be one of {adapted_lib.BATCH_NORM_POLICIES}; got {batch_norm!r}.")
         state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
         adaptation = self.adapt_params(fast, slow, state, support_x, support_y, steps, training=False)
         adapted = keras.models.clone_model(self.learner)
@@ -281,7 +347,16 @@ class MetaLearner(EpisodicLearner):
             raise ValueError(f"keras.models.clone_model did not reproduce learner '{self.learner.name}' faithfully.")
         for variable, value in zip(variables, values):
             variable.assign(value)
-        return adapted
+        for layer in adapted._flatten_layers(include_self=True):  # per-step layers: the set after `steps` steps
+            if hasattr(layer, "inference_step"):
+                layer.inference_step = steps
+        if not batch_statistics_layers(adapted):
+            return adapted
+        if batch_norm == "support":
+            examples = tf.reshape(support_x, [-1, *support_x.shape[2:]]) if self.is_stream(support_x) else support_x
+            freeze_batch_statistics(adapted, examples)
+            return adapted
+        return adapted_lib.TransductiveModel(adapted, name=f"{adapted.name}_adapted")
 
     # ------------------------------------------------------------------------------------ serialisation
 

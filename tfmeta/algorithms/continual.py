@@ -63,9 +63,8 @@ class ContinualWarpGrad(WarpGrad):
 
     def _meta_loss(self, params, slow, state, episode, sub_task: int):
         """The mean query loss over sub-tasks 0..`sub_task` (the current one and all previous ones)."""
-        losses = [self.loss_value(episode["query_y"][j], self.forward(params, slow, state, episode["query_x"][j],
-                                                                      training=True)[0])
-                  for j in range(sub_task + 1)]
+        losses = [self.task_objective(params, slow, state, episode["query_x"][j], episode["query_y"][j],
+                                      training=True)[0] for j in range(sub_task + 1)]
         return tf.add_n(losses) / len(losses)
 
     def _stream_step(self, theta, episode, step, state, sub_task: int):
@@ -133,14 +132,14 @@ class ContinualWarpGrad(WarpGrad):
             fast, slow = self.read_params()
 
             def losses(params):
-                return tf.stack([self.loss_value(episode["query_y"][j], self.forward(
-                    params, slow, state, episode["query_x"][j], training=False)[0]) for j in range(sub_tasks)])
+                return tf.stack([self.task_objective(params, slow, state, episode["query_x"][j], episode["query_y"][j],
+                                                     training=False)[0] for j in range(sub_tasks)])
 
             def body(step, params, curve):
                 with tf.GradientTape(watch_accessed_variables=False) as tape:
                     tape.watch(params)
                     x, y = tf.gather(episode["support_x"], step), tf.gather(episode["support_y"], step)
-                    loss = self.loss_value(y, self.forward(params, slow, state, x, training=False)[0])
+                    loss, _, _ = self.task_objective(params, slow, state, x, y, training=False)
                 grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
                 updates, _ = self.update_rule.update(grads, (), params, step)
                 params = [p + u for p, u in zip(params, updates)]

@@ -72,9 +72,9 @@ class IMAML(MetaLearner):
 
         def regularized_loss(params, state, step):
             xs, ys = self.step_batch(x, y, step)
-            predictions, state = self.forward(params, slow, state, xs, training=training)
+            loss, _, state = self.task_objective(params, slow, state, xs, ys, training=training)
             proximal = tf.add_n([tf.reduce_sum(tf.square(p - a)) for p, a in zip(params, anchor)])
-            return self.loss_value(ys, predictions) + tf.cast(regularization / 2, proximal.dtype) * proximal, state
+            return loss + tf.cast(regularization / 2, proximal.dtype) * proximal, state
 
         return inner_loop(regularized_loss, fast, state, self.update_rule, steps, first_order=True,
                           keep_trajectory=keep_trajectory, training=training, seed=seed,
@@ -88,8 +88,8 @@ class IMAML(MetaLearner):
         phi = [tf.stop_gradient(p) for p in adaptation.params]
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(phi + slow)
-            predictions, new_state = self.forward(phi, slow, adaptation.state, episode["query_x"], training=True)
-            query_loss = self.loss_value(episode["query_y"], predictions)
+            query_loss, predictions, new_state = self.task_objective(
+                phi, slow, adaptation.state, episode["query_x"], episode["query_y"], training=True)
         phi_grads, slow_grads = tape.gradient(query_loss, [phi, slow],
                                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
@@ -98,8 +98,8 @@ class IMAML(MetaLearner):
                 outer.watch(phi)
                 with tf.GradientTape(watch_accessed_variables=False) as inner:
                     inner.watch(phi)
-                    support, _ = self.forward(phi, slow, state, episode["support_x"], training=True)
-                    loss = self.loss_value(episode["support_y"], support)
+                    loss, _, _ = self.task_objective(phi, slow, state, episode["support_x"], episode["support_y"],
+                                                     training=True)
                 grads = inner.gradient(loss, phi, unconnected_gradients=tf.UnconnectedGradients.ZERO)
                 projection = _dot(grads, [tf.stop_gradient(v) for v in vector])
             return outer.gradient(projection, phi, unconnected_gradients=tf.UnconnectedGradients.ZERO)

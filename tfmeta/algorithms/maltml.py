@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import keras
 import tensorflow as tf
 
-from tfmeta.inner_loop import Adaptation, inner_loop
+from tfmeta.inner_loop import Adaptation, at_task, inner_loop
 from tfmeta.meta_learner import MetaLearner, check_steps
 from tfmeta.tasks.families import FAMILY_KEYS, GOAL_KEYS, TASK_KEYS
 from tfmeta.update_rules import Sgd, UpdateRule
@@ -104,15 +104,15 @@ class MALTML(MetaLearner):
             total = 0.0
             for j in range(num_tasks):
                 def task_loss(task_params, state, task_step, j=j):
-                    predictions, state = self.forward(task_params, slow, state, episode["support_x"][j],
-                                                      training=training)
-                    return self.loss_value(episode["support_y"][j], predictions), state
+                    loss, _, state = self.task_objective(task_params, slow, state, episode["support_x"][j],
+                                                         episode["support_y"][j], training=training)
+                    return loss, state
 
                 task = inner_loop(task_loss, params, state, self.task_rule, self.task_steps, first_order=first_order,
                                   training=training, seed=task_seeds[j])
-                predictions, state = self.forward(task.params, slow, task.state, episode["query_x"][j],
-                                                  training=training)
-                total += self.loss_value(episode["query_y"][j], predictions)
+                loss, _, state = self.task_objective(task.params, slow, task.state, episode["query_x"][j],
+                                                     episode["query_y"][j], training=training)
+                total += loss
             return total, state
 
         return inner_loop(family_loss, fast, state, self.family_rule, self.family_steps, first_order=first_order,
@@ -131,9 +131,10 @@ class MALTML(MetaLearner):
                 goal = self.adapt_params(family.params, slow, state, episode["goal_support_x"][g],
                                          episode["goal_support_y"][g], self.inner_steps, training=True,
                                          seed=goal_seeds[g])
-                predictions, state = self.forward(goal.params, slow, goal.state, episode["goal_query_x"][g],
-                                                  training=True)
-                objective += self.loss_value(episode["goal_query_y"][g], predictions) / goals
+                loss, predictions, state = self.task_objective(goal.params, slow, goal.state,
+                                                               episode["goal_query_x"][g], episode["goal_query_y"][g],
+                                                               training=True)
+                objective += loss / goals
                 metrics.append(self.metric_values(episode["goal_query_y"][g], predictions))
         grads = tape.gradient(objective, self.meta_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         logs = {n: tf.add_n([m[n] for m in metrics]) / goals for n in self.task_metrics}
@@ -195,6 +196,10 @@ class MALTML(MetaLearner):
         names = ["loss", *self.task_metrics]
 
         def one_family(index, episode):
+            with at_task(index):
+                return family_curves(episode)
+
+        def family_curves(episode):
             fast, slow = self.read_params()
             family = self.meta_finetune(fast, slow, state, episode, training=False, first_order=True)
             results = {}
@@ -209,10 +214,11 @@ class MALTML(MetaLearner):
                      for n in names + ["loss_without_meta_update"]}
         return self.map_tasks(one_family, episodes, signature)
 
-    def adapt(self, support_x, support_y, steps: Optional[int] = None, family: Optional[dict] = None) -> keras.Model:
+    def adapt(self, support_x, support_y, steps: Optional[int] = None, batch_norm: str = "batch",
+              family: Optional[dict] = None) -> keras.Model:
         """The learner finetuned on a goal task's examples with `steps` steps (default `eval_inner_steps`) from
         θ_F, the initialisation meta-finetuned on `family` (a dict of the family's L tasks, `support_x` etc. of
-        shape [L, examples, ...]), or from θ without `family`."""
+        shape [L, examples, ...]), or from θ without `family`; `batch_norm` as in `MetaLearner.adapt`."""
         steps = check_steps(self.eval_inner_steps if steps is None else steps, "steps")
         support_x, support_y = self.check_support(support_x, support_y)
         fast, slow = self.read_params()
@@ -223,7 +229,7 @@ class MALTML(MetaLearner):
             MetaLearner.check_episodes(self, family)
             state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
             fast = self.meta_finetune(fast, slow, state, family, training=False, first_order=True).params
-        return self.adapted_model(fast, slow, support_x, support_y, steps)
+        return self.adapted_model(fast, slow, support_x, support_y, steps, batch_norm)
 
     # ------------------------------------------------------------------------------------ serialisation
 

@@ -98,8 +98,9 @@ class MAML(MetaLearner):
                 weighted = [(w, k + 1, params) for k, (w, params) in enumerate(zip(weights, adaptation.trajectory[1:]))]
             state, objective = adaptation.state, 0.0
             for weight, step, params in weighted:
-                predictions, state = self.forward(params, slow, state, episode["query_x"], training=True, step=step)
-                objective += tf.cast(weight, predictions.dtype) * self.loss_value(episode["query_y"], predictions)
+                loss, predictions, state = self.task_objective(params, slow, state, episode["query_x"],
+                                                               episode["query_y"], training=True, step=step)
+                objective += tf.cast(weight, loss.dtype) * loss
         grads = tape.gradient(objective, self.meta_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return grads, {"loss": objective, **self.metric_values(episode["query_y"], predictions)}, state
 

@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from tfmeta import partition as partition_lib
+from tfmeta.inner_loop import at_task
 from tfmeta.meta_learner import MetaLearner, _spec
 
 OBJECTIVES = ("full", "approximate")
@@ -145,9 +146,8 @@ class WarpGrad(MetaLearner):
             fast, slow = self.read_params()
             adaptation = self.adapt_params(fast, slow, state, sx, sy, steps, training=True, keep_trajectory=True,
                                            first_order=not differentiate or self.first_order, seed=seed)
-            predictions, state = self.forward(adaptation.params, slow, adaptation.state, episode["query_x"],
-                                              training=True)
-            query_loss = self.loss_value(episode["query_y"], predictions)
+            query_loss, predictions, state = self.task_objective(
+                adaptation.params, slow, adaptation.state, episode["query_x"], episode["query_y"], training=True)
         trajectory = [[tf.stop_gradient(p) for p in params] for params in adaptation.trajectory]
         if self.init_objective == "maml":
             init_grads = tape.gradient(query_loss, fast, unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -155,8 +155,8 @@ class WarpGrad(MetaLearner):
             init_grads = [a - b for a, b in zip(trajectory[0], trajectory[-1])]
         elif self.init_objective == "leap":
             x, y = self.step_batch(sx, sy, steps)
-            final, _ = self.forward(trajectory[-1], slow, adaptation.state, x, training=True)
-            losses = [tf.stop_gradient(loss) for loss in adaptation.losses] + [self.loss_value(y, final)]
+            final_loss, _, _ = self.task_objective(trajectory[-1], slow, adaptation.state, x, y, training=True)
+            losses = [tf.stop_gradient(loss) for loss in adaptation.losses] + [final_loss]
             grads = [[tf.stop_gradient(g) for g in step_grads] for step_grads in adaptation.grads]
             init_grads = leap_gradient(trajectory, losses, grads, self.leap_norm, self.leap_loss_delta)
         else:
@@ -184,7 +184,7 @@ class WarpGrad(MetaLearner):
                              f"batch, ...]); got support_x of shape {sx.shape} for one task.")
         grads, meta_loss, _ = self.warp_step(
             theta, rule_state, step, state, self.step_batch(sx, sy, step),
-            lambda adapted, slow: self.loss_value(qy, self.forward(adapted, slow, state, qx, training=True)[0]))
+            lambda adapted, slow: self.task_objective(adapted, slow, state, qx, qy, training=True)[0])
         return grads, meta_loss
 
     def warp_step(self, theta: list, rule_state, step, state: list, task_batch: tuple,
@@ -197,7 +197,7 @@ class WarpGrad(MetaLearner):
             with tf.GradientTape(watch_accessed_variables=False) as inner:
                 inner.watch(theta)
                 x, y = task_batch
-                task_loss = self.loss_value(y, self.forward(theta, slow, state, x, training=True)[0])
+                task_loss, _, _ = self.task_objective(theta, slow, state, x, y, training=True)
             grads = inner.gradient(task_loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             updates, _ = self.update_rule.update(grads, rule_state, theta, step)
             if self.objective == "approximate":
@@ -247,7 +247,8 @@ class WarpGrad(MetaLearner):
         def one_task(index, episode):
             index = self.global_task_index(index, tf.shape(episodes["support_x"])[0])
             seed = tf.random.experimental.stateless_fold_in(batch_seed, index)
-            return self._adapt_task(episode, self.task_state(state, index), seed)
+            with at_task(index):
+                return self._adapt_task(episode, self.task_state(state, index), seed)
 
         fast_specs = _spec(self._fast_variables)
         signature = {

@@ -38,8 +38,13 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 raise ValueError(f"tfmeta BatchNormalization does not support `{unsupported}=True`.")
         super().__init__(**kwargs)
         self.statistics = statistics
+        self._recording = False  # set by `freeze_batch_statistics`
 
     def call(self, inputs, training=None, mask=None):
+        if self._recording and not training:
+            mean, variance = self._moments(ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32")), mask)
+            self.moving_mean.assign(ops.cast(mean, self.moving_mean.dtype))
+            self.moving_variance.assign(ops.cast(variance, self.moving_variance.dtype))
         batch_statistics = (training and self.trainable) or self.statistics == "batch"
         if batch_statistics and self._fusable(inputs, mask):
             return self._fused_call(inputs, update=bool(training and self.trainable))
@@ -128,6 +133,30 @@ def _batch_norm_backward(dy, x, gamma, epsilon: float):
     dgamma = tf.reduce_sum(dy * normalised, axes)
     count = tf.cast(tf.size(dy) // tf.shape(dy)[-1], dy.dtype)
     return (gamma * inverse_std) * (dy - (dbeta + normalised * dgamma) / count), dgamma, dbeta
+
+
+def batch_statistics_layers(model: keras.Layer) -> list[keras.Layer]:
+    """The layers of `model` that normalise with the statistics of the current batch at inference
+    (`statistics="batch"`): their outputs for an example depend on the other examples of its batch."""
+    return [layer for layer in model._flatten_layers(include_self=True)
+            if getattr(layer, "statistics", None) == "batch"]
+
+
+def freeze_batch_statistics(model: keras.Model, x) -> None:
+    """Fixes the batch-statistics layers of `model` (`batch_statistics_layers`) to the statistics of the batch `x`:
+    their moving averages become the statistics each layer normalises `x` with at inference (each after the
+    layers before it normalised with theirs), and they switch to `statistics="running"`, so that `model` then
+    predicts every example alone, as it predicts it among `x`'s examples."""
+    layers = batch_statistics_layers(model)
+    for layer in layers:
+        layer._recording = True
+    try:
+        model(x, training=False)
+    finally:
+        for layer in layers:
+            layer._recording = False
+    for layer in layers:
+        layer.statistics = "running"
 
 
 def inexact_batch_norms(model: keras.Layer) -> list[keras.Layer]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import keras
 from keras import ops
 
@@ -13,8 +15,10 @@ from tfmeta.layers.batch_norm import STATISTICS
 class PerStepBatchNormalization(keras.layers.Layer):
     """Batch normalisation with its own moving statistics and its own scale/offset for every inner step.
 
-    Set k (k = 0..`steps`) serves the forward passes of inner step k (`tfmeta.inner_loop.at_step`); the last
-    set serves the query pass after `steps` steps and inference outside an inner loop; later steps reuse it.
+    Set k (k = 0..`steps`) serves the forward passes of inner step k (`tfmeta.inner_loop.at_step`, a Python int
+    or an int tensor); the last set serves the query pass after `steps` steps; later steps reuse it. Outside an
+    inner loop the layer uses set `inference_step` (default: the last): `adapt(steps=k)` returns a model fixed
+    at set k, the set `evaluate` scores its query with after k steps.
     Scale and offset are meta-learned per step and never adapted (`meta_only`). The batch variance is computed
     without a stop-gradient, so second-order gradients are exact. `statistics` is the test-time policy of
     `tfmeta.layers.BatchNormalization`.
@@ -23,17 +27,23 @@ class PerStepBatchNormalization(keras.layers.Layer):
     meta_only = True
 
     def __init__(self, steps: int, statistics: str = "batch", momentum: float = 0.99, epsilon: float = 1e-3,
-                 **kwargs):
+                 inference_step: Optional[int] = None, **kwargs):
         super().__init__(**kwargs)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"PerStepBatchNormalization `steps` must be a non-negative integer; got {steps!r}.")
         if statistics not in STATISTICS:
             raise ValueError(f"PerStepBatchNormalization `statistics` must be one of {STATISTICS}; "
                              f"got {statistics!r}.")
+        if inference_step is not None and (isinstance(inference_step, bool) or not isinstance(inference_step, int)
+                                           or inference_step < 0):
+            raise ValueError(f"PerStepBatchNormalization `inference_step` must be None or a non-negative integer; "
+                             f"got {inference_step!r}.")
         self.steps = steps
+        self.inference_step = inference_step
         self.statistics = statistics
         self.momentum = momentum
         self.epsilon = epsilon
+        self._recording = False  # set by `tfmeta.layers.freeze_batch_statistics`
 
     def build(self, input_shape):
         shape = (self.steps + 1, input_shape[-1])
@@ -45,7 +55,9 @@ class PerStepBatchNormalization(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         step = current_step()
-        step = self.steps if step is None else min(step, self.steps)
+        if step is None:
+            step = self.steps if self.inference_step is None else self.inference_step
+        step = min(step, self.steps) if isinstance(step, int) else ops.minimum(ops.cast(step, "int32"), self.steps)
         axes = list(range(len(inputs.shape) - 1))
         inputs = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
         if training or self.statistics == "batch":
@@ -54,10 +66,11 @@ class PerStepBatchNormalization(keras.layers.Layer):
             mean = ops.squeeze(mean, axis=axes)
         else:
             mean, variance = self.moving_mean[step], self.moving_variance[step]
-        if training:
+        if training or self._recording:  # recording: the set's moving statistics become the batch's
             row = ops.expand_dims(ops.one_hot(step, self.steps + 1, dtype=self.moving_mean.dtype), -1)
+            momentum = self.momentum if training else 0.0
             for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
-                blended = moving * self.momentum + ops.cast(batch, moving.dtype) * (1 - self.momentum)
+                blended = moving * momentum + ops.cast(batch, moving.dtype) * (1 - momentum)
                 moving.assign(row * blended + (1 - row) * moving)
         outputs = ops.batch_normalization(
             inputs, ops.cast(mean, inputs.dtype), ops.cast(variance, inputs.dtype), axis=-1,
@@ -68,4 +81,4 @@ class PerStepBatchNormalization(keras.layers.Layer):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "steps": self.steps, "statistics": self.statistics,
-                "momentum": self.momentum, "epsilon": self.epsilon}
+                "momentum": self.momentum, "epsilon": self.epsilon, "inference_step": self.inference_step}

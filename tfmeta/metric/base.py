@@ -65,34 +65,73 @@ class MetricLearner(EpisodicLearner):
         (what `adapt` stacks on the embedding). Subclasses implement this."""
         raise NotImplementedError
 
+    def check_targets(self, support_shape, query_shape, dtype, name) -> None:
+        """Labels are integers, one per example."""
+        for key, shape in (("support_y", support_shape), ("query_y", query_shape)):
+            if shape.rank != 0:
+                raise ValueError(f"{name(key)} must hold one integer label per example (shape [tasks, examples]); "
+                                 f"got {tuple(shape)} per example (one-hot labels: pass their argmax).")
+        if not dtype.is_integer:
+            raise ValueError(f"{name('query_y')} must hold integer labels 0..N-1; got dtype {dtype.name}.")
+
+    def value_checks(self, tensors: dict, name) -> list:
+        """`EpisodicLearner.value_checks`, and labels 0..N-1 (N: the largest support label + 1) with an example
+        of every label in every task's support set (a class without one has no prototype: its scores are NaN)."""
+        checks = super().value_checks(tensors, name)
+        support = tf.cast(tensors["support_y"], tf.int32)
+        ways = tf.reduce_max(support) + 1
+        counts = tf.reduce_sum(tf.one_hot(support, ways, dtype=tf.int32), axis=1)  # [tasks, ways]
+        checks += [
+            tf.debugging.assert_non_negative(support, message=f"{name('support_y')} holds negative labels"),
+            tf.debugging.assert_positive(counts, message=(
+                f"{name('support_y')} must hold every label 0..N-1 in every task, N being its largest label + 1: a "
+                "label below N has no support example")),
+        ]
+        if "query_y" in tensors:
+            query = tf.cast(tensors["query_y"], tf.int32)
+            checks += [tf.debugging.assert_non_negative(query, message=f"{name('query_y')} holds negative labels"),
+                       tf.debugging.assert_less(query, ways, message=(
+                           f"{name('query_y')} holds a label with no support example (labels are 0..N-1, N being "
+                           "the largest support label + 1)"))]
+        return checks
+
     def call(self, inputs, training=False):
         """The embedding of a batch of images."""
         return self.learner(inputs, training=training)
 
-    def episode_scores(self, episodes: dict, training: bool) -> tuple[tf.Tensor, list]:
+    def episode_scores(self, episodes: dict, training: bool) -> tuple[tf.Tensor, list, tf.Tensor]:
         """Embeds all images of a batch of episodes in one call and scores the queries: returns the scores
-        [tasks, queries, ways] and the embedding's new non-trainable state (BatchNorm statistics), which
-        `train_step` assigns (averaged over replicas under a `tf.distribute` strategy)."""
+        [tasks, queries, ways], the embedding's new non-trainable state (BatchNorm statistics), which
+        `train_step` assigns (averaged over replicas under a `tf.distribute` strategy), and the Keras losses of
+        the call (`kernel_regularizer`, `add_loss`) of the learner and of the other meta-learned layers (e.g. the
+        relation module), summed: Keras' `fit` adds them to the loss, and so does `train_step`."""
         sx, qx = episodes["support_x"], episodes["query_x"]
         tasks, shots, queries = tf.shape(sx)[0], tf.shape(sx)[1], tf.shape(qx)[1]
         images = tf.concat([tf.reshape(sx, tf.concat([[-1], tf.shape(sx)[2:]], 0)),
                             tf.reshape(qx, tf.concat([[-1], tf.shape(qx)[2:]], 0))], 0)
-        embedded, state = self.learner.stateless_call(
+        kwargs = {"training": training} if self.learner._call_has_training_arg else {}
+        embedded, state, losses = self.learner.stateless_call(
             [tf.convert_to_tensor(v) for v in self.learner.trainable_variables],
-            [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables], images, training=training)
+            [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables], images, return_losses=True,
+            **kwargs)
         feature_shape = tf.shape(embedded)[1:]
         support = tf.reshape(embedded[: tasks * shots], tf.concat([[tasks, shots], feature_shape], 0))
         query = tf.reshape(embedded[tasks * shots:], tf.concat([[tasks, queries], feature_shape], 0))
         support_y = tf.cast(episodes["support_y"], tf.int32)
         ways = tf.reduce_max(support_y) + 1
-        return self.scores(support, support_y, query, ways, training=training), state
+        scores = self.scores(support, support_y, query, ways, training=training)
+        # The other layers (relation module, LSTMs) are called as usual: their losses are those of this call.
+        losses += [loss for layer in self._flatten_layers(include_self=False, recursive=False)
+                   if layer is not self.learner for loss in layer.losses]
+        extra = tf.add_n([tf.cast(loss, scores.dtype) for loss in losses]) if losses else tf.zeros([], scores.dtype)
+        return scores, state, extra
 
     def train_step(self, data):
         episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         episodes = self.check_episodes(episodes)
         with tf.GradientTape() as tape:
-            scores, state = self.episode_scores(episodes, training=True)
-            loss = self.loss_value(episodes["query_y"], scores)
+            scores, state, extra = self.episode_scores(episodes, training=True)
+            loss = self.loss_value(episodes["query_y"], scores) + extra
         self.update(tape.gradient(loss, self.meta_variables), self.meta_variables, state)
         return self._update_trackers({"loss": loss, **self.metric_values(episodes["query_y"], scores)})
 
@@ -101,9 +140,9 @@ class MetricLearner(EpisodicLearner):
         """Per-task query loss and metrics (no inner steps: the same values at each of `at_steps`)."""
         episodes = self.check_episodes(episodes)
         repeats = 1 if at_steps is None else len(tuple(at_steps))
-        scores, _ = self.episode_scores(episodes, training=False)
+        scores, _, extra = self.episode_scores(episodes, training=False)
         y = episodes["query_y"]
-        results = {"loss": self.task_loss(y, scores),
+        results = {"loss": self.task_loss(y, scores) + extra,
                    **{n: fn(y, scores) for n, fn in self.task_metrics.items()}}
         return {n: tf.repeat(tf.reduce_mean(tf.cast(v, self._log_dtype), axis=-1, keepdims=True), repeats, axis=1)
                 for n, v in results.items()}
@@ -115,9 +154,6 @@ class MetricLearner(EpisodicLearner):
         support_x, support_y = self.check_support(support_x, support_y)
         support_y = tf.cast(support_y, tf.int32)
         ways = int(tf.reduce_max(support_y)) + 1
-        missing = sorted(set(range(ways)) - set(support_y.numpy().tolist()))
-        if missing:
-            raise ValueError(f"`support_y` must hold every label 0..{ways - 1}; labels {missing} have no example.")
         embedding = copy_model(self.learner)
         head = self.make_head(self.learner(support_x, training=False), support_y, ways)
         return keras.Sequential([keras.Input(support_x.shape[1:]), embedding, head], name=f"{self.name}_adapted")
