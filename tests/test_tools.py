@@ -39,7 +39,7 @@ def test_killed_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tm
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     state = killed / "checkpoints" / "checkpoint"  # written after a checkpoint's files: it registers the checkpoint
-    while not (state.exists() and '"ckpt-2"' in state.read_text()):
+    while not (state.exists() and '"ckpt-100"' in state.read_text()):  # numbered by meta-step: after epoch 2
         assert process.poll() is None and time.time() < deadline, "no checkpoint written"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)

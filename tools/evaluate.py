@@ -3,14 +3,12 @@
   python tools/evaluate.py --gin_file=gin_configs/maml_sine.gin --model_dir=runs/maml_sine
 """
 
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (sets TF's log level before TensorFlow is imported)
-from absl import app  # noqa: E402
 
 FLAGS = common.FLAGS
 
@@ -18,7 +16,7 @@ FLAGS = common.FLAGS
 def main(argv):
     del argv
     common.parse_gin()
-    from tfmeta import plotting
+    from tfmeta import evaluation, plotting
     from tfmeta.experiment import Experiment
     from tfmeta.tasks import SineTasks
 
@@ -26,8 +24,10 @@ def main(argv):
     meta_learner = experiment.restore(FLAGS.model_dir)
     curve = experiment.evaluate(meta_learner)
     curve["meta_steps"] = int(meta_learner.meta_step())
-    with open(os.path.join(FLAGS.model_dir, "eval.json"), "w") as f:
-        json.dump(curve, f)
+    non_finite = evaluation.write_json(os.path.join(FLAGS.model_dir, "eval.json"), curve)
+    if non_finite:
+        raise FloatingPointError(f"the evaluation is not finite ({', '.join(non_finite)}): eval.json lists the "
+                                 "fields under 'non_finite', with null values.")
     plotting.plot_adaptation_curve(curve, os.path.join(FLAGS.model_dir, "eval_curve.png"))
     if isinstance(experiment.eval_tasks, SineTasks):
         plotting.plot_sine_adaptation(
@@ -39,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (sets TF's log level before TensorFlow is imported)
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 flags.DEFINE_string("export_dir", None, "Where to write the SavedModel.", required=True)
 flags.DEFINE_integer("steps", None, "Inner steps of serving_default (default: the config's eval_inner_steps).")
@@ -48,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

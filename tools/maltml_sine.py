@@ -10,7 +10,6 @@ initialisation. The oracle is the same network with the amplitude and phase as e
 `fit` on the training families' tasks. Writes table.md and results.json in --model_dir, and the figure.
 """
 
-import json
 import os
 import sys
 
@@ -67,7 +66,7 @@ def main(argv):
     del argv
     import numpy as np
 
-    from tfmeta.evaluation import adaptation_curve, mean_confidence_interval
+    from tfmeta.evaluation import adaptation_curve, mean_confidence_interval, write_json
     from tfmeta.plotting import figure
 
     curves, minutes = {}, {}
@@ -101,9 +100,9 @@ def main(argv):
     print(f"{summary}\n{table}")
     with open(os.path.join(FLAGS.model_dir, "table.md"), "w") as f:
         f.write(f"{summary}\n\n{table}\n")
-    with open(os.path.join(FLAGS.model_dir, "results.json"), "w") as f:
-        json.dump({"mean_curves": {k: v.mean(axis=0).tolist() for k, v in curves.items()},
-                   "oracle": float(oracle.mean()), "meta_update_gain": gain, "minutes": minutes}, f, indent=2)
+    write_json(os.path.join(FLAGS.model_dir, "results.json"),
+               {"mean_curves": {k: v.mean(axis=0).tolist() for k, v in curves.items()},
+                "oracle": float(oracle.mean()), "meta_update_gain": gain, "minutes": minutes})
     if FLAGS.figure:
         steps = np.arange(next(iter(curves.values())).shape[1])
         with figure(FLAGS.figure, figsize=(6, 4)) as (_, ax):

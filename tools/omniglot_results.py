@@ -10,7 +10,6 @@ The table (accuracy after adaptation, mean ± 95% CI over 600 held-out episodes,
 and training time) is printed and written to <out_dir>/table_<methods>_<schedule>.md.
 """
 
-import json
 import os
 import re
 import sys
@@ -72,11 +71,10 @@ def main(argv):
             if FLAGS.schedule == "cpu":
                 bindings += ["Experiment.steps_per_epoch = 25", *cpu_schedule(METHODS[method], setting)]
             seconds = runs.train_once(config, model_dir, bindings + FLAGS.gin_bindings)
-            with open(os.path.join(model_dir, "metrics.json")) as f:
-                metrics = json.load(f)
+            metrics = runs.read_json(os.path.join(model_dir, "metrics.json"))
             accuracy = metrics["eval"]["sparse_categorical_accuracy"]
-            mean, ci = 100 * accuracy["mean"][-1], 100 * accuracy["ci95"][-1]
-            rows.append(f"| {method} | {setting} | {mean:.1f} ± {ci:.1f}% | {metrics['eval']['steps'][-1]} | "
+            score = runs.cell(accuracy["mean"][-1], accuracy["ci95"][-1], scale=100, digits=1, unit="%")
+            rows.append(f"| {method} | {setting} | {score} | {metrics['eval']['steps'][-1]} | "
                         f"{metrics['meta_steps']} | {seconds / 60:.0f} min |")
     table = "\n".join(rows)
     print(table)

@@ -11,20 +11,43 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def train_once(config: str, model_dir: str, bindings: list) -> float:
     """Runs (or resumes) `tools/train.py` with a gin config (relative to the repository) in a subprocess, unless
-    `model_dir` holds a finished run; returns the run's wall time in seconds, accumulated over resumptions."""
+    `model_dir` holds a finished run; returns the run's wall time in seconds, accumulated over resumptions. A run
+    that finished meta-training with non-finite results (metrics.json lists them under "non_finite", e.g. tasks
+    that diverge after more inner steps than meta-training used) counts as finished, with a note."""
     timing = os.path.join(model_dir, "wall_time.json")
-    spent = json.load(open(timing))["seconds"] if os.path.exists(timing) else 0.0
-    if os.path.exists(os.path.join(model_dir, "metrics.json")):
+    spent = 0.0
+    if os.path.exists(timing):
+        with open(timing) as f:
+            spent = json.load(f)["seconds"]
+    metrics = os.path.join(model_dir, "metrics.json")
+    if os.path.exists(metrics):
         return spent
     command = [sys.executable, os.path.join(REPO, "tools", "train.py"), f"--gin_file={config}",
                f"--model_dir={model_dir}", *[f"--gin_bindings={b}" for b in bindings]]
     os.makedirs(model_dir, exist_ok=True)
     start = time.time()
-    subprocess.run(command, cwd=REPO, check=True)
+    status = subprocess.run(command, cwd=REPO).returncode
     spent += time.time() - start
+    if status and not os.path.exists(metrics):
+        raise subprocess.CalledProcessError(status, command)
+    if status:
+        print(f"{model_dir}: finished with non-finite results (see 'non_finite' in its metrics.json).")
     with open(timing, "w") as f:
         json.dump({"seconds": spent}, f)
     return spent
+
+
+def read_json(path: str) -> dict:
+    """A JSON file's contents (the metrics a run wrote)."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def cell(mean, ci, scale: float = 1.0, digits: int = 3, unit: str = "") -> str:
+    """A table cell "mean ± ci" (scaled), or "not finite" for the null that strict JSON writes for NaN or inf."""
+    if mean is None or ci is None:
+        return "not finite"
+    return f"{scale * mean:.{digits}f} ± {scale * ci:.{digits}f}{unit}"
 
 
 def train_and_restore(config: str, model_dir: str, bindings: list):

@@ -8,7 +8,6 @@ skipped, a stopped one resumes. The table (MSE after 1 and 10 inner steps, mean 
 tasks, and training time) is printed and written to <out_dir>/table.md.
 """
 
-import json
 import os
 import sys
 
@@ -48,11 +47,11 @@ def main(argv):
             bindings = [f"SineTasks.num_support = {shots}", f"SineTasks.num_query = {shots}",
                         "Experiment.verbose = 2", *FLAGS.gin_bindings]
             seconds = runs.train_once(f"gin_configs/{METHODS[method]}", model_dir, bindings)
-            metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
+            metrics = runs.read_json(os.path.join(model_dir, "metrics.json"))
             loss, at = metrics["eval"]["loss"], metrics["eval"]["steps"].index  # position of a scored step
             rows.append(
-                f"| {method} | {shots} | {loss['mean'][at(1)]:.3f} ± {loss['ci95'][at(1)]:.3f} | "
-                f"{loss['mean'][at(10)]:.3f} ± {loss['ci95'][at(10)]:.3f} | {metrics['meta_steps']} | "
+                f"| {method} | {shots} | {runs.cell(loss['mean'][at(1)], loss['ci95'][at(1)])} | "
+                f"{runs.cell(loss['mean'][at(10)], loss['ci95'][at(10)])} | {metrics['meta_steps']} | "
                 f"{seconds / 60:.0f} min |"
             )
     table = "\n".join(rows)

@@ -1,6 +1,10 @@
 """Meta-trains a gin-configured experiment, resuming from the last checkpoint in --model_dir.
 
   python tools/train.py --gin_file=gin_configs/maml_sine.gin --model_dir=runs/maml_sine
+
+Exit status: 0 when the run finished and its results are finite; 1 with a one-line error for a bad configuration
+or data, or a non-finite training, validation or evaluation result (metrics.json then lists the non-finite
+fields); 143 after SIGTERM, once a checkpoint is saved: the same command resumes the run.
 """
 
 import os
@@ -9,8 +13,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (sets TF's log level before TensorFlow is imported)
-import gin  # noqa: E402
-from absl import app  # noqa: E402
 
 FLAGS = common.FLAGS
 
@@ -24,9 +26,6 @@ def main(argv):
     # Multi-worker and TPU strategies configure the runtime: create the strategy before any other op.
     distribute.make_strategy(*(common.gin_value(f"Experiment.{k}", None) for k in ("strategy", "tpu", "devices")))
 
-    os.makedirs(FLAGS.model_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.model_dir, "config.gin"), "w") as f:
-        f.write(gin.config_str())
     experiment = Experiment()
     results = experiment.train(FLAGS.model_dir)
     print(f"\nAfter {results['meta_steps']} meta-steps:")
@@ -35,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -8,7 +8,6 @@ stopped). Plain SGD is the same learner before meta-training (its warps start as
 initialisation. Held-out streams present the sub-tasks in order and in a random order.
 """
 
-import json
 import os
 import sys
 
@@ -39,7 +38,7 @@ def main(argv):
     experiment, warpgrad, seconds = runs.train_and_restore(CONFIG, FLAGS.model_dir, FLAGS.gin_bindings)
     import keras
 
-    from tfmeta.evaluation import mean_confidence_interval
+    from tfmeta.evaluation import mean_confidence_interval, write_json
     from tfmeta.plotting import figure
 
     keras.utils.set_random_seed(experiment.seed)
@@ -60,9 +59,9 @@ def main(argv):
     table = "\n".join(rows)
     print(f"Loss at the end of {experiment.eval_num_tasks} held-out streams (mean ± 95% CI); WarpGrad meta-trained "
           f"for {int(warpgrad.meta_step())} meta-steps in {seconds / 60:.0f} min.\n{table}")
-    with open(os.path.join(FLAGS.model_dir, "comparison.json"), "w") as f:
-        json.dump({"table": table, "minutes": seconds / 60,
-                   "mean_curves": {f"{o}/{n}": c.mean(axis=0).tolist() for (o, n), c in results.items()}}, f)
+    write_json(os.path.join(FLAGS.model_dir, "comparison.json"),
+               {"table": table, "minutes": seconds / 60,
+                "mean_curves": {f"{o}/{n}": c.mean(axis=0).tolist() for (o, n), c in results.items()}})
     if FLAGS.figure:
         with figure(FLAGS.figure, 1, 2, figsize=(11, 4), sharey=True) as (_, axes):
             for ax, order in zip(axes, ("sequential", "random")):

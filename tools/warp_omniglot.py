@@ -11,7 +11,6 @@ random initialisation. `--schedule=cpu` (default) shortens the official code's s
 stated in the table); `--schedule=paper` keeps the configs' settings.
 """
 
-import json
 import os
 import sys
 
@@ -43,7 +42,7 @@ def finetuning(model_dir: str, bindings: list) -> dict:
     returns the run's metrics (written to `model_dir`/metrics.json, reused when present)."""
     path = os.path.join(model_dir, "metrics.json")
     if os.path.exists(path):
-        return json.load(open(path))
+        return runs.read_json(path)
     import time
 
     import keras
@@ -51,6 +50,7 @@ def finetuning(model_dir: str, bindings: list) -> dict:
     import tensorflow as tf
 
     from tfmeta.data import RandomAffine
+    from tfmeta.evaluation import write_json
     from tfmeta.experiment import Experiment, summarize
 
     common.FLAGS.gin_file, common.FLAGS.gin_bindings = [config("sgd")], bindings
@@ -78,8 +78,7 @@ def finetuning(model_dir: str, bindings: list) -> dict:
     results = {"meta_steps": 0, "pretrain_steps": FLAGS.finetune_steps,
                "eval": summarize(experiment.evaluate(meta_learner)), "seconds": time.time() - start}
     os.makedirs(model_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(path, results)
     return results
 
 
@@ -98,7 +97,7 @@ def main(argv):
         else:
             no_meta_training = ["Experiment.num_steps = 0"] if method == "sgd" else []
             seconds = runs.train_once(config(method), model_dir, bindings + no_meta_training)
-            metrics = json.load(open(os.path.join(model_dir, "metrics.json")))
+            metrics = runs.read_json(os.path.join(model_dir, "metrics.json"))
             steps = metrics["meta_steps"]
         accuracy = metrics["eval"]["sparse_categorical_accuracy"]
         curves[name] = (metrics["eval"]["steps"], 100 * np.array(accuracy["mean"]))

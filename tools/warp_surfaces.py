@@ -8,7 +8,6 @@ stopped). Both optimisers start from the same 600 held-out (surface, start) pair
 after 0, 10 and 100 steps (mean ± 95% CI) and the paired difference of the final losses.
 """
 
-import json
 import os
 import sys
 
@@ -84,8 +83,8 @@ def main(argv):
     print(f"{experiment.eval_num_tasks} held-out (surface, start) pairs; WarpGrad meta-trained for "
           f"{int(warpgrad.meta_step())} meta-steps in {seconds / 60:.1f} min.\n{table}")
     print(f"Final loss, WarpGrad minus gradient descent (paired): {difference[0]:.3f} ± {difference[1]:.3f}")
-    with open(os.path.join(FLAGS.model_dir, "comparison.json"), "w") as f:
-        json.dump({"table": table, "final_difference": difference, "minutes": seconds / 60}, f, indent=2)
+    evaluation.write_json(os.path.join(FLAGS.model_dir, "comparison.json"),
+                          {"table": table, "final_difference": difference, "minutes": seconds / 60})
     if FLAGS.figure:
         episodes = next(iter(experiment.eval_tasks.dataset(FLAGS.plot_surfaces, seed=experiment.eval_seed)))
         plot(warpgrad, sgd, episodes, steps, FLAGS.figure)
