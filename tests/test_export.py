@@ -5,6 +5,7 @@ import subprocess
 import sys
 import zipfile
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -66,8 +67,8 @@ def test_maml_sine_adapts_at_serving_time_with_any_support_size_and_step_overrid
         expected = meta.adapt(episode["support_x"], episode["support_y"], steps=steps).predict(
             episode["query_x"], verbose=0)
         np.testing.assert_allclose(answer["predictions"], expected, rtol=1e-5, atol=1e-5)
-    assert "support_x and support_y must hold the same number of examples" in answers[3]
-    assert "support_x must have shape [examples, 1]" in answers[4]
+    assert "support_x and support_y must hold the same number (>= 1) of examples; got] [5] [and] [3]" in answers[3]
+    assert "support_x must have shape [examples, 1]; got shape] [1 5 1]" in answers[4]
     # The TF1/C++ loader (TF Serving's) restores the variables too.
     run = subprocess.run(["saved_model_cli", "run", "--dir", str(tmp_path / "sine"), "--tag_set", "serve",
                           "--signature_def", "serving_default",
@@ -117,7 +118,7 @@ def test_omniglot_maml_and_prototypical_network_serve_raw_images(tmp_path, omnig
         expected = meta.adapt(support_x, request["support_y"]).predict(query_x, verbose=0)
         np.testing.assert_allclose(answer["logits"], expected, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(answer["classes"], expected.argmax(-1))
-    assert "support_y labels must lie in 0..4" in answers[3]
+    assert "support_y holds class labels outside 0..4" in answers[3] and "has 5 outputs" in answers[3]
     assert "support_y must hold every label 0..N-1" in answers[4]
     shown = subprocess.run(["saved_model_cli", "show", "--dir", str(tmp_path / "maml"), "--all"], check=True,
                            capture_output=True, text=True, timeout=300).stdout
@@ -132,7 +133,6 @@ def test_adapted_learner_saves_as_keras_and_as_a_saved_model(tmp_path):
     adapted = meta.adapt(episode["support_x"], episode["support_y"])
     export.save_adapted(adapted, str(tmp_path / "adapted"))
     expected = adapted.predict(episode["query_x"], verbose=0)
-    import keras
 
     reloaded = keras.models.load_model(tmp_path / "adapted" / "model.keras")
     np.testing.assert_allclose(reloaded.predict(episode["query_x"], verbose=0), expected, rtol=1e-6)
@@ -178,8 +178,12 @@ def test_export_rejects_what_it_cannot_serve(tmp_path):
     with pytest.raises(ValueError, match="preprocessing.*makes images of shape"):
         export.export_meta_learner(meta, str(tmp_path / "x"), preprocessing=tfmeta.data.omniglot_preprocessing(32))
     maltml = tfmeta.MALTML(tfmeta.models.mlp(hidden_units=(4,)))
-    with pytest.raises(TypeError, match="MetaLearner or a MetricLearner"):
+    with pytest.raises(ValueError, match="`family_tasks` .* must be given for MALTML"):
         export.export_meta_learner(maltml, str(tmp_path / "y"))
+    with pytest.raises(ValueError, match="and only for MALTML; got family_tasks=3 for MAML"):
+        export.export_meta_learner(meta, str(tmp_path / "y"), family_tasks=3)
+    with pytest.raises(TypeError, match="MetaLearner or a MetricLearner"):
+        export.export_meta_learner(keras.Model(), str(tmp_path / "y"))
     assert export.is_classifier(meta) and not export.is_classifier(maltml)
     with pytest.raises(TypeError, match="`classifier` must be True, False or None"):
         export.export_meta_learner(meta, str(tmp_path / "z"), classifier="yes")

@@ -4,11 +4,21 @@ learners as plain Keras models.
 `export_meta_learner` writes a SavedModel whose `serving_default` signature takes `support_x`, `support_y` and
 `query_x` and returns `predictions` (regression) or `logits` and `classes` (classification). The adaptation
 the meta-learner learned runs inside the graph: its inner loop with its (learned) update rule for gradient-based
-meta-learners, the support-set classifier (prototypes, ...) for metric learners. The support-set size may vary
-per request. `serving_with_steps` also takes `inner_steps`, overriding the step count fixed at export. For image
-learners the signatures take images as decoded from their files (uint8, any size, the trained channels;
-`serving_float` takes float images in [0, 1]) and apply the training pipeline's `ImagePreprocessing`. Bad
-requests (support sets of different lengths, labels outside 0..N-1) fail with an error naming the problem.
+meta-learners, the support-set classifier (prototypes, ...) for metric learners, meta-finetuning on the request's
+family of tasks (`family_support_x`, ...) then finetuning for MALTML. The support-set size may vary per request.
+`serving_with_steps` also takes `inner_steps`, overriding the step count fixed at export.
+
+The signatures declare unknown shapes and check every request at run time (TensorFlow does not enforce a
+signature's shapes on the tensors a loaded SavedModel is called with): ranks and sizes, support sets of equal
+lengths, finite values, labels within the learner's classes; a bad request fails with an error naming the input and
+the shape or range expected. Expected shapes: `support_x`, `query_x` [examples, *learner input]; `support_y`
+[examples] integer labels 0..N-1 for classifiers (send one-hot labels as their argmax), [examples, *learner output]
+for regression.
+
+For image learners the signatures take images as decoded from their files (uint8, any size, the trained
+channels) and apply the training pipeline's `ImagePreprocessing`; `serving_float` takes float images in [0, 1]
+instead. TensorFlow converts a request's arguments to the signature's dtype before the graph runs, so float
+images in [0, 1] sent to the uint8 `serving_default` arrive as 0s and 1s: send them to `serving_float`.
 """
 
 from __future__ import annotations
@@ -19,10 +29,12 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from tfmeta import losses
 from tfmeta.data.classes import ImagePreprocessing
 from tfmeta.episodic import EpisodicLearner
 from tfmeta.meta_learner import MetaLearner, check_steps
 from tfmeta.metric.base import MetricLearner
+from tfmeta.tasks.families import TASK_KEYS
 
 _CLASSIFICATION_LOSSES = ("crossentropy", "cross_entropy", "relation_mse")
 
@@ -35,65 +47,102 @@ def is_classifier(meta_learner: EpisodicLearner) -> bool:
     return any(word in str(name).lower() for word in _CLASSIFICATION_LOSSES)
 
 
+def _require(tensors: dict, ok: tf.Tensor, *message) -> dict:
+    """`tensors`, made data-dependent on the run-time condition `ok`: the request fails with `message` (strings and
+    tensors) unless it holds. A data dependency, not a control dependency on an assertion: when a SavedModel is
+    called, Grappler folds the shapes it then knows, and ran the ops such an assertion was to guard (a wrongly
+    shaped request failed in a gather instead)."""
+    keys = list(tensors)
+
+    def fail():
+        with tf.control_dependencies([tf.debugging.Assert(ok, list(message))]):
+            return [tf.identity(tensors[k]) for k in keys]
+
+    return dict(zip(keys, tf.cond(ok, lambda: [tf.identity(tensors[k]) for k in keys], fail)))
+
+
+def _checked(x: tf.Tensor, name: str, lead: list, shape: list, what: str = "") -> tf.Tensor:
+    """`x` after a run-time check of its rank and of the sizes `shape` fixes (None: any), with the static shape
+    `lead` + `shape`. `lead` holds the leading axes' sizes (None: any) and names, e.g. [(None, "examples")]."""
+    described = [axis if size is None else f"{axis} = {size}" for size, axis in lead]
+    described += ["any" if d is None else str(d) for d in shape]
+    shape = [size for size, _ in lead] + list(shape)
+    fixed = [i for i, d in enumerate(shape) if d is not None]
+    sizes = tf.concat([tf.shape(x), tf.zeros([len(shape)], tf.int32)], 0)  # padded: no gather out of range
+    ok = tf.logical_and(tf.equal(tf.rank(x), len(shape)),
+                        tf.reduce_all(tf.equal(tf.gather(sizes, tf.constant(fixed, tf.int32)),
+                                               tf.constant([shape[i] for i in fixed], tf.int32))))
+    x = _require({name: x}, ok, f"{name} must have shape [{', '.join(described)}]{what}; got shape", tf.shape(x))[name]
+    return tf.ensure_shape(x, shape)
+
+
 class _Adaptation:
     """What a serving signature runs: request checks, preprocessing and the meta-learner's adaptation."""
 
     def __init__(self, meta_learner: EpisodicLearner, steps: int, preprocessing: Optional[ImagePreprocessing],
-                 classifier: bool):
+                 classifier: bool, family_tasks: Optional[int]):
         self.meta_learner = meta_learner
         self.steps = steps
         self.preprocessing = preprocessing
         self.classifier = classifier
-        self.ways = meta_learner.learner.outputs[0].shape[-1] if (
-            self.classifier and isinstance(meta_learner, MetaLearner)) else None
+        self.family_tasks = family_tasks
+        learner = meta_learner.learner
+        self.input_shape = list(learner.inputs[0].shape[1:])
+        self.request_shape = self.input_shape if preprocessing is None else [None, None, self.input_shape[-1]]
+        self.target_shape = [] if classifier else list(learner.outputs[0].shape[1:])
+        self.ways = learner.outputs[0].shape[-1] if classifier and isinstance(meta_learner, MetaLearner) else None
 
-    def check(self, support_x, support_y, query_x):
-        """Run-time checks of a request (a served signature does not enforce its input shapes)."""
-        shape = self.meta_learner.learner.inputs[0].shape[1:]
+    def check(self, request: dict) -> dict:
+        """The request's tensors after their run-time checks (see the module docstring), preprocessed."""
+        checked = {}
+        labels = " (integer labels 0..N-1; send one-hot labels as their argmax)" if self.classifier else ""
+        for key, value in request.items():
+            lead = [(None, "examples")]
+            if key.startswith("family_"):
+                lead = [(self.family_tasks, "tasks")] + lead
+            inputs = key.endswith("_x")
+            checked[key] = _checked(value, key, lead, self.request_shape if inputs else self.target_shape,
+                                    "" if inputs else labels)
+        for x_key, y_key, axis in (("support_x", "support_y", 0),
+                                   *[(f"family_{k}_x", f"family_{k}_y", 1) for k in ("support", "query")]):
+            if x_key not in checked:
+                continue
+            examples, targets = tf.shape(checked[x_key])[axis], tf.shape(checked[y_key])[axis]
+            checked = _require(checked, tf.logical_and(tf.equal(examples, targets), examples > 0),
+                               f"{x_key} and {y_key} must hold the same number (>= 1) of examples; got", examples,
+                               "and", targets)
         if self.preprocessing is not None:
-            shape = [None, None, shape[-1]]
+            checked = {k: self.preprocessing(v) if k.endswith("_x") else v for k, v in checked.items()}
         checks = []
-        for name, x in (("support_x", support_x), ("query_x", query_x)):
-            expected = ", ".join("any" if d is None else str(d) for d in shape)
-            message = f"{name} must have shape [examples, {expected}]"
-            checks.append(tf.debugging.assert_rank(x, len(shape) + 1, message=message))
-            with tf.control_dependencies(checks[-1:]):
-                fixed = [i + 1 for i, d in enumerate(shape) if d is not None]
-                checks.append(tf.debugging.assert_equal(tf.gather(tf.shape(x), fixed), [shape[i - 1] for i in fixed],
-                                                        message=message))
-        rank = 1 if self.classifier else len(self.meta_learner.learner.outputs[0].shape)
-        checks.append(tf.debugging.assert_rank(support_y, rank, message=f"support_y must have rank {rank}"))
-        checks.append(tf.debugging.assert_equal(
-            tf.shape(support_x)[0], tf.shape(support_y)[0],
-            message="support_x and support_y must hold the same number of examples"))
-        checks.append(tf.debugging.assert_positive(tf.shape(support_x)[0], message="the support set is empty"))
-        if self.classifier:
-            labels = tf.cast(support_y, tf.int32)
-            checks.append(tf.debugging.assert_non_negative(labels, message="support_y labels must be >= 0"))
-            if self.ways is not None:
-                checks.append(tf.debugging.assert_less(
-                    labels, self.ways, message=f"support_y labels must lie in 0..{self.ways - 1} (the learner's ways)"))
-            else:
-                counts = tf.math.bincount(labels, minlength=1)
-                checks.append(tf.debugging.assert_positive(
-                    counts, message="support_y must hold every label 0..N-1 (a label below its maximum is missing)"))
-        return checks
+        meta = self.meta_learner
+        support = {"support_x": checked["support_x"][None], "support_y": checked["support_y"][None]}
+        checks += meta.value_checks(support, lambda k: k)  # finite values; labels (for the losses it knows)
+        if self.ways is not None and losses.target_kind(meta.loss_object) != "labels":
+            checks.append(tf.debugging.assert_less(
+                tf.cast(checked["support_y"], tf.int64), tf.constant(self.ways, tf.int64),
+                message=f"support_y holds labels outside 0..{self.ways - 1} (the learner's classes)"))
+        if self.family_tasks:
+            family = {k: checked[f"family_{k}"] for k in TASK_KEYS}
+            checks += meta.value_checks(family, lambda k: f"family_{k}")
+        with tf.control_dependencies(checks):
+            return {k: tf.identity(v) for k, v in checked.items()}
 
-    def run(self, support_x, support_y, query_x, steps):
-        with tf.control_dependencies(self.check(support_x, support_y, query_x)):
-            if self.preprocessing is not None:
-                support_x, query_x = self.preprocessing(support_x), self.preprocessing(query_x)
-            meta = self.meta_learner
-            if isinstance(meta, MetricLearner):
-                episode = {"support_x": support_x[None], "support_y": tf.cast(support_y, tf.int32)[None],
-                           "query_x": query_x[None]}
-                outputs = meta.episode_scores(episode, training=False)[0][0]
-            else:
-                fast, slow = meta.read_params()
-                state = [tf.convert_to_tensor(v) for v in meta.learner.non_trainable_variables]
-                adaptation = meta.adapt_params(fast, slow, state, support_x, support_y, steps, training=False)
-                outputs, _ = meta.forward(adaptation.params, slow, state, query_x, training=False,
-                                          step=steps if isinstance(steps, int) else None)
+    def run(self, request: dict, steps):
+        request = self.check(request)
+        support_x, support_y, query_x = (request[k] for k in ("support_x", "support_y", "query_x"))
+        meta = self.meta_learner
+        if isinstance(meta, MetricLearner):
+            episode = {"support_x": support_x[None], "support_y": tf.cast(support_y, tf.int32)[None],
+                       "query_x": query_x[None]}
+            outputs = meta.episode_scores(episode, training=False)[0][0]
+        else:
+            fast, slow = meta.read_params()
+            state = [tf.convert_to_tensor(v) for v in meta.learner.non_trainable_variables]
+            if self.family_tasks:  # MALTML: meta-finetune on the request's family first, as `adapt(family=)` does
+                family = {k: request[f"family_{k}"] for k in TASK_KEYS}
+                fast = meta.meta_finetune(fast, slow, state, family, training=False, first_order=True).params
+            adaptation = meta.adapt_params(fast, slow, state, support_x, support_y, steps, training=False)
+            outputs, _ = meta.forward(adaptation.params, slow, state, query_x, training=False, step=steps)
         if self.classifier:
             return {"logits": outputs, "classes": tf.argmax(outputs, axis=-1, output_type=tf.int32)}
         return {"predictions": outputs}
@@ -101,23 +150,33 @@ class _Adaptation:
 
 def export_meta_learner(meta_learner: EpisodicLearner, export_dir: str, steps: Optional[int] = None,
                         preprocessing: Optional[ImagePreprocessing] = None,
-                        classifier: Optional[bool] = None) -> dict:
+                        classifier: Optional[bool] = None, family_tasks: Optional[int] = None) -> dict:
     """Writes a SavedModel to `export_dir` that adapts at serving time (see the module docstring).
 
     Args:
-      meta_learner: a gradient-based or metric meta-learner (not MALTML, whose adaptation needs a family).
+      meta_learner: a gradient-based meta-learner (MALTML included) or a metric learner.
       steps: inner steps of `serving_default` (default: the meta-learner's `eval_inner_steps`).
       preprocessing: for image learners, the training pipeline's `ImagePreprocessing` (e.g.
         `tasks.classes.preprocessing`); None feeds inputs to the learner as they come.
       classifier: whether the signatures take integer labels and return `logits` and `classes` (True) or take
         targets and return `predictions` (False); None infers it with `is_classifier` (metric learners and
         cross-entropy losses classify), which a custom classification loss needs to override.
+      family_tasks: for MALTML, the number L of meta-finetuning tasks a request's family holds (e.g. the task
+        distribution's `num_tasks`): the signatures then also take `family_support_x`, `family_support_y`,
+        `family_query_x`, `family_query_y` of shape [L, examples, ...].
 
     Returns the concrete functions of the signatures, by name.
     """
-    if not isinstance(meta_learner, (MetaLearner, MetricLearner)) or type(meta_learner).__name__ == "MALTML":
+    maltml = type(meta_learner).__name__ == "MALTML"
+    if not isinstance(meta_learner, (MetaLearner, MetricLearner)):
         raise TypeError(f"export_meta_learner exports a MetaLearner or a MetricLearner; got "
                         f"{type(meta_learner).__name__}.")
+    if maltml != (family_tasks is not None):
+        raise ValueError("`family_tasks` (the meta-finetuning tasks per family) must be given for MALTML, whose "
+                         "adaptation starts with a family of tasks, and only for MALTML; got "
+                         f"family_tasks={family_tasks!r} for {type(meta_learner).__name__}.")
+    if maltml and (isinstance(family_tasks, bool) or not isinstance(family_tasks, int) or family_tasks < 1):
+        raise ValueError(f"`family_tasks` must be a positive integer; got {family_tasks!r}.")
     learner = meta_learner.learner
     if not getattr(learner, "inputs", None):
         raise ValueError(f"the learner '{learner.name}' has no symbolic inputs to size the serving signature: "
@@ -133,16 +192,16 @@ def export_meta_learner(meta_learner: EpisodicLearner, export_dir: str, steps: O
     if classifier is False and isinstance(meta_learner, MetricLearner):
         raise ValueError(f"`classifier=False`: {type(meta_learner).__name__} is a metric learner, which classifies.")
     module = _Adaptation(meta_learner, steps or 0, preprocessing,
-                         is_classifier(meta_learner) if classifier is None else classifier)
+                         is_classifier(meta_learner) if classifier is None else classifier, family_tasks)
     dtype = keras.backend.standardize_dtype(learner.inputs[0].dtype)
-    label = tf.TensorSpec([None], tf.int32 if module.classifier else dtype, name="support_y")
-    if not module.classifier:
-        label = tf.TensorSpec([None, *learner.outputs[0].shape[1:]], dtype, name="support_y")
+    label_dtype = tf.int32 if module.classifier else dtype
+    names = ["support_x", "support_y", "query_x"]
+    if maltml:
+        names += [f"family_{k}" for k in TASK_KEYS]
 
-    def inputs(image_dtype=None):
-        shape = [None, *input_shape] if preprocessing is None else [None, None, None, input_shape[-1]]
+    def inputs(image_dtype=None):  # shapes are checked at run time (see `_Adaptation.check`)
         x_dtype = dtype if preprocessing is None else image_dtype
-        return [tf.TensorSpec(shape, x_dtype, name="support_x"), label, tf.TensorSpec(shape, x_dtype, name="query_x")]
+        return [tf.TensorSpec(None, x_dtype if name.endswith("_x") else label_dtype, name=name) for name in names]
 
     image_dtype = tf.uint8 if preprocessing is not None else None
     # keras.export.ExportArchive, not tf.saved_model.save on a tf.Module: the latter leaves Keras 3 variables
@@ -150,11 +209,12 @@ def export_meta_learner(meta_learner: EpisodicLearner, export_dir: str, steps: O
     archive = keras.export.ExportArchive()
     archive.track(meta_learner)
 
-    def adapt(support_x, support_y, query_x):
-        return module.run(support_x, support_y, query_x, module.steps)
+    def adapt(*request):
+        return module.run(dict(zip(names, request)), module.steps)
 
-    def adapt_with_steps(support_x, support_y, query_x, inner_steps):
-        return module.run(support_x, support_y, query_x, inner_steps)
+    def adapt_with_steps(*request):
+        *request, inner_steps = request
+        return module.run(dict(zip(names, request)), inner_steps)
 
     endpoints = {"serving_default": (adapt, inputs(image_dtype))}
     if preprocessing is not None:
@@ -175,6 +235,7 @@ def save_adapted(model: keras.Model, directory: str) -> None:
     model.save(os.path.join(directory, "model.keras"))
     archive = keras.export.ExportArchive()
     archive.track(model)
-    spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], model.inputs[0].dtype, name="x")
+    inputs = getattr(model, "inputs", None) or model.learner.inputs  # a TransductiveModel wraps the learner
+    spec = tf.TensorSpec([None, *inputs[0].shape[1:]], inputs[0].dtype, name="x")
     archive.add_endpoint("serving_default", lambda x: model(x, training=False), input_signature=[spec])
     archive.write_out(os.path.join(directory, "saved_model"), verbose=False)

@@ -5,9 +5,10 @@
       --input_exprs 'support_x=[[0.],[1.]];support_y=[[0.],[0.84]];query_x=[[0.5]]'
 
 Signatures (see `tfmeta.export`): `serving_default` (support_x, support_y, query_x -> predictions, or logits and
-classes), `serving_with_steps` (also inner_steps) for gradient-based learners, and `serving_float` for image
-learners, whose other signatures take uint8 images as decoded from their files and apply the training
-pipeline's preprocessing.
+classes; MALTML also takes the family's tasks, family_support_x etc.), `serving_with_steps` (also inner_steps)
+for gradient-based learners, and `serving_float` for image learners, whose other signatures take uint8 images as
+decoded from their files and apply the training pipeline's preprocessing (float images in [0, 1] sent to them
+arrive as 0s and 1s: send those to serving_float). Every request is checked at run time.
 """
 
 import os
@@ -37,8 +38,11 @@ def main(argv):
     classes = getattr(experiment.tasks, "classes", None)
     preprocessing = getattr(classes, "preprocessing", None)
     classifier = {"auto": None, "true": True, "false": False}[FLAGS.classifier]
+    # MALTML serves a family of the training distribution's size with each request.
+    family_tasks = experiment.tasks.num_tasks if type(meta_learner).__name__ == "MALTML" else None
     signatures = export.export_meta_learner(meta_learner, FLAGS.export_dir, steps=FLAGS.steps,
-                                            preprocessing=preprocessing, classifier=classifier)
+                                            preprocessing=preprocessing, classifier=classifier,
+                                            family_tasks=family_tasks)
     print(f"Exported {type(meta_learner).__name__} after {int(meta_learner.meta_step())} meta-steps to "
           f"{FLAGS.export_dir}:")
     for name, function in signatures.items():
