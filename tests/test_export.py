@@ -190,3 +190,113 @@ def test_export_rejects_what_it_cannot_serve(tmp_path):
     protonet = tfmeta.PrototypicalNetwork(tfmeta.models.conv_net(outputs=None, filters=4, blocks=1, batch_norm=False))
     with pytest.raises(ValueError, match="`classifier=False`: PrototypicalNetwork is a metric learner"):
         export.export_meta_learner(protonet, str(tmp_path / "w"), classifier=False)
+
+
+# ------------------------------------------------------------------------------------------------- agreement
+
+def _classification_tasks(ways=5, shots=1, queries=15, tasks=2, seed=0):
+    """Image-like 5-way episodes (random 28x28 images, labels 0..ways-1): 75 queries per task, more than Keras'
+    predict batch of 32, so that batch-dependent layers show."""
+    rng = np.random.default_rng(seed)
+    labels = lambda n: np.tile(np.repeat(np.arange(ways, dtype=np.int32), n), (tasks, 1))  # noqa: E731
+    return {"support_x": rng.random((tasks, ways * shots, 28, 28, 1), np.float32), "support_y": labels(shots),
+            "query_x": rng.random((tasks, ways * queries, 28, 28, 1), np.float32), "query_y": labels(queries)}
+
+
+def _agreement_case(family):
+    """(meta-learner, episodes, inner steps, export keyword arguments) for one learner family."""
+    conv = dict(outputs=5, filters=8, pooling="stride")
+    if family == "maml":  # batch norm with the current batch's statistics at test time (the MAML paper's policy)
+        meta = tfmeta.MAML(tfmeta.models.conv_net(**conv), loss="scores_cross_entropy", update_rule=tfmeta.Sgd(0.4),
+                           eval_inner_steps=3)
+        return meta, _classification_tasks(), 3, {}
+    if family == "maml++":  # per-step batch norm, scored after 1 of its 3 steps
+        learner = tfmeta.models.conv_net(per_step_batch_norm=3, **conv)
+        for layer in learner.layers:  # sets that differ from step to step, as meta-training makes them
+            if isinstance(layer, tfmeta.layers.PerStepBatchNormalization):
+                layer.gamma.assign(np.random.default_rng(0).uniform(0.5, 1.5, layer.gamma.shape))
+                layer.beta.assign(np.random.default_rng(1).normal(0, 0.5, layer.beta.shape))
+        meta = tfmeta.MAML(learner, loss="scores_cross_entropy", update_rule=tfmeta.LSLR(0.4, steps=3), inner_steps=3)
+        return meta, _classification_tasks(), 1, {}
+    if family == "warpgrad":
+        warped = tfmeta.warp.insert_warps(tfmeta.models.conv_net(**conv), tfmeta.warp.WarpConv2D, after="act_*")
+        meta = tfmeta.WarpGrad(warped, loss="scores_cross_entropy", update_rule=tfmeta.Sgd(0.4), eval_inner_steps=2)
+        return meta, _classification_tasks(), 2, {}
+    if family == "protonet":
+        meta = tfmeta.PrototypicalNetwork(tfmeta.models.conv_net(outputs=None, filters=8,
+                                                                 batch_norm_statistics="running"))
+        return meta, _classification_tasks(), 0, {}
+    # MALTML on sine families through an MLP with batch norm (batch statistics at test time), 75 goal queries.
+    families = tfmeta.tasks.SineFamilies(num_tasks=2, num_goal_tasks=1, num_support=10, num_goal_query=75)
+    meta = tfmeta.MALTML(tfmeta.models.mlp(hidden_units=(16, 16), batch_norm=True), family_rule=tfmeta.Sgd(0.01),
+                         update_rule=tfmeta.Sgd(0.05), eval_inner_steps=3)
+    return meta, families.sample(tf.constant([0, 0], tf.int64), 2), 3, {"family_tasks": 2}
+
+
+@pytest.mark.parametrize("family", ["maml", "maml++", "warpgrad", "protonet", "maltml"])
+def test_evaluate_adapt_and_the_saved_model_agree(family, tmp_path):
+    """For each learner family, on the same tasks: the query loss `evaluate` reports, that of the model `adapt`
+    returns (predicting 75 queries in Keras' batches of 32) and that of the served SavedModel are the same."""
+    keras.utils.set_random_seed(1)
+    meta, episodes, steps, options = _agreement_case(family)
+    meta.compile(keras.optimizers.Adam(1e-3))
+    def task(episodes, i):  # MALTML: the family's (only) goal task
+        keys = ("support_x", "support_y", "query_x", "query_y")
+        if family == "maltml":
+            return {k: np.asarray(episodes[f"goal_{k}"][i, 0]) for k in keys}
+        return {k: np.asarray(episodes[k][i]) for k in keys}
+
+    evaluated = meta.evaluate_tasks(episodes, steps=steps, at_steps=(steps,))["loss"][:, -1].numpy()
+    logs = meta.evaluate(tf.data.Dataset.from_tensors(episodes), verbose=0, return_dict=True)
+    if family != "maml++":  # `evaluate` scores after eval_inner_steps
+        np.testing.assert_allclose(logs["loss"], evaluated.mean(), rtol=1e-5)
+    export.export_meta_learner(meta, str(tmp_path / family), **options)
+    requests = []
+    for i in range(2):
+        t = task(episodes, i)
+        inputs = {k: t[k] for k in ("support_x", "support_y", "query_x")}
+        if family == "maltml":
+            inputs.update({f"family_{k}": np.asarray(episodes[k][i]) for k in ("support_x", "support_y", "query_x",
+                                                                                "query_y")})
+        if family == "maml++":
+            requests.append((str(tmp_path / family), "serving_with_steps", {**inputs, "inner_steps": np.int32(steps)}))
+        else:
+            requests.append((str(tmp_path / family), "serving_default", inputs))
+    answers = serve(tmp_path, requests)
+    loss = meta.loss_value
+    for i, answer in enumerate(answers):
+        t = task(episodes, i)
+        family_tasks = {"family": {k: episodes[k][i] for k in ("support_x", "support_y", "query_x", "query_y")}}
+        adapted = meta.adapt(t["support_x"], t["support_y"], steps=steps,
+                             **(family_tasks if family == "maltml" else {}))
+        predicted = adapted.predict(t["query_x"], verbose=0)  # in batches of 32, as Keras does
+        served = answer["predictions" if family == "maltml" else "logits"]
+        np.testing.assert_allclose(float(loss(t["query_y"], predicted)), evaluated[i], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(served, predicted, rtol=1e-4, atol=1e-5)
+
+
+def test_adapt_with_the_support_sets_batch_statistics_predicts_each_example_alone(tmp_path):
+    """`batch_norm="support"` fixes batch norm to the support set's statistics at the adapted weights: the model
+    then predicts the support set as the transductive model does (which normalises it with those statistics)
+    and predicts every query alone as it does among the others; it saves and reloads as a plain Keras model."""
+    meta, episodes, steps, _ = _agreement_case("maml")
+    t = {k: np.asarray(v[0]) for k, v in episodes.items()}
+    transductive = meta.adapt(t["support_x"], t["support_y"], steps=steps)
+    inductive = meta.adapt(t["support_x"], t["support_y"], steps=steps, batch_norm="support")
+    assert isinstance(transductive, tfmeta.TransductiveModel) and not isinstance(inductive, tfmeta.TransductiveModel)
+    np.testing.assert_allclose(inductive.predict(t["support_x"], verbose=0),
+                               transductive.predict(t["support_x"], verbose=0), rtol=1e-4, atol=1e-4)
+    together = inductive.predict(t["query_x"], verbose=0)
+    alone = np.concatenate([inductive.predict(t["query_x"][i:i + 1], verbose=0) for i in range(5)])
+    np.testing.assert_allclose(alone, together[:5], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(together, transductive.predict(t["query_x"], verbose=0), atol=1e-3)
+    export.save_adapted(inductive, str(tmp_path / "inductive"))
+    export.save_adapted(transductive, str(tmp_path / "transductive"))
+    for name, model in (("inductive", inductive), ("transductive", transductive)):
+        reloaded = keras.models.load_model(tmp_path / name / "model.keras")
+        np.testing.assert_allclose(reloaded.predict(t["query_x"], verbose=0), model.predict(t["query_x"], verbose=0),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="`batch_norm` must be one of"):
+        meta.adapt(t["support_x"], t["support_y"], batch_norm="query")
+    with pytest.raises(ValueError, match="takes arrays or tensors, not a .*Dataset"):
+        transductive.predict(tf.data.Dataset.from_tensor_slices(t["query_x"]).batch(8))

@@ -5,7 +5,10 @@ Pipeline: a task distribution (`tfmeta.tasks`) yields batches of episodes as a `
 reports pre/post-adaptation metrics with `evaluate`, and returns an adapted Keras model with `adapt`.
 """
 
+import importlib
+
 from tfmeta import data, distribute, layers, metric, models, tasks, warp
+from tfmeta.adapted import TransductiveModel
 from tfmeta.algorithms import IMAML, MALTML, MAML, ContinualWarpGrad, Leap, Reptile, WarpGrad
 from tfmeta.episodic import EpisodicLearner
 from tfmeta.inner_loop import Adaptation, inner_loop
@@ -16,6 +19,15 @@ from tfmeta.update_rules import (LSLR, Chain, ClipByGlobalNorm, InnerAdam, Learn
                                  MTNetMask, Sgd, UpdateRule)
 
 __version__ = "0.1.0"
+# Imported on first use: `tfmeta.export`, `tfmeta.evaluation` and `tfmeta.plotting` (matplotlib) cost import time.
+_LAZY_MODULES = ("evaluation", "experiment", "export", "plotting")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"tfmeta.{name}")
+    raise AttributeError(f"module 'tfmeta' has no attribute {name!r}")
+
 
 __all__ = [
     "IMAML",
@@ -44,11 +56,16 @@ __all__ = [
     "Reptile",
     "Sgd",
     "UpdateRule",
+    "TransductiveModel",
     "data",
     "distribute",
+    "evaluation",
+    "experiment",
+    "export",
     "inner_loop",
     "layers",
     "metric",
     "models",
+    "plotting",
     "tasks",
 ]
