@@ -184,11 +184,74 @@ def test_imaml_matches_the_closed_form_implicit_gradient_on_a_quadratic_inner_pr
 
 
 def test_imaml_meta_gradient_is_not_taken_through_the_inner_steps():
-    meta = tfmeta.IMAML(small_mlp(), regularization=1.0, inner_steps=3)
-    grads, logs, _ = tf.function(meta.compute_meta_gradients)(random_episodes())
-    assert all(np.isfinite(g).all() for g in grads) and np.isfinite(logs["loss"])
-    adapted = meta.adapt(random_episodes()["support_x"][0], random_episodes()["support_y"][0])
-    assert isinstance(adapted, keras.Model)
+    """After 3 inner steps, far from the inner optimum, iMAML's meta-gradient is still the implicit formula at the
+    end point φ: (I + H(φ)/λ)⁻¹ ∇L_query(φ), with H the exact Hessian of the support loss at φ and the system
+    solved exactly. The derivative through the 3 steps (MAML's, of the same regularised inner loop) differs."""
+    learner = keras.Sequential([keras.Input((2,), dtype="float64"), keras.layers.Dense(3, activation="tanh",
+                                dtype="float64"), keras.layers.Dense(1, dtype="float64")])
+    episodes = random_episodes(tasks=1)
+    regularization = 20.0  # I + H/λ positive definite, so that conjugate gradient solves it
+    size = sum(int(np.prod(v.shape)) for v in learner.trainable_variables)
+    meta = tfmeta.IMAML(learner, regularization=regularization, cg_steps=size, update_rule=tfmeta.Sgd(0.1),
+                        inner_steps=3)
+    grads, logs, _ = tf.function(meta.compute_meta_gradients)(episodes)
+    assert float(logs["cg_dropped"]) == float(logs["cg_truncated"]) == 0.0
+    task = {k: v[0] for k, v in episodes.items()}
+    fast, slow = meta.read_params()
+    phi = meta.adapt_params(fast, slow, [], task["support_x"], task["support_y"], 3, training=True).params
+
+    def flat(tensors):
+        return tf.concat([tf.reshape(t, [-1]) for t in tensors], 0)
+
+    def unflat(vector):
+        sizes = [int(np.prod(p.shape)) for p in phi]
+        return [tf.reshape(t, p.shape) for t, p in zip(tf.split(vector, sizes), phi)]
+
+    def loss(vector, split):
+        return meta.task_objective(unflat(vector), slow, [], task[f"{split}_x"], task[f"{split}_y"], True)[0]
+
+    point = flat(phi)
+    with tf.GradientTape() as outer:
+        outer.watch(point)
+        with tf.GradientTape() as inner:
+            inner.watch(point)
+            support = loss(point, "support")
+        gradient = inner.gradient(support, point)
+    hessian = outer.jacobian(gradient, point).numpy()
+    with tf.GradientTape() as tape:
+        tape.watch(point)
+        query = loss(point, "query")
+    expected = np.linalg.solve(np.eye(size) + hessian / regularization, tape.gradient(query, point).numpy())
+    np.testing.assert_allclose(flat(grads).numpy(), expected, rtol=1e-7, atol=1e-10)
+
+    with tf.GradientTape() as tape:  # the derivative through the inner steps
+        fast, slow = meta.read_params()
+        adapted = meta.adapt_params(fast, slow, [], task["support_x"], task["support_y"], 3, training=True).params
+        query = meta.task_objective(adapted, slow, [], task["query_x"], task["query_y"], True)[0]
+    through_the_steps = flat(tape.gradient(query, learner.trainable_variables)).numpy()
+    assert np.linalg.norm(through_the_steps - expected) > 0.05 * np.linalg.norm(expected)
+
+
+def test_imaml_counts_the_conjugate_gradient_solves_it_stops_early():
+    """Conjugate gradient stops at non-positive curvature: at its first iteration (the task's meta-gradient is
+    dropped) or later (a truncated solve); iMAML reports the fraction of tasks of each in its logs."""
+    def solve(matrix, b, steps):
+        matvec = lambda v: [tf.linalg.matvec(tf.constant(matrix), v[0])]  # noqa: E731
+        x, stopped = tfmeta.algorithms.imaml.conjugate_gradient(matvec, [tf.constant(b, tf.float64)], steps)
+        return x[0].numpy(), int(stopped)
+
+    x, stopped = solve(np.diag([2.0, 3.0]), [1.0, 1.0], 2)
+    np.testing.assert_allclose(x, [0.5, 1 / 3])
+    assert stopped == 2  # solved: never stopped
+    x, stopped = solve(np.diag([1.0, -1.0]), [1.0, 1.0], 2)
+    assert stopped == 0 and not x.any()  # p·Ap = 0 at the first iteration: dropped
+    _, stopped = solve(np.diag([1.0, 4.0, -50.0]), [1.0, 1.0, 0.1], 3)
+    assert stopped == 1  # curvature 4.5 at first, then negative: truncated
+    # A concave support loss makes I + H/λ indefinite: every task's solve stops at its first iteration.
+    concave = tfmeta.IMAML(small_mlp(), loss=lambda y, p: -100.0 * tf.square(y - p), regularization=0.1,
+                           inner_steps=1)
+    _, logs, _ = concave.compute_meta_gradients(random_episodes())
+    assert float(logs["cg_dropped"]) == 1.0 and float(logs["cg_truncated"]) == 0.0
 
 
 def test_bad_configurations_raise_clear_errors():

@@ -16,19 +16,24 @@ def _dot(a, b) -> tf.Tensor:
     return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(a, b)])
 
 
-def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int) -> list:
+def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int) -> tuple[list, tf.Tensor]:
     """Approximately solves A x = b for a symmetric A given as `matvec`, from x = 0, with `steps`
     conjugate-gradient iterations (unrolled; exact after as many iterations as unknowns if A is positive
     definite). A neural network's Hessian can be indefinite: the iterations stop at the first direction of
-    non-positive curvature (as truncated CG does), instead of stepping to infinity along it."""
+    non-positive curvature (as truncated CG does), instead of stepping to infinity along it.
+
+    Returns x and the iteration (0..steps-1) at which the iterations stopped at non-positive curvature, or
+    `steps` if they never did: stopping at 0 returns x = 0."""
     x = [tf.zeros_like(t) for t in b]
     r = list(b)
     p = list(b)
     rr = _dot(r, r)
     active = tf.constant(True)
-    for _ in range(steps):
+    stopped = tf.constant(steps, tf.int32)
+    for iteration in range(steps):
         ap = matvec(p)
         curvature = _dot(p, ap)
+        stopped = tf.where(tf.logical_and(active, curvature <= 0), iteration, stopped)
         active = tf.logical_and(active, curvature > 0)
         alpha = tf.where(active, tf.math.divide_no_nan(rr, curvature), tf.zeros_like(rr))
         x = [xi + alpha * pi for xi, pi in zip(x, p)]
@@ -36,7 +41,7 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int) -> l
         rr_next = _dot(r, r)
         p = [ri + tf.math.divide_no_nan(rr_next, rr) * pi for ri, pi in zip(r, p)]
         rr = rr_next
-    return x
+    return x, stopped
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")
@@ -49,6 +54,11 @@ class IMAML(MetaLearner):
     iterations of conjugate gradient on Hessian-vector products. Nothing is differentiated through the inner
     steps, so memory does not grow with their number. Slow variables get the query gradient at φ; update-rule
     variables get no meta-gradient.
+
+    Conjugate gradient stops at the first direction of non-positive curvature (the Hessian can be indefinite).
+    The training logs count how often: `cg_dropped` is the fraction of tasks whose solve stopped at its first
+    iteration (their fast variables get a zero meta-gradient), `cg_truncated` the fraction stopped later (a
+    truncated solve).
 
     Args:
       regularization: λ > 0, the strength of the proximal term.
@@ -108,10 +118,20 @@ class IMAML(MetaLearner):
             hv = hessian_vector_product(vector)
             return [v + h / tf.cast(self.regularization, h.dtype) for v, h in zip(vector, hv)]
 
-        implicit = conjugate_gradient(matvec, phi_grads, self.cg_steps)
+        implicit, stopped = conjugate_gradient(matvec, phi_grads, self.cg_steps)
         grads = partition_lib.merge(implicit, slow_grads, self.fast_mask)
         grads += [tf.zeros_like(v) for v in self.update_rule.trainable_variables]
-        return grads, {"loss": query_loss, **self.metric_values(episode["query_y"], predictions)}, new_state
+        logs = {"loss": query_loss, **self.metric_values(episode["query_y"], predictions),
+                "cg_dropped": tf.cast(stopped == 0, query_loss.dtype),
+                "cg_truncated": tf.cast(tf.logical_and(stopped > 0, stopped < self.cg_steps), query_loss.dtype)}
+        return grads, logs, new_state
+
+    def train_log_names(self) -> list[str]:
+        return super().train_log_names() + ["cg_dropped", "cg_truncated"]
+
+    def log_names(self) -> list[str]:
+        """`MetaLearner.log_names` and the conjugate-gradient counts of training (see the class docstring)."""
+        return super().log_names() + ["cg_dropped", "cg_truncated"]
 
     def get_config(self) -> dict:
         return {**super().get_config(), "regularization": self.regularization, "cg_steps": self.cg_steps}
