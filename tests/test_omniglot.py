@@ -1,5 +1,6 @@
-"""Omniglot: the loader on the real archives, the alphabet split, and every learner beating chance on held-out
-alphabets after a short meta-training through its gin config (skipped when the archives are absent)."""
+"""Omniglot: the loader on the real archives, the alphabet split, and every learner improving on its untrained
+self on held-out alphabets after a short meta-training through its gin config (skipped when the archives are
+absent)."""
 
 import json
 import os
@@ -7,11 +8,12 @@ import subprocess
 import sys
 
 import gin
+import keras
 import numpy as np
 import pytest
 
 import tfmeta.configurables  # noqa: F401  (registers the gin configurables)
-from tfmeta import data
+from tfmeta import data, evaluation
 from tfmeta.experiment import Experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,16 +44,19 @@ def test_alphabet_split(omniglot_dir):
         data.omniglot_tasks("test", ways=42)
 
 
-SHORT = ["Experiment.num_steps = 60", "Experiment.steps_per_epoch = 30", "Experiment.validation_tasks = 0",
+SHORT = ["Experiment.num_steps = 60", "Experiment.steps_per_epoch = 20", "Experiment.validation_tasks = 0",
          "Experiment.meta_batch_size = 4", "Experiment.eval_num_tasks = 100", "Experiment.verbose = 0",
          "conv_net.filters = 16", "test/omniglot_tasks.queries = 5"]
+# The gradient-based learners gain 1-4 points over their untrained selves in 60 meta-steps, 8-19 in 300-400
+# (measured); the metric learners 30-50 points in 60.
 LEARNERS = {
-    "maml_5w1s.gin": ["Experiment.eval_steps = 5"],
-    "fomaml_5w1s.gin": ["Experiment.eval_steps = 5"],
-    "metasgd_5w1s.gin": ["Experiment.eval_steps = 5"],
-    "anil_5w1s.gin": ["Experiment.eval_steps = 5"],
-    "warp_maml_5w1s.gin": ["Experiment.eval_steps = 5"],
-    "reptile_5w1s.gin": ["Experiment.eval_steps = 10", "Reptile.inner_steps = 3", "InnerAdam.learning_rate = 0.01"],
+    "maml_5w1s.gin": ["Experiment.eval_steps = 5", "Experiment.num_steps = 300"],
+    "fomaml_5w1s.gin": ["Experiment.eval_steps = 5", "Experiment.num_steps = 300"],
+    "metasgd_5w1s.gin": ["Experiment.eval_steps = 5", "Experiment.num_steps = 400"],
+    "anil_5w1s.gin": ["Experiment.eval_steps = 5", "Experiment.num_steps = 400"],
+    "warp_maml_5w1s.gin": ["Experiment.eval_steps = 5", "Experiment.num_steps = 300"],
+    "reptile_5w1s.gin": ["Experiment.eval_steps = 10", "Reptile.inner_steps = 3", "InnerAdam.learning_rate = 0.01",
+                         "Experiment.num_steps = 300"],
     "protonet_5w1s.gin": ["train/omniglot_tasks.ways = 10"],
     "matching_5w1s.gin": [],
     "relation_5w1s.gin": ["train/omniglot_tasks.queries = 5"],
@@ -59,16 +64,30 @@ LEARNERS = {
 
 
 @pytest.mark.parametrize("config", list(LEARNERS))
-def test_learner_beats_chance_on_held_out_alphabets(config, omniglot_dir, tmp_path):
+def test_meta_training_improves_on_the_untrained_learner_on_held_out_alphabets(config, omniglot_dir, tmp_path):
+    """An untrained conv4 adapted for a few steps is already above chance, so the test compares the meta-trained
+    learner with the same learner untrained (same initialisation), on the same 100 held-out episodes: the lower
+    end of the paired 95% interval of the accuracy gain must be at least 5 points."""
     gin.clear_config()
     gin.add_config_file_search_path(REPO)
     gin.parse_config_files_and_bindings([os.path.join(REPO, "gin_configs", "omniglot", config)],
                                         SHORT + LEARNERS[config])
-    results = Experiment().train(str(tmp_path))
-    accuracy = results["eval"]["sparse_categorical_accuracy"]
-    assert results["meta_steps"] == 60 and np.isfinite(results["train"]["loss"])
-    # 5-way chance is 0.2: the lower end of the 95% interval over 100 held-out episodes must clear it.
-    assert accuracy["mean"][-1] - accuracy["ci95"][-1] > 0.2, accuracy
+    experiment = Experiment()
+    keras.utils.set_random_seed(experiment.seed)
+    untrained = evaluation.adaptation_curve(experiment.build(), experiment.eval_tasks, num_tasks=100,
+                                            steps=experiment.eval_steps, seed=experiment.eval_seed, at_steps=[
+                                                experiment.eval_steps])
+    results = experiment.train(str(tmp_path))
+    assert results["meta_steps"] == experiment.num_steps
+    trained = evaluation.adaptation_curve(experiment.restore(str(tmp_path)), experiment.eval_tasks, num_tasks=100,
+                                          steps=experiment.eval_steps, seed=experiment.eval_seed,
+                                          at_steps=[experiment.eval_steps])
+    accuracy = lambda curve: np.array(curve["sparse_categorical_accuracy"]["per_task"])[:, -1]  # noqa: E731
+    # The restored learner is the trained one (to a flipped near-tie: oneDNN's kernels may differ from run to run).
+    assert accuracy(trained).mean() == pytest.approx(results["eval"]["sparse_categorical_accuracy"]["mean"][-1],
+                                                     abs=0.005)
+    gain, ci = evaluation.mean_confidence_interval(accuracy(trained) - accuracy(untrained))
+    assert gain - ci >= 0.05, (gain, ci, accuracy(untrained).mean())
 
 
 def test_tools_train_and_evaluate_a_metric_learner(omniglot_dir, tmp_path):
