@@ -117,10 +117,26 @@ def test_fit_evaluate_and_callbacks(tmp_path):
         keras.callbacks.TensorBoard(str(tmp_path / "logs")),
         keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False),
     ]
+    keras.utils.set_random_seed(0)
+    twin = sine_meta(eval_inner_steps=5)  # the same initialisation, updated step by step by hand
+    twin.compile(keras.optimizers.Adam(1e-3))
+    twin.optimizer.build(twin.meta_variables)
     history = meta.fit(data, epochs=2, steps_per_epoch=5, callbacks=callbacks, verbose=0)
-    assert history.history["loss"][-1] > 0
-    logs = meta.evaluate(tfmeta.tasks.SineTasks(10).dataset(20, seed=1, num_batches=2), return_dict=True, verbose=0)
+    losses = []
+    for episodes in data.take(10):
+        grads, step_logs, state = twin.compute_meta_gradients(episodes)
+        twin.update(grads, twin.meta_variables, state)
+        losses.append(float(step_logs["loss"]))
+    # fit logs each epoch's mean query loss after adaptation and applies the same meta-updates
+    np.testing.assert_allclose(history.history["loss"], [np.mean(losses[:5]), np.mean(losses[5:])], rtol=1e-5)
+    for a, b in zip(meta.meta_variables, twin.meta_variables):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
+    evaluation_data = tfmeta.tasks.SineTasks(10).dataset(20, seed=1, num_batches=2)
+    logs = meta.evaluate(evaluation_data, return_dict=True, verbose=0)
+    per_task = [meta.evaluate_tasks(episodes) for episodes in evaluation_data]
     assert set(logs) == {"loss", "pre_adapt_loss"}
+    np.testing.assert_allclose([logs["pre_adapt_loss"], logs["loss"]],
+                               np.mean([r["loss"].numpy() for r in per_task], axis=(0, 1)), rtol=1e-5)
     assert os.listdir(tmp_path / "logs")
     assert (tmp_path / "backup" / "latest.weights.h5").exists()
 

@@ -1,6 +1,7 @@
 """MALTML: the three-level meta-gradient against finite differences, its MAML and first-order special cases,
 family episodes and bad input."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -167,9 +168,10 @@ def test_adapt_meta_finetunes_on_the_family_then_finetunes_on_the_goal_task():
 def test_configs_hold_the_papers_settings_and_train(config, tmp_path):
     from test_training import experiment
 
-    exp = experiment(f"maltml/{config}", "Experiment.num_steps = 20", "Experiment.steps_per_epoch = 10",
-                     "Experiment.steps_per_execution = 10", "Experiment.eval_num_tasks = 20",
-                     "Experiment.eval_batch_size = 20")
+    exp = experiment(f"maltml/{config}", "Experiment.num_steps = 200", "Experiment.steps_per_epoch = 100",
+                     "Experiment.steps_per_execution = 10", "Experiment.eval_num_tasks = 100",
+                     "Experiment.eval_batch_size = 100")
+    keras.utils.set_random_seed(exp.seed)  # the initialisation `train` starts from
     meta = exp.build()
     goal_families = exp.eval_tasks.families if config == "maml_sine.gin" else exp.eval_tasks
     assert (goal_families.num_tasks, goal_families.num_support, goal_families.num_goal_query) == (5, 5, 100)
@@ -179,9 +181,14 @@ def test_configs_hold_the_papers_settings_and_train(config, tmp_path):
         tasks = exp.tasks
         assert (tasks.num_tasks, tasks.num_support, tasks.num_query, tasks.num_goal_tasks) == (5, 5, 5, 2)
         assert meta.first_order == config.startswith("fo")
+    untrained = np.array(exp.evaluate(meta)["loss"]["per_task"])[:, -1]
     results = exp.train(str(tmp_path))
-    assert results["meta_steps"] == 20 and np.isfinite(results["train"]["loss"])
-    assert np.isfinite(results["eval"]["loss"]["mean"]).all()
+    trained = np.array(exp.evaluate(exp.restore(str(tmp_path)))["loss"]["per_task"])[:, -1]
+    assert results["meta_steps"] == 200 and results["eval"]["loss"]["mean"][-1] == pytest.approx(trained.mean())
+    # 200 meta-steps lower the goal MSE after finetuning on 100 held-out families, paired, by a 95% lower bound
+    # of 10% of the untrained MSE (measured: 21-27%).
+    gain, ci = tfmeta.evaluation.mean_confidence_interval(untrained - trained)
+    assert gain - ci > 0.1 * untrained.mean(), (gain, ci, untrained.mean())
 
 
 def test_omniglot_alphabets_as_families(omniglot_dir):  # noqa: F811

@@ -4,11 +4,13 @@ import json
 import os
 
 import gin
+import keras
 import numpy as np
 import pytest
 
 import tfmeta
 import tfmeta.configurables  # noqa: F401  (registers the gin configurables)
+from tfmeta import evaluation
 from tfmeta.experiment import Experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,10 +64,17 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_family_configs_build_and_train(config, tmp_path):
-    exp = experiment(config, "Experiment.num_steps = 100", "Experiment.steps_per_epoch = 50",
-                     "Experiment.eval_num_tasks = 20")
+def test_family_configs_build_their_method_and_learn(config, tmp_path):
+    """Each config builds its method, and 600 meta-steps lower the MSE after one inner step on 100 held-out tasks
+    against the same learner untrained, paired: by a 95% lower bound of at least 10% of the untrained MSE (the
+    slowest here, ANIL and iMAML, gain 20%; the others 45-80%)."""
+    exp = experiment(config, "Experiment.eval_num_tasks = 100", "Experiment.eval_steps = 1")
+    keras.utils.set_random_seed(exp.seed)  # the initialisation `train` starts from
     meta = exp.build()
     assert CONFIGS[config](meta)
+    untrained = np.array(exp.evaluate(meta)["loss"]["per_task"])[:, 1]
     results = exp.train(str(tmp_path))
-    assert results["meta_steps"] == 100 and np.isfinite(results["train"]["loss"])
+    trained = np.array(exp.evaluate(exp.restore(str(tmp_path)))["loss"]["per_task"])[:, 1]
+    assert results["meta_steps"] == 600 and results["eval"]["loss"]["mean"][1] == pytest.approx(trained.mean())
+    gain, ci = evaluation.mean_confidence_interval(untrained - trained)
+    assert gain - ci > 0.1 * untrained.mean(), (gain, ci, untrained.mean())

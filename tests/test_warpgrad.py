@@ -271,6 +271,60 @@ def test_reptile_initialisation_objective_moves_the_initialisation_to_the_adapte
         np.testing.assert_allclose(np.array(variable), expected, rtol=1e-12, atol=1e-12)
 
 
+def _warp_maml_update(learner, episodes, inner_steps):
+    """Warp-MAML's meta-gradient for every learner variable: what one meta-step with an outer SGD step of 1
+    subtracts from it."""
+    meta = tfmeta.WarpGrad(learner, update_rule=tfmeta.Sgd(0.3), inner_steps=inner_steps, init_objective="maml",
+                           objective="full")
+    meta.compile(optimizer=keras.optimizers.SGD(1.0))
+    before = values(learner.trainable_variables)
+    meta.train_on_batch(episodes)
+    return [a - b for a, b in zip(before, values(learner.trainable_variables))], meta.fast_mask
+
+
+def _maml_grads(learner, episodes, inner_steps, fast_values=None):
+    """MAML's meta-gradient (warps slow) on a copy of `learner`, from `fast_values` for the fast variables."""
+    copy = keras.models.clone_model(learner)
+    copy.set_weights(learner.get_weights())
+    meta = tfmeta.MAML(copy, update_rule=tfmeta.Sgd(0.3), inner_steps=inner_steps)
+    if fast_values is not None:
+        fast = [v for v, is_fast in zip(copy.trainable_variables, meta.fast_mask) if is_fast]
+        for variable, value in zip(fast, fast_values):
+            variable.assign(value)
+    return values(meta.compute_meta_gradients(episodes)[0])
+
+
+def test_warp_maml_meta_gradient_is_mamls_at_one_step_and_the_mean_point_objective_at_two():
+    """Warp-MAML (init_objective="maml", full objective): with one inner step, its meta-gradient is MAML's on the
+    warped network with the warps kept out of the inner loop, for every variable. With two, the initialisation
+    gets MAML's two-step meta-gradient and the warps the mean over tasks and trajectory points θ_k of the
+    one-step query objective's gradient from θ_k."""
+    learner = warp.insert_warps(small_mlp(), lambda layer: warp.WarpDense(
+        identity_init=False, dtype="float64", name=f"warp_{layer.name}"), after="hidden_*")
+    episodes = random_episodes(tasks=2)
+    maml = _maml_grads(learner, episodes, inner_steps=1)
+    copy = keras.models.clone_model(learner)
+    copy.set_weights(learner.get_weights())
+    update, fast_mask = _warp_maml_update(copy, episodes, inner_steps=1)
+    assert not all(fast_mask) and any(fast_mask)
+    for delta, grad in zip(update, maml):
+        np.testing.assert_allclose(delta, grad, rtol=1e-10, atol=1e-12)
+
+    copy = keras.models.clone_model(learner)
+    copy.set_weights(learner.get_weights())
+    update, _ = _warp_maml_update(copy, episodes, inner_steps=2)
+    two_steps = _maml_grads(learner, episodes, inner_steps=2)
+    reference = tfmeta.MAML(learner, update_rule=tfmeta.Sgd(0.3))
+    point_grads = []
+    for task in range(2):
+        single = {k: v[task:task + 1] for k, v in episodes.items()}
+        theta = trajectory(reference, single, steps=1)
+        point_grads += [_maml_grads(learner, single, inner_steps=1, fast_values=theta[k]) for k in (0, 1)]
+    for i, (delta, is_fast) in enumerate(zip(update, fast_mask)):
+        expected = two_steps[i] if is_fast else np.mean([g[i] for g in point_grads], axis=0)
+        np.testing.assert_allclose(delta, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_online_warpgrad_trains_warps_and_the_initialisation():
     learner = warp.insert_warps(small_mlp(), lambda layer: warp.ResidualWarp(
         identity_init=False, dtype="float64", name=f"warp_{layer.name}"), after="hidden_*")
@@ -455,10 +509,20 @@ def test_surfaces_config_resumes_exactly(tmp_path):
     assert_same(values(exp.restore(str(resumed)).variables), values(exp.restore(str(straight)).variables))
 
 
-def test_continual_config_trains(tmp_path):
-    results = warp_experiment("continual_sine.gin", "Experiment.num_steps = 2").train(str(tmp_path))
-    assert results["meta_steps"] == 2 and np.isfinite(results["train"]["loss"])
-    assert results["eval"]["steps"] == list(range(11))
+def test_continual_config_learns_warps_that_beat_sgd_on_held_out_streams(tmp_path):
+    """10 meta-steps of continual meta-training (the config's learner shrunk, Adam at 3e-3) lower the loss over all
+    sub-tasks at the end of 50 held-out streams against plain SGD from the same initialisation (identity warps),
+    paired: by a 95% lower bound of 3% of SGD's loss (measured: 8 ± 2%)."""
+    bindings = ["Adam.learning_rate = 0.003", "Experiment.eval_num_tasks = 50", "Experiment.eval_batch_size = 50"]
+    sgd = warp_experiment("continual_sine.gin", "Experiment.num_steps = 0", *bindings)
+    keras.utils.set_random_seed(sgd.seed)
+    before = np.array(sgd.evaluate(sgd.build())["loss"]["per_task"])[:, -1]
+    experiment = warp_experiment("continual_sine.gin", "Experiment.num_steps = 10", *bindings)
+    results = experiment.train(str(tmp_path))
+    assert results["meta_steps"] == 10 and results["eval"]["steps"] == list(range(11))
+    after = np.array(experiment.evaluate(experiment.restore(str(tmp_path)))["loss"]["per_task"])[:, -1]
+    gain, ci = tfmeta.evaluation.mean_confidence_interval(before - after)
+    assert gain - ci > 0.03 * before.mean(), (gain, ci, before.mean())
 
 
 def warp_rnn(units=5):

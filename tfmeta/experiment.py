@@ -287,6 +287,9 @@ class Experiment:
                 raise kind(f"meta-training stopped after {steps} meta-steps: {message}. The last checkpoint is "
                            f"{manager.latest_checkpoint}.") from None
         steps = int(meta_learner.meta_step())
+        if not manager.latest_checkpoint and not saver.non_finite:  # num_steps = 0: the baseline as initialised
+            saver.set_model(meta_learner)
+            saver.save()
         if saver.interrupted:
             raise TrainingInterrupted(f"stopped by SIGTERM at meta-step {steps} after saving "
                                       f"{manager.latest_checkpoint}: run the same command to resume.")
