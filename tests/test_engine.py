@@ -264,3 +264,109 @@ def test_second_order_meta_gradients_need_unrolled_inner_loops():
         tfmeta.MAML(tfmeta.models.mlp(), unroll_inner_loop=False)
     with pytest.raises(ValueError, match="needs `unroll_inner_loop=True`"):
         tfmeta.WarpGrad(tfmeta.models.mlp(), init_objective="maml", unroll_inner_loop=False)
+
+
+class _ActivityPenalty(keras.layers.Layer):
+    """Adds `weight` times the mean squared activation of its input with `add_loss`."""
+
+    def __init__(self, weight, **kwargs):
+        super().__init__(**kwargs)
+        self.weight = weight
+
+    def call(self, x):
+        self.add_loss(self.weight * tf.reduce_mean(tf.square(x)))
+        return x
+
+
+def regularised_mlp(l2=100.0, activity=0.5):
+    inputs = keras.Input((2,), dtype="float64")
+    h = keras.layers.Dense(4, activation="tanh", kernel_regularizer=keras.regularizers.L2(l2), dtype="float64",
+                           name="hidden")(inputs)
+    h = _ActivityPenalty(activity, dtype="float64")(h)
+    return keras.Model(inputs, keras.layers.Dense(1, dtype="float64", name="head")(h))
+
+
+def test_keras_losses_count_in_the_inner_and_outer_objectives():
+    """A learner's `kernel_regularizer` and `add_loss` terms are part of the task objective at the adapted
+    parameters: the inner step is SGD on loss + penalties, the query loss includes them at the adapted weights,
+    and the second-order meta-gradient of the whole matches finite differences."""
+    from test_gradients import check_finite_differences
+
+    learner = regularised_mlp()
+    episodes = random_episodes(tasks=2)
+    meta = tfmeta.MAML(learner, update_rule=tfmeta.Sgd(0.001), inner_steps=1)
+    task = {k: v[0] for k, v in episodes.items()}
+    fast, slow = meta.read_params()
+
+    def objective(params, x, y):
+        kernel, bias, head_kernel, head_bias = params
+        h = tf.tanh(x @ kernel + bias)
+        mse = tf.reduce_mean(tf.square(h @ head_kernel + head_bias - y))
+        return mse + 100.0 * tf.reduce_sum(tf.square(kernel)) + 0.5 * tf.reduce_mean(tf.square(h))
+
+    with tf.GradientTape() as tape:
+        tape.watch(fast)
+        support = objective(fast, task["support_x"], task["support_y"])
+    adapted = [p - 0.001 * g for p, g in zip(fast, tape.gradient(support, fast))]
+    result = meta.adapt_params(fast, slow, [], task["support_x"], task["support_y"], 1, training=True)
+    assert float(result.losses[0]) == pytest.approx(float(support), rel=1e-12)
+    for a, b in zip(result.params, adapted):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    query, _, _ = meta.task_objective(result.params, slow, [], task["query_x"], task["query_y"], training=True)
+    assert float(query) == pytest.approx(float(objective(adapted, task["query_x"], task["query_y"])), rel=1e-12)
+    grads, logs, _ = meta.compute_meta_gradients(episodes)
+    check_finite_differences(meta, episodes, grads)
+    # The penalties matter: the same network without them adapts and scores differently.
+    plain = tfmeta.MAML(regularised_mlp(l2=0.0, activity=0.0), update_rule=tfmeta.Sgd(0.001))
+    plain.learner.set_weights(learner.get_weights())
+    assert float(plain.compute_meta_gradients(episodes)[1]["loss"]) < float(logs["loss"]) - 1.0
+
+
+def test_metric_learners_add_the_embeddings_keras_losses():
+    inputs = keras.Input((6, 6, 1))
+    flat = keras.layers.Flatten()(inputs)
+    penalised = keras.Model(inputs, keras.layers.Dense(4, kernel_regularizer=keras.regularizers.L2(10.0))(flat))
+    meta = tfmeta.PrototypicalNetwork(penalised)
+    episodes = classification_episodes(dtype="float32")
+    scores, _, extra = meta.episode_scores(episodes, training=True)
+    kernel = penalised.layers[-1].kernel
+    assert float(extra) == pytest.approx(10.0 * float(tf.reduce_sum(tf.square(kernel))), rel=1e-5)
+    loss = meta.evaluate_tasks(episodes)["loss"][:, 0]
+    np.testing.assert_allclose(loss, meta.task_loss(episodes["query_y"], scores).numpy().mean(-1) + float(extra),
+                               rtol=1e-5)
+
+
+class _NoTrainingArgument(keras.Model):
+    """A subclassed learner whose `call` takes no `training` argument, as plain Keras allows."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(8, activation="tanh")
+        self.head = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.head(self.hidden(x))
+
+
+def test_a_subclassed_learner_without_a_training_argument_meta_learns():
+    learner = _NoTrainingArgument()
+    learner(tf.zeros((1, 1)))
+    meta = tfmeta.MAML(learner, update_rule=tfmeta.Sgd(0.01), eval_inner_steps=3)
+    meta.compile(keras.optimizers.Adam(1e-3))
+    history = meta.fit(tfmeta.tasks.SineTasks(5).dataset(4, seed=0), epochs=1, steps_per_epoch=3, verbose=0)
+    assert int(meta.optimizer.iterations) == 3 and np.isfinite(history.history["loss"]).all()
+    episodes = sine_episodes(tasks=1)
+    functional = meta.evaluate_tasks(episodes, steps=3)["loss"][0, -1]
+    adapted = meta.adapt(episodes["support_x"][0], episodes["support_y"][0])
+    assert float(meta.loss_value(episodes["query_y"][0], adapted(episodes["query_x"][0]))) == pytest.approx(
+        float(functional), rel=1e-5)
+
+
+def test_partition_can_adapt_meta_only_layers():
+    learner = tfmeta.warp.insert_warps(tfmeta.models.mlp(hidden_units=(4,)), tfmeta.warp.WarpDense, after="hidden_*")
+    warps = [v.path.startswith("warp_") for v in learner.trainable_variables]
+    assert tfmeta.Partition().mask(learner) == tuple(not w for w in warps) and any(warps)
+    assert tfmeta.Partition(adapt_meta_only=True).mask(learner) == (True,) * len(warps)
+    assert tfmeta.Partition(slow="head", adapt_meta_only=True).get_config()["adapt_meta_only"]
+    with pytest.raises(TypeError, match="`adapt_meta_only` must be a bool"):
+        tfmeta.Partition(adapt_meta_only="yes")

@@ -338,7 +338,13 @@ class MetaLearner(EpisodicLearner):
             raise ValueError(f"`batch_norm` must be one of {adapted_lib.BATCH_NORM_POLICIES}; got {batch_norm!r}.")
         state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
         adaptation = self.adapt_params(fast, slow, state, support_x, support_y, steps, training=False)
-        adapted = keras.models.clone_model(self.learner)
+        try:
+            adapted = keras.models.clone_model(self.learner)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"`adapt` returns a copy of learner '{self.learner.name}' made by keras.models.clone_model, which "
+                "rebuilds a subclassed model from its get_config(): give its __init__ **kwargs for Keras' own "
+                f"arguments (and a get_config for its own). Cloning failed with: {error}") from None
         if not adapted.built:
             adapted(support_x[:1])
         values = partition_lib.merge(adaptation.params, slow, self.fast_mask) + state
