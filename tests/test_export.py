@@ -67,8 +67,8 @@ def test_maml_sine_adapts_at_serving_time_with_any_support_size_and_step_overrid
         expected = meta.adapt(episode["support_x"], episode["support_y"], steps=steps).predict(
             episode["query_x"], verbose=0)
         np.testing.assert_allclose(answer["predictions"], expected, rtol=1e-5, atol=1e-5)
-    assert "support_x and support_y must hold the same number (>= 1) of examples; got] [5] [and] [3]" in answers[3]
-    assert "support_x must have shape [examples, 1]; got shape] [1 5 1]" in answers[4]
+    assert "support_x and support_y must hold the same number (>= 1) of examples; got 5 and 3" in answers[3]
+    assert "support_x must have shape [examples, 1]; got shape [1 5 1]" in answers[4]
     # The TF1/C++ loader (TF Serving's) restores the variables too.
     run = subprocess.run(["saved_model_cli", "run", "--dir", str(tmp_path / "sine"), "--tag_set", "serve",
                           "--signature_def", "serving_default",

@@ -225,7 +225,8 @@ class EpisodicLearner(keras.Model):
         if sx[1] == 0:
             raise ValueError("episodes['support_x'] holds no support example (K must be >= 1).")
         self.check_targets(sy[2:], qy[2:], e["query_y"].dtype, lambda k: f"episodes['{k}']")
-        return with_checks(e, self.value_checks(e, lambda k: f"episodes['{k}']"))
+        # TensorFlow escapes quotes in the messages of failed assertions: name the keys without them.
+        return with_checks(e, self.value_checks(e, lambda k: f"episodes `{k}`"))
 
     def check_targets(self, support_shape: tf.TensorShape, query_shape: tf.TensorShape, dtype: tf.DType,
                       name: Callable[[str], str]) -> None:

@@ -47,18 +47,15 @@ def is_classifier(meta_learner: EpisodicLearner) -> bool:
     return any(word in str(name).lower() for word in _CLASSIFICATION_LOSSES)
 
 
-def _require(tensors: dict, ok: tf.Tensor, *message) -> dict:
-    """`tensors`, made data-dependent on the run-time condition `ok`: the request fails with `message` (strings and
-    tensors) unless it holds. A data dependency, not a control dependency on an assertion: when a SavedModel is
-    called, Grappler folds the shapes it then knows, and ran the ops such an assertion was to guard (a wrongly
-    shaped request failed in a gather instead)."""
-    keys = list(tensors)
-
-    def fail():
-        with tf.control_dependencies([tf.debugging.Assert(ok, list(message))]):
-            return [tf.identity(tensors[k]) for k in keys]
-
-    return dict(zip(keys, tf.cond(ok, lambda: [tf.identity(tensors[k]) for k in keys], fail)))
+def _require(tensors: dict, ok: tf.Tensor, template: str, *values: tf.Tensor) -> dict:
+    """`tensors`, made data-dependent on the run-time condition `ok`: the request fails with the message
+    `template` (its `{}` filled with `values`) unless it holds. Neither an assertion nor a control dependency: when a SavedModel is called,
+    Grappler folds the shapes it then knows, and it ran ops that control-dependent assertions were to guard (a
+    wrongly shaped request failed in a gather or a shape check instead). The failure is a string-to-number
+    conversion of the message (0 when `ok`), added to every tensor."""
+    text = tf.strings.format(f"request rejected: {template}", list(values))
+    guard = tf.strings.to_number(tf.where(ok, tf.constant("0"), text), tf.float32)
+    return {k: v + tf.cast(guard, v.dtype) for k, v in tensors.items()}
 
 
 def _checked(x: tf.Tensor, name: str, lead: list, shape: list, what: str = "") -> tf.Tensor:
@@ -72,7 +69,8 @@ def _checked(x: tf.Tensor, name: str, lead: list, shape: list, what: str = "") -
     ok = tf.logical_and(tf.equal(tf.rank(x), len(shape)),
                         tf.reduce_all(tf.equal(tf.gather(sizes, tf.constant(fixed, tf.int32)),
                                                tf.constant([shape[i] for i in fixed], tf.int32))))
-    x = _require({name: x}, ok, f"{name} must have shape [{', '.join(described)}]{what}; got shape", tf.shape(x))[name]
+    x = _require({name: x}, ok, f"{name} must have shape [{', '.join(described)}]{what}; got shape {{}}",
+                 tf.shape(x))[name]
     return tf.ensure_shape(x, shape)
 
 
@@ -109,8 +107,8 @@ class _Adaptation:
                 continue
             examples, targets = tf.shape(checked[x_key])[axis], tf.shape(checked[y_key])[axis]
             checked = _require(checked, tf.logical_and(tf.equal(examples, targets), examples > 0),
-                               f"{x_key} and {y_key} must hold the same number (>= 1) of examples; got", examples,
-                               "and", targets)
+                               f"{x_key} and {y_key} must hold the same number (>= 1) of examples; got {{}} and {{}}",
+                               examples, targets)
         if self.preprocessing is not None:
             checked = {k: self.preprocessing(v) if k.endswith("_x") else v for k, v in checked.items()}
         checks = []

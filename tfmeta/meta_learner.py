@@ -198,7 +198,7 @@ class MetaLearner(EpisodicLearner):
                 labels = tf.cast(tensors[key], tf.int64)
                 checks.append(tf.debugging.assert_non_negative(labels, message=f"{name(key)} holds negative labels"))
                 checks.append(tf.debugging.assert_less(labels, tf.constant(ways, tf.int64), message=(
-                    f"{name(key)} holds class labels outside 0..{ways - 1}: learner '{self.learner.name}' has "
+                    f"{name(key)} holds class labels outside 0..{ways - 1}: learner {self.learner.name} has "
                     f"{ways} outputs")))
         return checks
 

@@ -95,9 +95,11 @@ def from_arrays(images, labels, groups: Optional[dict] = None) -> ClassImages:
     labels = np.asarray(labels)
     if images.ndim == 3:
         images = images[..., None]
-    if images.ndim != 4 or len(images) != len(labels):
-        raise ValueError(f"`images` must have shape [examples, height, width(, channels)] with one label each; "
-                         f"got images {images.shape} and labels {labels.shape}.")
+    if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels) or not len(images):
+        raise ValueError(f"`images` must have shape [examples >= 1, height, width(, channels)] with one label each "
+                         f"in `labels` [examples]; got images {images.shape} and labels {labels.shape}.")
+    if not np.isfinite(images).all():
+        raise ValueError(f"`images` holds NaN or infinite values ({int(np.sum(~np.isfinite(images)))} of them).")
     classes = sorted(set(labels.tolist()))
     members = [np.flatnonzero(labels == c) for c in classes]
     counts = np.array([len(m) for m in members], np.int32)

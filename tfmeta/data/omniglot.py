@@ -152,6 +152,8 @@ def _sources(paths: list[str]) -> list[str]:
             sources += [os.path.abspath(f) for f in found]
         elif os.path.isdir(path) or zipfile.is_zipfile(path):
             sources.append(os.path.abspath(path))
+        elif os.path.isfile(path):
+            raise ValueError(f"Omniglot archive {path!r} is not a readable zip file (truncated or corrupt?).")
         else:
             raise ValueError(f"Omniglot path {path!r} is neither a zip archive nor a directory.")
     return sources
@@ -175,11 +177,14 @@ def _read_source(source: str) -> dict[str, dict[str, bytes]]:
                     with open(os.path.join(root, name), "rb") as f:
                         characters.setdefault("/".join(parts[-3:-1]), {})[name] = f.read()
         return characters
-    with zipfile.ZipFile(source) as archive:
-        for info in archive.infolist():
-            parts = info.filename.split("/")
-            if info.filename.lower().endswith(".png") and len(parts) >= 3:
-                characters.setdefault("/".join(parts[-3:-1]), {})[parts[-1]] = archive.read(info)
+    try:
+        with zipfile.ZipFile(source) as archive:
+            for info in archive.infolist():
+                parts = info.filename.split("/")
+                if info.filename.lower().endswith(".png") and len(parts) >= 3:
+                    characters.setdefault("/".join(parts[-3:-1]), {})[parts[-1]] = archive.read(info)
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise ValueError(f"Omniglot archive {source!r} cannot be read (truncated or corrupt?): {error}") from None
     return characters
 
 
