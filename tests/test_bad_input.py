@@ -62,9 +62,11 @@ EPISODE_CASES = [  # (learner, episodes, expected message)
     ("regression", replace(R, support_x=R["support_x"][:, :, 0]),
      r"episodes\['support_x'\] must have shape \[tasks, examples, features...\]; got \(2, 4\)"),
     ("regression", replace(R, support_y=R["support_y"][:, :3]),
-     r"episodes\['support_x'\] and episodes\['support_y'\] disagree on \[tasks, examples\]: \(2, 4, 1\) vs \(2, 3, 1\)"),
+     r"episodes\['support_x'\] and episodes\['support_y'\] disagree on \[tasks, examples\]: \(2, 4, 1\) vs "
+     r"\(2, 3, 1\)"),
     ("regression", replace(R, support_y=np.concatenate([R["support_y"]] * 2, -1), query_y=np.concatenate(
-        [R["query_y"]] * 2, -1)), r"episodes\['support_y'\] must hold targets of shape \(1,\) per example .* got \(2,\)"),
+        [R["query_y"]] * 2, -1)),
+     r"episodes\['support_y'\] must hold targets of shape \(1,\) per example .* got \(2,\)"),
     ("regression", replace(R, support_y=R["support_y"][..., 0], query_y=R["query_y"][..., 0]),
      r"episodes\['support_y'\] must hold targets of shape \(1,\) per example .* got \(\) per example"),
     ("regression", replace(R, query_x=np.zeros((2, 5, 2), "float32")), r"support and query features differ"),
@@ -135,7 +137,8 @@ ADAPT_CASES = [  # (learner, support_x, support_y, keyword arguments, expected m
      r"`batch_norm` must be one of \('batch', 'support'\); got 'query'"),
     ("classifier", np.zeros((4, 4), "float32"), np.array([0, 1, 2, 7], np.int32), {},
      r"`support_y` holds class labels outside 0..2"),
-    ("classifier", np.zeros((3, 4), "float32"), np.eye(3, dtype=np.int32), {}, r"\(one-hot labels: pass their argmax\)"),
+    ("classifier", np.zeros((3, 4), "float32"), np.eye(3, dtype=np.int32), {},
+     r"\(one-hot labels: pass their argmax\)"),
     ("metric", np.zeros((3, 4), "float32"), np.array([0, 2, 2], np.int32), {}, r"`support_y` must hold every label"),
 ]
 

@@ -49,10 +49,10 @@ def is_classifier(meta_learner: EpisodicLearner) -> bool:
 
 def _require(tensors: dict, ok: tf.Tensor, template: str, *values: tf.Tensor) -> dict:
     """`tensors`, made data-dependent on the run-time condition `ok`: the request fails with the message
-    `template` (its `{}` filled with `values`) unless it holds. Neither an assertion nor a control dependency: when a SavedModel is called,
-    Grappler folds the shapes it then knows, and it ran ops that control-dependent assertions were to guard (a
-    wrongly shaped request failed in a gather or a shape check instead). The failure is a string-to-number
-    conversion of the message (0 when `ok`), added to every tensor."""
+    `template` (its `{}` filled with `values`) unless it holds. Neither an assertion nor a control dependency:
+    when a SavedModel is called, Grappler folds the shapes it then knows, and it ran ops that control-dependent
+    assertions were to guard (a wrongly shaped request failed in a gather or a shape check instead). The failure
+    is a string-to-number conversion of the message (0 when `ok`), added to every tensor."""
     text = tf.strings.format(f"request rejected: {template}", list(values))
     guard = tf.strings.to_number(tf.where(ok, tf.constant("0"), text), tf.float32)
     return {k: v + tf.cast(guard, v.dtype) for k, v in tensors.items()}
