@@ -52,3 +52,18 @@ def omniglot_dir():
         pytest.skip(f"Omniglot archives not found in {OMNIGLOT} (set TFMETA_DATA_DIR to the directory holding "
                     "omniglot/images_background_small1.zip and images_background_small2.zip)")
     return OMNIGLOT
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "faults: slow fault-injection runs (random SIGKILLs, a multi-worker kill), "
+                                       "outside the default suite; run with `-m faults` (.ci/run does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The default suite leaves out the `faults` tests unless a marker expression asks for them."""
+    if config.option.markexpr:
+        return
+    skip = pytest.mark.skip(reason="fault-injection run: select it with `-m faults`")
+    for item in items:
+        if "faults" in item.keywords:
+            item.add_marker(skip)

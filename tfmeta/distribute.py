@@ -65,9 +65,9 @@ def worker(strategy: tf.distribute.Strategy) -> tuple[str, int]:
     return resolver.task_type, int(resolver.task_id)
 
 
-def multi_worker() -> bool:
-    """Whether the current strategy spans several workers."""
-    extended = tf.distribute.get_strategy().extended
+def multi_worker(strategy: Optional[tf.distribute.Strategy] = None) -> bool:
+    """Whether `strategy` (default: the current one) spans several workers."""
+    extended = (strategy or tf.distribute.get_strategy()).extended
     return bool(getattr(extended, "_in_multi_worker_mode", lambda: False)())
 
 

@@ -113,7 +113,8 @@ class Experiment:
         (a baseline without meta-training).
       steps_per_epoch: meta-steps between progress lines and validation (and checkpoints).
       checkpoint_interval: seconds between checkpoints within an epoch (a killed run loses at most this much
-        meta-training, or an epoch if that is shorter); SIGTERM also saves one.
+        meta-training, or an epoch if that is shorter); SIGTERM also saves one. Under a multi-worker strategy
+        only the ends of epochs save (every worker must save at the same step).
       seed: seed of the learner's initialisation and of the training episodes.
       validation_tasks: held-out tasks evaluated after every epoch (`val_*` logs).
       eval_num_tasks, eval_steps, eval_seed: the final evaluation: query loss after 0..`eval_steps` inner
@@ -205,6 +206,10 @@ class Experiment:
         """The compiled meta-learner, with its optimizer's variables created (so checkpoints can restore them),
         in the scope of the run's strategy."""
         strategy = self.distribution()
+        if self.strategy == "multi_worker_mirrored" and self.steps_per_execution > 1:
+            raise ValueError(f"`steps_per_execution` ({self.steps_per_execution}) must be 1 under the "
+                             "multi_worker_mirrored strategy: Keras' multi-step loop fails there on TF 2.21 ('You must "
+                             "feed a value for placeholder tensor ...while/cond/Placeholder').")
         replicas = strategy.num_replicas_in_sync
         if self.meta_batch_size % replicas:
             raise ValueError(f"`meta_batch_size` ({self.meta_batch_size}) must be a multiple of the strategy's "
@@ -253,7 +258,10 @@ class Experiment:
         done = int(meta_learner.meta_step())
         if done:
             print(f"Resuming from {latest} after {done} meta-steps.")
-        saver = _Checkpoints(manager, epoch_logs, self.checkpoint_interval)
+        # Under several workers a save reads the metrics' variables with collective ops, which every worker must
+        # join at once: only the epochs' ends (the same step everywhere) save.
+        interval = np.inf if distribute.multi_worker(self.distribution()) else self.checkpoint_interval
+        saver = _Checkpoints(manager, epoch_logs, interval)
         callbacks = [keras.callbacks.TerminateOnNaN(), saver]
         if chief:
             callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, "logs")))

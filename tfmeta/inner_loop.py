@@ -93,6 +93,7 @@ def inner_loop(
     seed: Optional[tf.Tensor] = None,
     unroll: bool = True,
     rematerialize: bool = False,
+    check_finite: bool = True,
 ) -> Adaptation:
     """Adapts `params` with `steps` steps of `rule` on `loss_fn(params, state, step) -> (loss, state)`.
 
@@ -108,12 +109,13 @@ def inner_loop(
     whatever `unroll` says, and returns only the parameters and state. `rematerialize=True` keeps only each
     unrolled step's inputs for the backward pass and recomputes the step there (see `rematerialized`): the
     second-order meta-gradient's memory then grows with the steps by a parameter set, not by the activations.
-    Every support loss is checked to be finite in the graph (`check_finite_loss`).
+    With `check_finite`, every support loss is checked to be finite in the graph (`check_finite_loss`).
     """
     params = list(params)
     rule_state = rule.init_state(params, training=training, seed=seed)
+    checked = check_finite_loss if check_finite else lambda loss, step: loss
     if isinstance(steps, (tf.Tensor, tf.Variable)):
-        return _dynamic_loop(loss_fn, params, list(state), rule, rule_state, steps)
+        return _dynamic_loop(loss_fn, params, list(state), rule, rule_state, steps, checked)
     if steps < 0:
         raise ValueError(f"inner loop `steps` must be >= 0; got {steps}.")
 
@@ -121,7 +123,7 @@ def inner_loop(
         with tf.GradientTape(watch_accessed_variables=False) as tape, at_step(step):
             tape.watch(params)
             loss, state = loss_fn(params, state, step)
-            loss = check_finite_loss(loss, step)
+            loss = checked(loss, step)
         grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if first_order or not unrolled:
             grads = [tf.stop_gradient(g) for g in grads]
@@ -201,7 +203,7 @@ def rematerialized(fn: Callable[[list], list]) -> Callable[..., list]:
     return run
 
 
-def _dynamic_loop(loss_fn, params, state, rule, rule_state, steps) -> Adaptation:
+def _dynamic_loop(loss_fn, params, state, rule, rule_state, steps, checked) -> Adaptation:
     """`inner_loop` for a number of steps known only at run time (a serving request's): a `tf.while_loop`
     from step 0, without differentiation through it, trajectory or losses."""
 
@@ -209,7 +211,7 @@ def _dynamic_loop(loss_fn, params, state, rule, rule_state, steps) -> Adaptation
         with tf.GradientTape(watch_accessed_variables=False) as tape, at_step(step):
             tape.watch(params)
             loss, state = loss_fn(params, state, step)
-            loss = check_finite_loss(loss, step)
+            loss = checked(loss, step)
         grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         updates, rule_state = rule.update([tf.stop_gradient(g) for g in grads], rule_state, params, step)
         return step + 1, [p + u for p, u in zip(params, updates)], list(state), rule_state

@@ -145,10 +145,11 @@ class MetaLearner(EpisodicLearner):
 
     def adapt_params(
         self, fast, slow, state, x, y, steps: int, *, training: bool, first_order: bool = False,
-        keep_trajectory: bool = False, seed: Optional[tf.Tensor] = None,
+        keep_trajectory: bool = False, seed: Optional[tf.Tensor] = None, check_finite: bool = True,
     ) -> Adaptation:
         """Runs the inner loop from `fast` on the examples `(x, y)` of one task: all of them at every step, or
-        batch k of a stream (see `step_batch`) at step k."""
+        batch k of a stream (see `step_batch`) at step k. `check_finite=False` lets a diverging adaptation run on
+        (an evaluation records its non-finite results) instead of failing at its first non-finite loss."""
 
         def support_loss(params, state, step):
             xs, ys = self.step_batch(x, y, step)
@@ -158,7 +159,7 @@ class MetaLearner(EpisodicLearner):
         return inner_loop(
             support_loss, fast, state, self.update_rule, steps,
             first_order=first_order, keep_trajectory=keep_trajectory, training=training, seed=seed,
-            unroll=self.unroll_inner_loop, rematerialize=self.rematerialize_inner_steps,
+            unroll=self.unroll_inner_loop, rematerialize=self.rematerialize_inner_steps, check_finite=check_finite,
         )
 
     def is_stream(self, x) -> bool:
@@ -291,8 +292,9 @@ class MetaLearner(EpisodicLearner):
     def task_curve(self, fast, slow, state, episode: dict, steps: int, at_steps: Sequence[int]) -> dict:
         """One task's query loss and metrics after each of `at_steps` of `steps` inner steps (inference mode)
         from the fast parameters `fast`: a dict of tensors of shape [len(at_steps)]."""
-        adaptation = self.adapt_params(
+        adaptation = self.adapt_params(  # a task that diverges gives non-finite results, which the report names
             fast, slow, state, episode["support_x"], episode["support_y"], steps, training=False, keep_trajectory=True,
+            check_finite=False,
         )
 
         def query_results(params, k=None):

@@ -76,7 +76,7 @@ class IMAML(MetaLearner):
         self.cg_steps = cg_steps
 
     def adapt_params(self, fast, slow, state, x, y, steps, *, training, first_order=False, keep_trajectory=False,
-                     seed=None):
+                     seed=None, check_finite=True):
         anchor = [tf.stop_gradient(p) for p in fast]
         regularization = self.regularization
 
@@ -88,7 +88,7 @@ class IMAML(MetaLearner):
 
         return inner_loop(regularized_loss, fast, state, self.update_rule, steps, first_order=True,
                           keep_trajectory=keep_trajectory, training=training, seed=seed,
-                          unroll=self.unroll_inner_loop)
+                          unroll=self.unroll_inner_loop, check_finite=check_finite)
 
     def task_gradients(self, episode, state, seed):
         fast, slow = self.read_params()
