@@ -1,4 +1,5 @@
 import os
+import socket
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -33,6 +34,17 @@ def classification_episodes(tasks=2, ways=3, shots=2, queries=3, shape=(6, 6, 1)
         "query_x": tf.constant(rng.normal(size=(tasks, ways * queries, *shape)), dtype),
         "query_y": labels(queries),
     }
+
+
+def free_ports(count):
+    """`count` free TCP ports on 127.0.0.1 (for multi-worker clusters on loopback)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def values(variables):

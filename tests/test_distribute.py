@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import free_ports
 
 import tfmeta
 
@@ -104,18 +105,6 @@ def test_mirrored_strategy_gives_the_single_device_meta_updates():
 def test_checkpoint_from_one_strategy_resumes_under_another(tmp_path):
     result = run(RESUME, str(tmp_path))
     assert result["meta_steps"] == 4 and result["difference"] < 1e-5
-
-
-def free_ports(count):
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def test_multi_worker_mirrored_workers_end_with_identical_weights(tmp_path):

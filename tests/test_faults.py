@@ -5,14 +5,13 @@ checkpoint and ends as an uninterrupted two-worker run."""
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import free_ports
 from test_tools import REPO, command, registered, run
 
 pytestmark = pytest.mark.faults
@@ -41,16 +40,6 @@ def test_random_sigkills_never_lose_a_checkpoint_and_the_run_ends_as_an_uninterr
     assert f"after {progress[-1]} meta-steps" in run("train.py", killed).stdout
     assert progress == sorted(progress) and len(set(progress)) == 6 and progress[-1] < 1000
     assert json.loads((killed / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 MULTI_WORKER = ["Experiment.strategy = 'multi_worker_mirrored'", "Experiment.meta_batch_size = 24",
