@@ -119,8 +119,8 @@ class _ScaledTasks(tfmeta.tasks.SineTasks):
 
 
 @pytest.mark.parametrize("scale, error, message", [
-    (1e30, FloatingPointError, "meta-step 1: loss is not finite"),
-    (np.nan, ValueError, r"stopped after \d meta-steps: episodes `query_y` holds NaN or infinite values"),
+    (1e30, FloatingPointError, r"meta-step \d: non-finite meta-objective \(NaN or inf\) of task 0 of the meta-batch"),
+    (np.nan, ValueError, r"at about meta-step \d: episodes `query_y` holds NaN or infinite values"),
 ])
 def test_non_finite_loss_or_data_stops_training_with_a_message(tmp_path, scale, error, message):
     experiment = Experiment(

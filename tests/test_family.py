@@ -243,6 +243,11 @@ def test_imaml_counts_the_conjugate_gradient_solves_it_stops_early():
     x, stopped = solve(np.diag([2.0, 3.0]), [1.0, 1.0], 2)
     np.testing.assert_allclose(x, [0.5, 1 / 3])
     assert stopped == 2  # solved: never stopped
+    x, stopped = solve(np.diag([2.0, 3.0]), [1.0, 1.0], 4)
+    np.testing.assert_allclose(x, [0.5, 1 / 3])
+    assert stopped == 4  # converged after 2 of 4 iterations (a zero direction afterwards): not counted
+    _, stopped = solve(np.diag([1.0, np.nan]), [1.0, 1.0], 2)
+    assert stopped == 0  # non-finite curvature stops too
     x, stopped = solve(np.diag([1.0, -1.0]), [1.0, 1.0], 2)
     assert stopped == 0 and not x.any()  # p·Ap = 0 at the first iteration: dropped
     _, stopped = solve(np.diag([1.0, 4.0, -50.0]), [1.0, 1.0, 0.1], 3)

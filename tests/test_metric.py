@@ -159,8 +159,9 @@ def test_full_context_embeddings_read_the_support_set_from_the_first_step():
     assert not np.allclose(a, b)
 
 
-def test_batch_statistics_warn_for_metric_learners():
-    with pytest.warns(UserWarning, match="batch_norm_statistics='running'"):
+def test_metric_learners_refuse_batch_statistics_at_inference():
+    with pytest.raises(ValueError, match=r"normalises with batch statistics at inference \(norm_0: .*"
+                                         r"batch_norm_statistics='running'"):
         tfmeta.PrototypicalNetwork(tfmeta.models.conv_net((6, 6, 1), outputs=None, filters=4, blocks=1))
 
 

@@ -591,7 +591,8 @@ def test_metric_learners_reject_a_stream_of_support_batches():
     stream = dict(episodes, support_x=tf.stack([episodes["support_x"]] * 2, axis=1),
                   support_y=tf.stack([episodes["support_y"]] * 2, axis=1))
     protonet = tfmeta.PrototypicalNetwork(tfmeta.models.conv_net(input_shape=(6, 6, 1), outputs=None, filters=4,
-                                                                 blocks=1, dtype="float64"))
+                                                                 blocks=1, batch_norm_statistics="running",
+                                                                 dtype="float64"))
     with pytest.raises(ValueError, match="not a stream of batches"):
         protonet.evaluate_tasks(stream)
 

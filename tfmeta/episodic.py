@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Union
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfmeta import distribute, losses
@@ -87,6 +88,8 @@ class EpisodicLearner(keras.Model):
         self.task_metrics = dict(resolve_metric(m) for m in metrics)
         self._log_dtype = keras.backend.standardize_dtype(learner.trainable_variables[0].dtype)
         self._trackers = {n: keras.metrics.Mean(name=n) for n in self.log_names()}
+        self._checked_layouts: set = set()  # of the episodes `fit` and `evaluate` validated (`_check_data`)
+        self._layouts: dict = {}  # the layout each Keras step function was traced for
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Keras' first-batch build, reduced to what a meta-learner needs. Under a strategy Keras reduces a
@@ -141,8 +144,9 @@ class EpisodicLearner(keras.Model):
                 logs[f"pre_adapt_{name}"] = tf.reduce_mean(values[:, 0])
         return self._update_trackers(logs)
 
-    def adapt(self, support_x, support_y, steps: Optional[int] = None) -> keras.Model:
-        """A Keras model adapted to one task's support set, that `predict`s its queries."""
+    def adapt(self, support_x, support_y, steps: Optional[int] = None, batch_norm: str = "batch") -> keras.Model:
+        """A Keras model adapted to one task's support set, that `predict`s its queries as `evaluate` scores them
+        (`batch_norm`: see `MetaLearner.adapt`)."""
         raise NotImplementedError
 
     # -------------------------------------------------------------------------------------- utilities
@@ -224,14 +228,15 @@ class EpisodicLearner(keras.Model):
             )
         if sx[1] == 0:
             raise ValueError("episodes['support_x'] holds no support example (K must be >= 1).")
-        self.check_targets(sy[2:], qy[2:], e["query_y"].dtype, lambda k: f"episodes['{k}']")
+        self.check_targets({"support_y": (sy[2:], e["support_y"].dtype), "query_y": (qy[2:], e["query_y"].dtype)},
+                           lambda k: f"episodes['{k}']")
         # TensorFlow escapes quotes in the messages of failed assertions: name the keys without them.
         return with_checks(e, self.value_checks(e, lambda k: f"episodes `{k}`"))
 
-    def check_targets(self, support_shape: tf.TensorShape, query_shape: tf.TensorShape, dtype: tf.DType,
-                      name: Callable[[str], str]) -> None:
-        """Static checks of the per-example shape of the targets (`name(key)` names an argument in errors).
-        Subclasses check them against their learner; this base checks nothing."""
+    def check_targets(self, targets: dict, name: Callable[[str], str]) -> None:
+        """Static checks of the targets: `targets` maps keys ("support_y", "query_y") to their per-example shape and
+        dtype; `name(key)` names the argument in errors. Subclasses check them against their learner; this base
+        checks nothing."""
 
     def value_checks(self, tensors: dict, name: Callable[[str], str]) -> list:
         """Run-time checks of an episode's (or a support set's) values, as ops for `with_checks`: inputs and
@@ -240,28 +245,37 @@ class EpisodicLearner(keras.Model):
         return [tf.debugging.assert_all_finite(value, f"{name(key)} holds NaN or infinite values")
                 for key, value in tensors.items() if value.dtype.is_floating]
 
-    def _check_data(self, data) -> None:
-        """Validates what `fit` or `evaluate` is given before Keras traces it: a traced step that fails leaves
-        Keras' relaxed (unknown-rank) trace behind for the good data that follows."""
+    def _check_data(self, data, function: str) -> None:
+        """Validates what `fit` (`function="train"`) or `evaluate` ("test") is given before Keras traces it, and
+        gives each layout of episodes (the ranks and dtypes of their arrays) its own Keras step function: Keras
+        relaxes a traced step's shapes when it sees new ones, and across ranks a relaxed (unknown-rank) trace would
+        serve, and fail on, data of either layout."""
         if isinstance(data, tf.data.Dataset):
             spec = data.element_spec
         elif isinstance(data, dict):
-            spec = {k: tf.TensorSpec([None, *tf.convert_to_tensor(v).shape[1:]], tf.convert_to_tensor(v).dtype)
+            spec = {k: tf.TensorSpec([None, *np.shape(v)[1:]], tf.as_dtype(getattr(v, "dtype", np.float32)))
                     for k, v in data.items()}
         else:
             return
         spec = spec[0] if isinstance(spec, tuple) else spec  # (x, y, sample_weight) from `train_on_batch` style data
-        tf.function(self.check_episodes, autograph=False).get_concrete_function(spec)
+        layout = repr(sorted((k, s.shape.rank, s.dtype.name) for k, s in spec.items())) if isinstance(spec, dict) else (
+            repr(spec))
+        if layout not in self._checked_layouts:
+            tf.function(self.check_episodes, autograph=False).get_concrete_function(spec)
+            self._checked_layouts.add(layout)
+        if self._layouts.get(function, layout) != layout:
+            setattr(self, f"{function}_function", None)  # Keras builds a new one on its next call
+        self._layouts[function] = layout
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        self._check_data(x)
+        self._check_data(x, "train")
         validation = kwargs.get("validation_data")
         if validation is not None:
-            self._check_data(validation)
+            self._check_data(validation, "test")
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
-        self._check_data(x)
+        self._check_data(x, "test")
         return super().evaluate(x, y, *args, **kwargs)
 
     def check_support(self, support_x, support_y) -> tuple[tf.Tensor, tf.Tensor]:
@@ -281,10 +295,9 @@ class EpisodicLearner(keras.Model):
             )
         stream = getattr(self, "is_stream", lambda x: False)(support_x)
         per_example = support_y.shape[2 if stream else 1:]
-        self.check_targets(per_example, per_example, support_y.dtype, lambda k: f"`{k}`")
-        try:
-            with_checks({}, self.value_checks({"support_x": support_x[None], "support_y": support_y[None]},
-                                              lambda k: f"`{k}`"))
+        self.check_targets({"support_y": (per_example, support_y.dtype)}, lambda k: f"`{k}`")
+        try:  # eagerly: a failed check raises here
+            self.value_checks({"support_x": support_x[None], "support_y": support_y[None]}, lambda k: f"`{k}`")
         except tf.errors.InvalidArgumentError as error:
             raise ValueError(error.message) from None
         return support_x, support_y

@@ -51,20 +51,23 @@ def check_failure(error: tf.errors.OpError) -> Optional[str]:
     return None
 
 
-class _Checkpoints(keras.callbacks.Callback):
-    """Saves the run after every epoch, every `interval` seconds and on SIGTERM (then stops training), only
-    while the logs are finite; stops training when an epoch's logs (validation included) are not finite.
-    Checkpoints are numbered by meta-step and hold the epoch's running logs, so that a run resumed in the middle
-    of an epoch reports the same epoch logs as an uninterrupted one (`restore_epoch_logs`)."""
+class _Stop(Exception):
+    """Raised by `_Checkpoints` to leave `fit` at once after SIGTERM (no validation of a partial epoch)."""
 
-    def __init__(self, manager: Optional[tf.train.CheckpointManager], epoch_logs: tf.Variable, interval: float):
+
+class _Checkpoints(keras.callbacks.Callback):
+    """Saves the run after every epoch, every `interval` seconds and on SIGTERM (then leaves `fit` by raising
+    `_Stop`), only while the logs are finite; stops training when an epoch's logs (validation included) are not
+    finite. Checkpoints are numbered by meta-step and hold the epoch's running logs, so that a run resumed in the
+    middle of an epoch reports the same epoch logs as an uninterrupted one."""
+
+    def __init__(self, manager: tf.train.CheckpointManager, epoch_logs: tf.Variable, interval: float):
         super().__init__()
         self.manager, self.epoch_logs, self.interval = manager, epoch_logs, interval
         self.resume_logs = False  # set when the run resumes in the middle of an epoch
         self.terminate = False  # set by the SIGTERM handler
-        self.interrupted = False
         self.non_finite: list[str] = []
-        self.last_save = time.monotonic()
+        self.last_save, self.saved_step = time.monotonic(), None
 
     def _trackers(self) -> list:
         return [v for tracker in self.model.metrics for v in (tracker.total, tracker.count)]
@@ -76,26 +79,30 @@ class _Checkpoints(keras.callbacks.Callback):
             self.resume_logs = False
 
     def save(self) -> None:
-        self.epoch_logs.assign(tf.stack([tf.cast(v, tf.float64) for v in self._trackers()]))
-        if self.manager is not None:
-            self.manager.save(checkpoint_number=int(self.model.meta_step()))
+        """Saves a checkpoint at the current meta-step (once per step)."""
+        step = int(self.model.meta_step())
+        if step != self.saved_step:
+            self.epoch_logs.assign(tf.stack([tf.cast(v, tf.float64) for v in self._trackers()]))
+            self.manager.save(checkpoint_number=step)
+            self.saved_step = step
         self.last_save = time.monotonic()
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.model.stop_training or not np.isfinite((logs or {}).get("loss", np.nan)):
-            return  # TerminateOnNaN stops the run: the last checkpoint stays the last finite state
+        finite = np.isfinite((logs or {}).get("loss", np.nan))
+        if finite and not self.model.stop_training and (
+                self.terminate or time.monotonic() - self.last_save >= self.interval):
+            self.save()  # (a non-finite loss: TerminateOnNaN stops the run, the last checkpoint stays the last good)
         if self.terminate:
-            self.save()
-            self.interrupted = self.model.stop_training = True
-        elif time.monotonic() - self.last_save >= self.interval:
-            self.save()
+            raise _Stop()
 
     def on_epoch_end(self, epoch, logs=None):
         self.non_finite = [name for name, value in (logs or {}).items() if not np.all(np.isfinite(value))]
         if self.non_finite:
             self.model.stop_training = True
-        elif not self.interrupted:
+        else:
             self.save()
+        if self.terminate:
+            raise _Stop()
 
 
 @gin.configurable
@@ -272,7 +279,8 @@ class Experiment:
         verbose = (1 if sys.stdout.isatty() else 2) if self.verbose == "auto" else self.verbose
         fit = dict(validation_data=validation, callbacks=callbacks, verbose=verbose, shuffle=False)
         history: dict = {}
-        with _sigterm_stops(saver):
+        multi_worker = distribute.multi_worker(self.distribution())
+        with contextlib.nullcontext() if multi_worker else _sigterm_stops(saver):
             try:
                 if done % self.steps_per_epoch:  # resumed in the middle of an epoch: finish it first
                     saver.resume_logs = True
@@ -286,21 +294,22 @@ class Experiment:
                     history = meta_learner.fit(
                         self.tasks.dataset(self.meta_batch_size, seed=self.seed, start=done), epochs=epochs,
                         initial_epoch=first_epoch, steps_per_epoch=self.steps_per_epoch, **fit).history
+            except _Stop:
+                raise TrainingInterrupted(
+                    f"stopped by SIGTERM at meta-step {int(meta_learner.meta_step())}; the last checkpoint is "
+                    f"{manager.latest_checkpoint}: run the same command to resume.") from None
             except tf.errors.InvalidArgumentError as error:
                 message = check_failure(error)
                 if message is None:
                     raise
                 steps = int(meta_learner.meta_step())
-                kind = FloatingPointError if "non-finite support loss" in message else ValueError
-                raise kind(f"meta-training stopped after {steps} meta-steps: {message}. The last checkpoint is "
+                kind = FloatingPointError if "non-finite" in message else ValueError
+                raise kind(f"meta-training stopped at about meta-step {steps}: {message}. The last checkpoint is "
                            f"{manager.latest_checkpoint}.") from None
         steps = int(meta_learner.meta_step())
         if not manager.latest_checkpoint and not saver.non_finite:  # num_steps = 0: the baseline as initialised
             saver.set_model(meta_learner)
             saver.save()
-        if saver.interrupted:
-            raise TrainingInterrupted(f"stopped by SIGTERM at meta-step {steps} after saving "
-                                      f"{manager.latest_checkpoint}: run the same command to resume.")
         if saver.non_finite:
             names = ", ".join(saver.non_finite)
             raise FloatingPointError(
@@ -312,13 +321,14 @@ class Experiment:
             "train": {k: float(v[-1]) for k, v in history.items()},
             "eval": summarize(self.evaluate(meta_learner)),
         }
-        if chief:
-            non_finite = evaluation.write_json(os.path.join(model_dir, "metrics.json"), results)
-            if non_finite:
-                raise FloatingPointError(
-                    f"the results after {steps} meta-steps are not finite: {', '.join(non_finite[:6])}"
-                    f"{' ...' if len(non_finite) > 6 else ''} (written as null in metrics.json, which lists them "
-                    "under 'non_finite').")
+        # Every worker fails on non-finite results; the chief writes them (as nulls) first.
+        non_finite = (evaluation.write_json(os.path.join(model_dir, "metrics.json"), results) if chief
+                      else evaluation.strict(results)[1])
+        if non_finite:
+            raise FloatingPointError(
+                f"the results after {steps} meta-steps are not finite: {', '.join(non_finite[:6])}"
+                f"{' ...' if len(non_finite) > 6 else ''} (written as null in metrics.json, which lists them under "
+                "'non_finite').")
         return results
 
     def restore(self, model_dir: str) -> EpisodicLearner:
@@ -343,14 +353,16 @@ class Experiment:
             message = check_failure(error)
             if message is None:
                 raise
-            kind = FloatingPointError if "non-finite support loss" in message else ValueError
+            kind = FloatingPointError if "non-finite" in message else ValueError
             raise kind(f"the evaluation on held-out tasks failed: {message}.") from None
 
 
 @contextlib.contextmanager
 def _sigterm_stops(saver: _Checkpoints):
     """Within: SIGTERM makes `saver` save a checkpoint and stop training at the next meta-step (in the main
-    thread; elsewhere signals cannot be handled, and SIGTERM keeps its default action)."""
+    thread; elsewhere signals cannot be handled, and SIGTERM keeps its default action). Not under several workers,
+    where one worker cannot save alone (its save would wait for the others' collectives): there SIGTERM ends the
+    worker, and all resume from the last epoch's checkpoint."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

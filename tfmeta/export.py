@@ -106,15 +106,16 @@ class _Adaptation:
             if x_key not in checked:
                 continue
             examples, targets = tf.shape(checked[x_key])[axis], tf.shape(checked[y_key])[axis]
-            checked = _require(checked, tf.logical_and(tf.equal(examples, targets), examples > 0),
-                               f"{x_key} and {y_key} must hold the same number (>= 1) of examples; got {{}} and {{}}",
-                               examples, targets)
+            ok = tf.logical_and(tf.equal(examples, targets), examples > 0)
+            checked.update(_require({x_key: checked[x_key], y_key: checked[y_key]}, ok, (
+                f"{x_key} and {y_key} must hold the same number (>= 1) of examples; got {{}} and {{}}"), examples,
+                targets))
         if self.preprocessing is not None:
             checked = {k: self.preprocessing(v) if k.endswith("_x") else v for k, v in checked.items()}
         checks = []
         meta = self.meta_learner
-        support = {"support_x": checked["support_x"][None], "support_y": checked["support_y"][None]}
-        checks += meta.value_checks(support, lambda k: k)  # finite values; labels (for the losses it knows)
+        task = {k: checked[k][None] for k in ("support_x", "support_y", "query_x")}
+        checks += meta.value_checks(task, lambda k: k)  # finite values; labels (for the losses it knows)
         if self.ways is not None and losses.target_kind(meta.loss_object) != "labels":
             checks.append(tf.debugging.assert_less(
                 tf.cast(checked["support_y"], tf.int64), tf.constant(self.ways, tf.int64),

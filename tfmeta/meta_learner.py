@@ -124,24 +124,23 @@ class MetaLearner(EpisodicLearner):
     def forward(self, fast, slow, state, x, training: bool, step: Optional[int] = None):
         """The learner's output for fast parameter values `fast`: returns `(outputs, new_state)`. `step` marks
         a query pass after that many inner steps (for layers that depend on the step)."""
-        outputs, state, _ = self._stateless_call(fast, slow, state, x, training, step)
-        return outputs, state
+        return self._stateless_call(fast, slow, state, x, training, step)
 
     def task_objective(self, fast, slow, state, x, y, training: bool, step: Optional[int] = None):
         """The task loss of fast parameters `fast` on examples `(x, y)`, with the learner's own Keras losses
         (`kernel_regularizer`, `add_loss`) at those parameters added, as Keras' `fit` adds them: what the inner
         loop minimises on a support set and the outer loop on a query set. Returns `(loss, outputs, new_state)`."""
-        outputs, state, losses = self._stateless_call(fast, slow, state, x, training, step)
+        outputs, state, losses = self._stateless_call(fast, slow, state, x, training, step, return_losses=True)
         loss = self.loss_value(y, outputs)
         if losses:
             loss += tf.cast(tf.add_n(losses), loss.dtype)
         return loss, outputs, state
 
-    def _stateless_call(self, fast, slow, state, x, training: bool, step):
+    def _stateless_call(self, fast, slow, state, x, training: bool, step, return_losses: bool = False):
         trainable = partition_lib.merge(fast, slow, self.fast_mask)
         kwargs = {"training": training} if self.learner._call_has_training_arg else {}
         with contextlib.nullcontext() if step is None else at_step(step):
-            return self.learner.stateless_call(trainable, state, x, return_losses=True, **kwargs)
+            return self.learner.stateless_call(trainable, state, x, return_losses=return_losses, **kwargs)
 
     def adapt_params(
         self, fast, slow, state, x, y, steps: int, *, training: bool, first_order: bool = False,
@@ -168,24 +167,25 @@ class MetaLearner(EpisodicLearner):
         inputs = getattr(self.learner, "inputs", None)
         return bool(inputs) and x.shape.rank == len(inputs[0].shape) + 1
 
-    def check_targets(self, support_shape, query_shape, dtype, name) -> None:
+    def check_targets(self, targets: dict, name) -> None:
         """For the losses `tfmeta.losses.target_kind` knows, the targets' per-example shape must be the learner's
-        output shape (e.g. MSE) or, for integer class labels, that shape without its last axis (the classes)."""
+        output shape (e.g. MSE) or, for integer class labels, that shape without its last axis (the classes; a
+        trailing axis of 1 is accepted too, as Keras' sparse losses squeeze it)."""
         kind, outputs = losses.target_kind(self.loss_object), getattr(self.learner, "outputs", None)
         if kind is None or not outputs or len(outputs) != 1:
             return
-        output_shape = outputs[0].shape[1:]
-        expected = output_shape[:-1] if kind == "labels" else output_shape
+        output_shape = tuple(outputs[0].shape[1:])
+        expected = [output_shape[:-1], output_shape[:-1] + (1,)] if kind == "labels" else [output_shape]
         what = "integer class labels" if kind == "labels" else "targets"
-        for key, shape in (("support_y", support_shape), ("query_y", query_shape)):
-            if not shape.is_compatible_with(expected):
+        for key, (shape, dtype) in targets.items():
+            if not any(shape.is_compatible_with(e) for e in expected):
                 raise ValueError(
-                    f"{name(key)} must hold {what} of shape {tuple(expected)} per example for the loss of learner "
+                    f"{name(key)} must hold {what} of shape {tuple(expected[0])} per example for the loss of learner "
                     f"'{self.learner.name}', whose outputs have shape {tuple(output_shape)}; got {tuple(shape)} per "
                     f"example{' (one-hot labels: pass their argmax)' if kind == 'labels' else ''}.")
-        if kind == "labels" and not dtype.is_integer:
-            raise ValueError(f"{name('support_y')} and {name('query_y')} must hold integer class labels for the loss "
-                             f"of learner '{self.learner.name}'; got dtype {dtype.name}.")
+            if kind == "labels" and not dtype.is_integer:
+                raise ValueError(f"{name(key)} must hold integer class labels for the loss of learner "
+                                 f"'{self.learner.name}'; got dtype {dtype.name}.")
 
     def value_checks(self, tensors: dict, name) -> list:
         """`EpisodicLearner.value_checks`, and class labels within the learner's head: 0..outputs-1."""
@@ -239,6 +239,15 @@ class MetaLearner(EpisodicLearner):
 
         signature = (_spec(self.meta_variables), self._log_spec(self.train_log_names()), _spec(state))
         grads, logs, states = self.map_tasks(one_task, episodes, signature)
+        # A non-finite meta-objective stops the step here, naming the task, before its meta-gradient reaches the
+        # weights (and before the next step fails on them).
+        finite = tf.math.is_finite(logs["loss"])
+        check = tf.debugging.Assert(tf.reduce_all(finite), [
+            "tfmeta: non-finite meta-objective (NaN or inf) of task", tf.argmin(tf.cast(finite, tf.int32),
+                                                                                output_type=tf.int32),
+            "of the meta-batch (its query loss: non-finite targets, or an exploding adaptation)"])
+        with tf.control_dependencies([check]):
+            grads = [tf.identity(g) for g in grads]
         # Context parameters (task embeddings) restart from their initial value in every task: no meta-gradient.
         grads = [tf.zeros_like(g[0]) if c else tf.reduce_mean(g, axis=0) for g, c in zip(grads, self.context_mask)]
         logs = {k: tf.reduce_mean(v, axis=0) for k, v in logs.items()}
@@ -274,8 +283,7 @@ class MetaLearner(EpisodicLearner):
 
         def one_task(index, episode):
             fast, slow = self.read_params()
-            with at_task(index):
-                return self.task_curve(fast, slow, state, episode, steps, at_steps)
+            return self.task_curve(fast, slow, state, episode, steps, at_steps)
 
         signature = {n: tf.TensorSpec([len(at_steps)], self._log_dtype) for n in ["loss", *self.task_metrics]}
         return self.map_tasks(one_task, episodes, signature)

@@ -44,7 +44,7 @@ def parse_gin() -> None:
 
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    python_logging.getLogger("absl").addFilter(_ProbeMisses())
+    python_logging.getLogger().addFilter(_ProbeMisses())  # gin logs through the root logger
     gin.add_config_file_search_path(REPO)  # for the `include` lines, relative to the repository
     gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in FLAGS.gin_file], FLAGS.gin_bindings)
 

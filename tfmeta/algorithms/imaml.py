@@ -22,8 +22,9 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int) -> t
     definite). A neural network's Hessian can be indefinite: the iterations stop at the first direction of
     non-positive curvature (as truncated CG does), instead of stepping to infinity along it.
 
-    Returns x and the iteration (0..steps-1) at which the iterations stopped at non-positive curvature, or
-    `steps` if they never did: stopping at 0 returns x = 0."""
+    Returns x and the iteration (0..steps-1) at which the iterations stopped at non-positive (or non-finite)
+    curvature, or `steps` if they never did: stopping at 0 returns x = 0. A solve that converges (a zero
+    residual, hence a zero direction) stops without counting."""
     x = [tf.zeros_like(t) for t in b]
     r = list(b)
     p = list(b)
@@ -33,8 +34,9 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int) -> t
     for iteration in range(steps):
         ap = matvec(p)
         curvature = _dot(p, ap)
-        stopped = tf.where(tf.logical_and(active, curvature <= 0), iteration, stopped)
-        active = tf.logical_and(active, curvature > 0)
+        positive = curvature > 0  # False for NaN too
+        stopped = tf.where(active & ~positive & (rr > 0), iteration, stopped)
+        active = active & positive
         alpha = tf.where(active, tf.math.divide_no_nan(rr, curvature), tf.zeros_like(rr))
         x = [xi + alpha * pi for xi, pi in zip(x, p)]
         r = [ri - alpha * api for ri, api in zip(r, ap)]

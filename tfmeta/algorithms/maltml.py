@@ -7,10 +7,17 @@ from typing import Optional, Sequence
 import keras
 import tensorflow as tf
 
-from tfmeta.inner_loop import Adaptation, at_task, inner_loop
+from tfmeta.inner_loop import Adaptation, inner_loop
 from tfmeta.meta_learner import MetaLearner, check_steps
 from tfmeta.tasks.families import FAMILY_KEYS, GOAL_KEYS, TASK_KEYS
 from tfmeta.update_rules import Sgd, UpdateRule
+
+
+def _fold_families(t: tf.Tensor) -> tf.Tensor:
+    """[families, tasks, examples, ...] -> [families · tasks, examples, ...], keeping the static shape it can."""
+    folded = tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))
+    folded.set_shape([None, *t.shape[2:]])
+    return folded
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")
@@ -93,9 +100,10 @@ class MALTML(MetaLearner):
     # ---------------------------------------------------------------------------------------- the levels
 
     def meta_finetune(self, fast, slow, state, episode: dict, *, training: bool, first_order: bool,
-                      seed: Optional[tf.Tensor] = None) -> Adaptation:
+                      seed: Optional[tf.Tensor] = None, check_finite: bool = True) -> Adaptation:
         """θ_F: `family_steps` steps of `family_rule` on the meta-finetuning loss Σ_j L(θ'_j; D'_j) of the
-        family's L tasks, each θ'_j after `task_steps` steps of `task_rule` on D_j."""
+        family's L tasks, each θ'_j after `task_steps` steps of `task_rule` on D_j (`check_finite`: see
+        `MetaLearner.adapt_params`)."""
         num_tasks = episode["support_x"].shape[0]
         task_seeds = [None if seed is None else tf.random.experimental.stateless_fold_in(seed, j)
                       for j in range(num_tasks)]
@@ -109,14 +117,14 @@ class MALTML(MetaLearner):
                     return loss, state
 
                 task = inner_loop(task_loss, params, state, self.task_rule, self.task_steps, first_order=first_order,
-                                  training=training, seed=task_seeds[j])
+                                  training=training, seed=task_seeds[j], check_finite=check_finite)
                 loss, _, state = self.task_objective(task.params, slow, task.state, episode["query_x"][j],
                                                      episode["query_y"][j], training=training)
                 total += loss
             return total, state
 
         return inner_loop(family_loss, fast, state, self.family_rule, self.family_steps, first_order=first_order,
-                          training=training, seed=seed)
+                          training=training, seed=seed, check_finite=check_finite)
 
     def task_gradients(self, episode, state, seed):
         goals = episode["goal_support_x"].shape[0]
@@ -165,7 +173,9 @@ class MALTML(MetaLearner):
     # ------------------------------------------------------------------------------------- evaluation
 
     def check_episodes(self, episodes: dict) -> dict:
-        """Validates a batch of family episodes (`tfmeta.tasks.families`); returns its eight arrays."""
+        """Validates a batch of family episodes (`tfmeta.tasks.families`): the tasks of every family, as episodes
+        ([families · tasks, examples, ...]), by `MetaLearner.check_episodes`; returns its eight arrays, which
+        depend on the value checks."""
         if not isinstance(episodes, dict) or not all(k in episodes for k in FAMILY_KEYS):
             found = sorted(episodes) if isinstance(episodes, dict) else type(episodes).__name__
             raise ValueError(f"MALTML takes family episodes, dicts with keys {FAMILY_KEYS} "
@@ -179,10 +189,13 @@ class MALTML(MetaLearner):
             if shape[1] is None or shape[1] < 1:
                 raise ValueError(f"family episodes need a static number >= 1 of {what}; episodes['{keys[0]}'] has "
                                  f"shape {tuple(shape)}.")
-            try:  # A family's tasks are episodes like any other: the base class checks their shapes.
-                MetaLearner.check_episodes(self, {k: e[key][0] for k, key in zip(TASK_KEYS, keys)})
+            flat = {k: _fold_families(e[key]) for k, key in zip(TASK_KEYS, keys)}
+            try:  # The tasks of a family are episodes like any other.
+                checked = MetaLearner.check_episodes(self, flat)
             except ValueError as error:
                 raise ValueError(f"the {what} of a family: {error}") from None
+            for k, key in zip(TASK_KEYS, keys):
+                e[key] = tf.ensure_shape(tf.reshape(checked[k], tf.shape(e[key])), e[key].shape)
         return e
 
     def evaluate_tasks(self, episodes: dict, steps: Optional[int] = None,
@@ -196,12 +209,9 @@ class MALTML(MetaLearner):
         names = ["loss", *self.task_metrics]
 
         def one_family(index, episode):
-            with at_task(index):
-                return family_curves(episode)
-
-        def family_curves(episode):
             fast, slow = self.read_params()
-            family = self.meta_finetune(fast, slow, state, episode, training=False, first_order=True)
+            family = self.meta_finetune(fast, slow, state, episode, training=False, first_order=True,
+                                        check_finite=False)  # a diverging family gives non-finite results
             results = {}
             for start, suffix in ((family.params, ""), (fast, "_without_meta_update")):
                 curves = [self.task_curve(start, slow, state, {k: episode[f"goal_{k}"][g] for k in TASK_KEYS},

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence, Union
 
-import warnings
-
 import keras
 import tensorflow as tf
 
+from tfmeta.adapted import BATCH_NORM_POLICIES
 from tfmeta.episodic import EpisodicLearner, Metric
+from tfmeta.layers import batch_statistics_layers
 
 
 class MetricLearner(EpisodicLearner):
@@ -19,9 +19,11 @@ class MetricLearner(EpisodicLearner):
     Labels are 0..N-1 per episode; N is read off each batch's support labels, so a learner trained with more
     ways than it is tested on (as Prototypical Networks are) needs no change. All images of a meta-batch are
     embedded in one call of the learner, in training mode during `fit` (its batch norm statistics are those
-    of the meta-batch and its moving averages are updated) and in inference mode in `evaluate` and `adapt`:
-    give its batch norm moving-average statistics at inference (`conv_net(batch_norm_statistics="running")`),
-    so that a query is classified the same whichever images it is embedded with.
+    of the meta-batch and its moving averages are updated) and in inference mode in `evaluate` and `adapt`: its
+    batch norm must use moving-average statistics at inference (`conv_net(batch_norm_statistics="running")`), so
+    that a query is classified the same whichever images it is embedded with; a learner that normalises with batch
+    statistics at inference is refused (`evaluate` embeds all tasks of a batch together, `adapt` one task's support
+    set: the two could not agree).
 
     Args:
       learner: the embedding network, any built Keras model.
@@ -42,11 +44,13 @@ class MetricLearner(EpisodicLearner):
                              f"subclassed {type(learner).__name__}: wrap it, e.g. keras.Model(inputs, "
                              "embedding(inputs)).")
         super().__init__(learner, loss=loss, metrics=metrics, name=name)
-        if any(getattr(layer, "statistics", None) == "batch" for layer in learner._flatten_layers()):
-            warnings.warn(f"learner '{learner.name}' normalises with batch statistics at inference "
-                          "(statistics='batch'): a query's scores then depend on the other images embedded with it, "
-                          "and `adapt` differs from `evaluate`. Use batch_norm_statistics='running' for metric "
-                          "learners.", stacklevel=2)
+        transductive = [layer.name for layer in batch_statistics_layers(learner)]
+        if transductive:
+            raise ValueError(
+                f"learner '{learner.name}' normalises with batch statistics at inference ({', '.join(transductive)}: "
+                "statistics='batch'): a metric learner's query scores would depend on the other images embedded "
+                "with them, and `adapt` could not predict what `evaluate` scores. Use moving averages, e.g. "
+                "conv_net(batch_norm_statistics='running').")
         self.built = True  # Nothing to build: stops `fit` from tracing the model on an episode.
 
     def get_config(self) -> dict:
@@ -65,14 +69,14 @@ class MetricLearner(EpisodicLearner):
         (what `adapt` stacks on the embedding). Subclasses implement this."""
         raise NotImplementedError
 
-    def check_targets(self, support_shape, query_shape, dtype, name) -> None:
+    def check_targets(self, targets: dict, name) -> None:
         """Labels are integers, one per example."""
-        for key, shape in (("support_y", support_shape), ("query_y", query_shape)):
+        for key, (shape, dtype) in targets.items():
             if shape.rank != 0:
                 raise ValueError(f"{name(key)} must hold one integer label per example (shape [tasks, examples]); "
                                  f"got {tuple(shape)} per example (one-hot labels: pass their argmax).")
-        if not dtype.is_integer:
-            raise ValueError(f"{name('query_y')} must hold integer labels 0..N-1; got dtype {dtype.name}.")
+            if not dtype.is_integer:
+                raise ValueError(f"{name(key)} must hold integer labels 0..N-1; got dtype {dtype.name}.")
 
     def value_checks(self, tensors: dict, name) -> list:
         """`EpisodicLearner.value_checks`, and labels 0..N-1 (N: the largest support label + 1) with an example
@@ -147,10 +151,13 @@ class MetricLearner(EpisodicLearner):
         return {n: tf.repeat(tf.reduce_mean(tf.cast(v, self._log_dtype), axis=-1, keepdims=True), repeats, axis=1)
                 for n, v in results.items()}
 
-    def adapt(self, support_x, support_y, steps: Optional[int] = None) -> keras.Model:
+    def adapt(self, support_x, support_y, steps: Optional[int] = None, batch_norm: str = "batch") -> keras.Model:
         """A Keras classifier for one task: a copy of the embedding followed by the head built from the
-        embedded support set (e.g. class prototypes); `predict` gives scores [n, ways]. `steps` is ignored."""
+        embedded support set (e.g. class prototypes); `predict` gives scores [n, ways]. `steps` is ignored, and so is
+        `batch_norm` (checked): metric learners normalise with moving averages at inference."""
         del steps
+        if batch_norm not in BATCH_NORM_POLICIES:
+            raise ValueError(f"`batch_norm` must be one of {BATCH_NORM_POLICIES}; got {batch_norm!r}.")
         support_x, support_y = self.check_support(support_x, support_y)
         support_y = tf.cast(support_y, tf.int32)
         ways = int(tf.reduce_max(support_y)) + 1
