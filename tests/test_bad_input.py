@@ -275,10 +275,11 @@ def test_tool_flags_and_bindings_fail_with_one_line_and_leave_nothing_behind(tmp
     result = tool(config, f"--model_dir={afile}")
     assert result.returncode == 1 and "--model_dir names a file" in result.stderr
     run = tmp_path / "misspelled"
-    result = tool(config, f"--model_dir={run}", "--gin_bindings=MAML.inner_stepz = 5")
+    result = tool(config, f"--model_dir={run}", "--gin_bindings=MAML.inner_stepz = 5", cwd=tmp_path)
     error = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert result.returncode == 1 and "inner_stepz" in error[0] and "Traceback" not in result.stderr
     assert not run.exists()
+    assert "Path not found" not in result.stderr  # run outside the repository, its `include`s resolved quietly
     result = tool("--gin_file=gin_configs/no_such.gin", f"--model_dir={run}")
     assert result.returncode == 1 and "--gin_file 'gin_configs/no_such.gin': no such file" in result.stderr
     result = tool(config, f"--model_dir={run}", "--gin_bindings=Experiment.num_steps = = 3")
