@@ -132,7 +132,7 @@ ADAPT_CASES = [  # (learner, support_x, support_y, keyword arguments, expected m
     ("regression", np.zeros((4, 1), "float32"), np.zeros((4,), "float32"), {},
      r"`support_y` must hold targets of shape \(1,\) per example"),
     ("regression", np.zeros((4, 1), "float32"), np.zeros((4, 1), "float32"), {"steps": -1},
-     r"`steps` must be a non-negative integer; got -1"),
+     r"`steps` must be an integer >= 0; got -1"),
     ("regression", np.zeros((4, 1), "float32"), np.zeros((4, 1), "float32"), {"batch_norm": "query"},
      r"`batch_norm` must be one of \('batch', 'support'\); got 'query'"),
     ("classifier", np.zeros((4, 4), "float32"), np.array([0, 1, 2, 7], np.int32), {},
@@ -236,7 +236,7 @@ def test_damaged_omniglot_archives_are_named(tmp_path, damage):
 EXPERIMENT_CASES = [  # (keyword arguments of Experiment, expected message)
     ({"num_steps": 1500, "steps_per_epoch": 1000}, r"`num_steps` \(1500\) must be a non-negative multiple"),
     ({"steps_per_execution": 3, "steps_per_epoch": 10, "num_steps": 10}, r"`steps_per_execution` \(3\) must be a"),
-    ({"eval_every": 0}, r"`eval_every` must be a positive integer; got 0"),
+    ({"eval_every": 0}, r"`eval_every` must be an integer >= 1; got 0"),
     ({"checkpoint_interval": 0}, r"`checkpoint_interval` must be a positive number of seconds; got 0"),
     ({"seed": 1_000_000}, r"`seed` \(1000000\) must differ from `eval_seed`"),
     ({"strategy": "gpus"}, r"`strategy` must be one of"),

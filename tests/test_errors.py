@@ -102,7 +102,7 @@ def test_other_bad_arguments(meta):
         tfmeta.tasks.SineTasks(amplitude_range=(5.0, 0.1))
     with pytest.raises(ValueError, match="num_steps"):
         Experiment(meta_learner=lambda: meta, tasks=tfmeta.tasks.SineTasks(), num_steps=1500, steps_per_epoch=1000)
-    with pytest.raises(ValueError, match="`eval_every` must be a positive integer; got 0"):
+    with pytest.raises(ValueError, match="`eval_every` must be an integer >= 1; got 0"):
         Experiment(meta_learner=lambda: meta, tasks=tfmeta.tasks.SineTasks(), eval_every=0)
 
 

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfmeta import checks
 from tfmeta import distribute, evaluation
 from tfmeta.episodic import EpisodicLearner
 from tfmeta.tasks import TaskDistribution
@@ -176,8 +177,7 @@ class Experiment:
                 f"`steps_per_execution` ({steps_per_execution}) must be a positive divisor of `steps_per_epoch` "
                 f"({steps_per_epoch})."
             )
-        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
-            raise ValueError(f"`eval_every` must be a positive integer; got {eval_every!r}.")
+        checks.integer(eval_every, "eval_every", minimum=1)
         if not checkpoint_interval > 0:
             raise ValueError(f"`checkpoint_interval` must be a positive number of seconds; got "
                              f"{checkpoint_interval!r}.")

@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
+from tfmeta import checks
 from tfmeta.data.classes import ClassImages
 from tfmeta.tasks.base import TaskDistribution
 
@@ -41,8 +42,7 @@ class FewShotTasks(TaskDistribution):
     def __init__(self, classes: ClassImages, ways: int = 5, shots: int = 1, queries: int = 15,
                  rotations: bool = False, augmentation: Optional[Augmentation] = None):
         for name, value in (("ways", ways), ("shots", shots), ("queries", queries)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"FewShotTasks `{name}` must be an integer >= 1; got {value!r}.")
+            checks.integer(value, name, minimum=1, owner="FewShotTasks")
         if rotations and classes.images.shape[2] != classes.images.shape[3]:
             raise ValueError(f"`rotations` needs square images; got {classes.images.shape[2:4]}.")
         self.rotations = 4 if rotations else 1

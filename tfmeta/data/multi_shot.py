@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tfmeta import checks
 from tfmeta.data.augment import RandomAffine
 from tfmeta.data.classes import ClassImages
 from tfmeta.data.few_shot import Augmentation
@@ -33,8 +34,7 @@ class GroupTasks(TaskDistribution):
                  steps: int = 100, batch_size: int = 20, augmentation: Optional[Augmentation] = None):
         for name, value in (("ways", ways), ("train_examples", train_examples), ("test_examples", test_examples),
                             ("steps", steps), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GroupTasks `{name}` must be an integer >= 1; got {value!r}.")
+            checks.integer(value, name, minimum=1, owner="GroupTasks")
         if train_examples + test_examples > int(classes.counts.min()):
             raise ValueError(f"`train_examples` + `test_examples` = {train_examples + test_examples} is more than the "
                              f"{int(classes.counts.min())} examples of the smallest class.")

@@ -7,6 +7,7 @@ from typing import Optional
 import keras
 from keras import ops
 
+from tfmeta import checks
 from tfmeta.inner_loop import current_step
 from tfmeta.layers.batch_norm import STATISTICS
 
@@ -29,15 +30,12 @@ class PerStepBatchNormalization(keras.layers.Layer):
     def __init__(self, steps: int, statistics: str = "batch", momentum: float = 0.99, epsilon: float = 1e-3,
                  inference_step: Optional[int] = None, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"PerStepBatchNormalization `steps` must be a non-negative integer; got {steps!r}.")
+        checks.integer(steps, "steps", owner="PerStepBatchNormalization")
         if statistics not in STATISTICS:
             raise ValueError(f"PerStepBatchNormalization `statistics` must be one of {STATISTICS}; "
                              f"got {statistics!r}.")
-        if inference_step is not None and (isinstance(inference_step, bool) or not isinstance(inference_step, int)
-                                           or inference_step < 0):
-            raise ValueError(f"PerStepBatchNormalization `inference_step` must be None or a non-negative integer; "
-                             f"got {inference_step!r}.")
+        if inference_step is not None:
+            checks.integer(inference_step, "inference_step", owner="PerStepBatchNormalization")
         self.steps = steps
         self.inference_step = inference_step
         self.statistics = statistics

@@ -7,6 +7,8 @@ from typing import Optional
 
 import tensorflow as tf
 
+from tfmeta import checks
+
 
 class TaskDistribution(abc.ABC):
     """A distribution over tasks. An episode batch is a dict of `support_x`, `support_y`, `query_x`, `query_y`
@@ -24,8 +26,7 @@ class TaskDistribution(abc.ABC):
         Batches depend only on `seed` and their index, so a resumed run continues the same stream from batch
         `start`, and two datasets with different seeds share no task draws. Infinite unless `num_batches`.
         """
-        if isinstance(meta_batch_size, bool) or not isinstance(meta_batch_size, int) or meta_batch_size < 1:
-            raise ValueError(f"`meta_batch_size` must be a positive integer; got {meta_batch_size!r}.")
+        checks.integer(meta_batch_size, "meta_batch_size", minimum=1)
         if start < 0:
             raise ValueError(f"`start` must be >= 0; got {start}.")
         base_seed = tf.constant([seed, 0], tf.int64)

@@ -6,6 +6,7 @@ import math
 
 import tensorflow as tf
 
+from tfmeta import checks
 from tfmeta.tasks.base import TaskDistribution
 from tfmeta.tasks.sine import _check_range
 
@@ -16,7 +17,8 @@ class ContinualSineTasks(TaskDistribution):
 
     The target is a sigmoid-gated mixture of two sines,
     y = σ(x − c)·A1·sin(x − φ1) + (1 − σ(x − c))·A2·sin(x − φ2), with amplitudes A ~ U[0.1, 5], phases
-    φ ~ U[0, π] and offset c ~ U[−5, 5] (our reading of the issue's description; the paper's code is not public).
+    φ ~ U[0, π] and offset c ~ U[−5, 5] (our reading of the paper's Appendix J; its code for this experiment is
+    not public).
     `order="random"` presents the intervals in a random order per task instead of left to right.
 
     Episode layout (with the leading task axis of every batch): `support_x`, `support_y` [steps, batch_size, 1]
@@ -30,8 +32,7 @@ class ContinualSineTasks(TaskDistribution):
                  offset_range: tuple[float, float] = (-5.0, 5.0), input_range: tuple[float, float] = (-5.0, 5.0)):
         for name, value in (("sub_tasks", sub_tasks), ("steps_per_sub_task", steps_per_sub_task),
                             ("batch_size", batch_size), ("query_size", query_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ContinualSineTasks `{name}` must be a positive integer; got {value!r}.")
+            checks.integer(value, name, minimum=1, owner="ContinualSineTasks")
         if order not in ("sequential", "random"):
             raise ValueError(f"ContinualSineTasks `order` must be 'sequential' or 'random'; got {order!r}.")
         self.sub_tasks, self.steps_per_sub_task, self.batch_size = sub_tasks, steps_per_sub_task, batch_size

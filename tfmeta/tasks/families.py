@@ -20,18 +20,13 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
+from tfmeta import checks
 from tfmeta.tasks.base import TaskDistribution
 from tfmeta.tasks.sine import SineTasks, _check_range
 
 TASK_KEYS = ("support_x", "support_y", "query_x", "query_y")
 GOAL_KEYS = tuple(f"goal_{k}" for k in TASK_KEYS)
 FAMILY_KEYS = TASK_KEYS + GOAL_KEYS
-
-
-def _check_count(value, argument: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{argument}` must be an integer >= {minimum}; got {value!r}.")
-    return value
 
 
 class TaskFamilies(TaskDistribution):
@@ -43,8 +38,8 @@ class TaskFamilies(TaskDistribution):
     """
 
     def __init__(self, num_tasks: int = 5, num_goal_tasks: int = 2):
-        self.num_tasks = _check_count(num_tasks, "num_tasks")
-        self.num_goal_tasks = _check_count(num_goal_tasks, "num_goal_tasks")
+        self.num_tasks = checks.integer(num_tasks, "num_tasks", minimum=1)
+        self.num_goal_tasks = checks.integer(num_goal_tasks, "num_goal_tasks", minimum=1)
 
     def goal_tasks(self) -> TaskDistribution:
         """The goal tasks of the family episodes as plain episodes ([families·G, ...]): the same tasks for the
@@ -60,7 +55,6 @@ def goal_tasks(families: TaskFamilies) -> TaskDistribution:
 class _GoalTasks(TaskDistribution):
     def __init__(self, families: TaskFamilies):
         self.families = families
-        self._signature = None
 
     def sample(self, seed, num_tasks):
         g = self.families.num_goal_tasks
@@ -93,10 +87,10 @@ class SineFamilies(TaskFamilies):
         input_range: Sequence[float] = (-5.0, 5.0),
     ):
         super().__init__(num_tasks, num_goal_tasks)
-        self.num_support = _check_count(num_support, "num_support")
-        self.num_query = _check_count(num_query, "num_query")
-        self.num_goal_query = _check_count(num_query if num_goal_query is None else num_goal_query,
-                                           "num_goal_query")
+        self.num_support = checks.integer(num_support, "num_support", minimum=1)
+        self.num_query = checks.integer(num_query, "num_query", minimum=1)
+        self.num_goal_query = checks.integer(num_query if num_goal_query is None else num_goal_query,
+                                             "num_goal_query", minimum=1)
         self.amplitude_range = _check_range(amplitude_range, "amplitude_range")
         self.phase_range = _check_range(phase_range, "phase_range")
         self.input_range = _check_range(input_range, "input_range")

@@ -7,6 +7,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from tfmeta import checks
 from tfmeta.tasks.base import TaskDistribution
 
 
@@ -34,8 +35,7 @@ class SineTasks(TaskDistribution):
     ):
         num_query = num_support if num_query is None else num_query
         for name, value in (("num_support", num_support), ("num_query", num_query)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SineTasks `{name}` must be an integer >= 1; got {value!r}.")
+            checks.integer(value, name, minimum=1, owner="SineTasks")
         self.num_support = num_support
         self.num_query = num_query
         self.amplitude_range = _check_range(amplitude_range, "amplitude_range")

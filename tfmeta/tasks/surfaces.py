@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from tfmeta import checks
 from tfmeta.tasks.base import TaskDistribution
 
 PARAMETERS = ("s", "a1", "a2", "a3", "b1", "b2", "b3")
@@ -39,9 +40,7 @@ class SurfaceTasks(TaskDistribution):
     """
 
     def __init__(self, starts_per_surface: int = 1, start_range: float = 3.0):
-        if isinstance(starts_per_surface, bool) or not isinstance(starts_per_surface, int) or starts_per_surface < 1:
-            raise ValueError(
-                f"SurfaceTasks `starts_per_surface` must be a positive integer; got {starts_per_surface!r}.")
+        checks.integer(starts_per_surface, "starts_per_surface", minimum=1, owner="SurfaceTasks")
         self.starts_per_surface = starts_per_surface
         self.start_range = float(start_range)
 

@@ -9,6 +9,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from tfmeta import checks
 from tfmeta.update_rules.base import Shapes, UpdateRule
 
 
@@ -31,8 +32,8 @@ class LearnedSgd(UpdateRule):
         super().__init__(**kwargs)
         if shared and per_element:
             raise ValueError("LearnedSgd `shared=True` (one step size for all variables) needs `per_element=False`.")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"`steps` must be None or a positive integer; got {steps!r}.")
+        if steps is not None:
+            checks.integer(steps, "steps", minimum=1, owner="LearnedSgd")
         if log_space and not initial_learning_rate > 0:
             raise ValueError(f"`log_space` needs a positive `initial_learning_rate`; got {initial_learning_rate!r}.")
         self.initial_learning_rate = float(initial_learning_rate)
