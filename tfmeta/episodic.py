@@ -39,6 +39,11 @@ def resolve_metric(metric: Metric) -> tuple[str, Callable]:
     return metric, fn
 
 
+def specs(tensors) -> list[tf.TensorSpec]:
+    """The `tf.TensorSpec`s of `tensors` (for `tf.map_fn` signatures)."""
+    return [tf.TensorSpec(t.shape, t.dtype) for t in tensors]
+
+
 def with_checks(tensors: dict, checks: list) -> dict:
     """`tensors` made to depend on the run-time `checks` (assertion ops), so that they run before any use."""
     with tf.control_dependencies(checks):
@@ -118,6 +123,11 @@ class EpisodicLearner(keras.Model):
         schedules, resumption and reports count."""
         optimizer = getattr(self, "optimizer", None)
         return tf.constant(0, tf.int64) if optimizer is None else tf.cast(optimizer.iterations, tf.int64)
+
+    def read_state(self) -> list[tf.Tensor]:
+        """The learner's current non-trainable values (BatchNorm statistics, seed states), as `stateless_call`
+        takes them."""
+        return [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
 
     def loss_value(self, y_true, y_pred) -> tf.Tensor:
         """The task loss averaged over examples."""

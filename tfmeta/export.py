@@ -29,10 +29,11 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from tfmeta import checks
 from tfmeta import losses
 from tfmeta.data.classes import ImagePreprocessing
 from tfmeta.episodic import EpisodicLearner
-from tfmeta.meta_learner import MetaLearner, check_steps
+from tfmeta.meta_learner import MetaLearner
 from tfmeta.metric.base import MetricLearner
 from tfmeta.tasks.families import TASK_KEYS
 
@@ -136,7 +137,7 @@ class _Adaptation:
             outputs = meta.episode_scores(episode, training=False)[0][0]
         else:
             fast, slow = meta.read_params()
-            state = [tf.convert_to_tensor(v) for v in meta.learner.non_trainable_variables]
+            state = meta.read_state()
             if self.family_tasks:  # MALTML: meta-finetune on the request's family first, as `adapt(family=)` does
                 family = {k: request[f"family_{k}"] for k in TASK_KEYS}
                 fast = meta.meta_finetune(fast, slow, state, family, training=False, first_order=True).params
@@ -174,8 +175,8 @@ def export_meta_learner(meta_learner: EpisodicLearner, export_dir: str, steps: O
         raise ValueError("`family_tasks` (the meta-finetuning tasks per family) must be given for MALTML, whose "
                          "adaptation starts with a family of tasks, and only for MALTML; got "
                          f"family_tasks={family_tasks!r} for {type(meta_learner).__name__}.")
-    if maltml and (isinstance(family_tasks, bool) or not isinstance(family_tasks, int) or family_tasks < 1):
-        raise ValueError(f"`family_tasks` must be a positive integer; got {family_tasks!r}.")
+    if maltml:
+        checks.integer(family_tasks, "family_tasks", minimum=1)
     learner = meta_learner.learner
     if not getattr(learner, "inputs", None):
         raise ValueError(f"the learner '{learner.name}' has no symbolic inputs to size the serving signature: "
@@ -185,7 +186,7 @@ def export_meta_learner(meta_learner: EpisodicLearner, export_dir: str, steps: O
         raise ValueError(f"`preprocessing` makes images of shape {preprocessing.image_shape}, but the learner takes "
                          f"{input_shape}.")
     if isinstance(meta_learner, MetaLearner):
-        steps = check_steps(meta_learner.eval_inner_steps if steps is None else steps, "steps")
+        steps = checks.integer(meta_learner.eval_inner_steps if steps is None else steps, "steps")
     if classifier is not None and not isinstance(classifier, bool):
         raise TypeError(f"`classifier` must be True, False or None (inferred); got {classifier!r}.")
     if classifier is False and isinstance(meta_learner, MetricLearner):

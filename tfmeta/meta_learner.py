@@ -18,23 +18,14 @@ from typing import Callable, Optional, Sequence, Union
 import keras
 import tensorflow as tf
 
+from tfmeta import checks
 from tfmeta import adapted as adapted_lib
 from tfmeta import losses
 from tfmeta import partition as partition_lib
-from tfmeta.episodic import EpisodicLearner, Metric
+from tfmeta.episodic import EpisodicLearner, Metric, specs
 from tfmeta.inner_loop import Adaptation, at_step, at_task, inner_loop
 from tfmeta.layers import batch_statistics_layers, freeze_batch_statistics
 from tfmeta.update_rules import Sgd, UpdateRule
-
-
-def check_steps(value: int, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{argument}` must be a non-negative integer; got {value!r}.")
-    return value
-
-
-def _spec(tensors) -> list[tf.TensorSpec]:
-    return [tf.TensorSpec(t.shape, t.dtype) for t in tensors]
 
 
 def _is_seed_state(variable) -> bool:
@@ -89,8 +80,8 @@ class MetaLearner(EpisodicLearner):
             self.update_rule.check_params([v.shape for v in fast_variables])
         except ValueError as error:
             raise ValueError(f"`update_rule` does not match the partition's fast variables: {error}") from None
-        self.inner_steps = check_steps(inner_steps, "inner_steps")
-        self.eval_inner_steps = check_steps(
+        self.inner_steps = checks.integer(inner_steps, "inner_steps")
+        self.eval_inner_steps = checks.integer(
             inner_steps if eval_inner_steps is None else eval_inner_steps, "eval_inner_steps"
         )
         self.unroll_inner_loop = bool(unroll_inner_loop)
@@ -226,7 +217,7 @@ class MetaLearner(EpisodicLearner):
     def compute_meta_gradients(self, episodes: dict) -> tuple[list, dict, list]:
         """The meta-gradient of a batch of episodes (the mean over tasks), the mean logs and the new state."""
         episodes = self.check_episodes(episodes)
-        state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+        state = self.read_state()
         batch_seed = self.task_seeds.next()
         tasks = tf.shape(episodes["support_x"])[0]
 
@@ -237,7 +228,7 @@ class MetaLearner(EpisodicLearner):
                 grads, logs, new_state = self.task_gradients(episode, self.task_state(state, index), seed)
             return grads, {k: tf.cast(v, self._log_dtype) for k, v in logs.items()}, new_state
 
-        signature = (_spec(self.meta_variables), self._log_spec(self.train_log_names()), _spec(state))
+        signature = (specs(self.meta_variables), self._log_spec(self.train_log_names()), specs(state))
         grads, logs, states = self.map_tasks(one_task, episodes, signature)
         # A non-finite meta-objective stops the step here, naming the task, before its meta-gradient reaches the
         # weights (and before the next step fails on them).
@@ -279,7 +270,7 @@ class MetaLearner(EpisodicLearner):
         and after adaptation) as tensors of shape `[tasks, len(at_steps)]`."""
         episodes = self.check_episodes(episodes)
         steps, at_steps = self.curve_points(steps, at_steps)
-        state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+        state = self.read_state()
 
         def one_task(index, episode):
             fast, slow = self.read_params()
@@ -291,7 +282,7 @@ class MetaLearner(EpisodicLearner):
     def curve_points(self, steps: Optional[int], at_steps: Optional[Sequence[int]]) -> tuple[int, tuple]:
         """`evaluate_tasks`' inner steps (default `eval_inner_steps`) and the steps to report (default: before and
         after adaptation), checked."""
-        steps = check_steps(self.eval_inner_steps if steps is None else steps, "steps")
+        steps = checks.integer(self.eval_inner_steps if steps is None else steps, "steps")
         at_steps = (0, steps) if at_steps is None else tuple(at_steps)
         if not all(0 <= k <= steps for k in at_steps):
             raise ValueError(f"`at_steps` must lie in [0, {steps}]; got {at_steps}.")
@@ -336,7 +327,7 @@ class MetaLearner(EpisodicLearner):
             classifier, which `evaluate` does not score).
         Learners with per-step batch norm predict with the set of inner step `steps`, as `evaluate` does.
         """
-        steps = check_steps(self.eval_inner_steps if steps is None else steps, "steps")
+        steps = checks.integer(self.eval_inner_steps if steps is None else steps, "steps")
         support_x, support_y = self.check_support(support_x, support_y)
         fast, slow = self.read_params()
         return self.adapted_model(fast, slow, support_x, support_y, steps, batch_norm)
@@ -346,7 +337,7 @@ class MetaLearner(EpisodicLearner):
         `adapt`)."""
         if batch_norm not in adapted_lib.BATCH_NORM_POLICIES:
             raise ValueError(f"`batch_norm` must be one of {adapted_lib.BATCH_NORM_POLICIES}; got {batch_norm!r}.")
-        state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+        state = self.read_state()
         adaptation = self.adapt_params(fast, slow, state, support_x, support_y, steps, training=False)
         try:
             adapted = keras.models.clone_model(self.learner)

@@ -7,8 +7,9 @@ from typing import Optional, Sequence
 import keras
 import tensorflow as tf
 
+from tfmeta import checks
 from tfmeta.algorithms.warpgrad import WarpGrad
-from tfmeta.meta_learner import _spec
+from tfmeta.episodic import specs
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")
@@ -41,8 +42,7 @@ class ContinualWarpGrad(WarpGrad):
                              f"sub-tasks: `meta_batch` must be 'query'; got {kwargs['meta_batch']!r}.")
         kwargs.setdefault("inner_steps", 1)
         super().__init__(learner, **kwargs)
-        if isinstance(warp_interval, bool) or not isinstance(warp_interval, int) or warp_interval < 1:
-            raise ValueError(f"`warp_interval` must be a positive integer; got {warp_interval!r}.")
+        checks.integer(warp_interval, "warp_interval", minimum=1, owner="ContinualWarpGrad")
         if tf.nest.flatten(self.update_rule.init_state([tf.convert_to_tensor(v) for v in self._fast_variables],
                                                        training=False)):
             raise ValueError(f"ContinualWarpGrad needs a stateless update rule; '{self.update_rule.name}' keeps "
@@ -87,9 +87,9 @@ class ContinualWarpGrad(WarpGrad):
             self.optimizer.build(self.meta_variables)
         steps = episodes["support_x"].shape[1]
         tasks = tf.shape(episodes["support_x"])[0]
-        state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+        state = self.read_state()
         theta = [tf.repeat(tf.convert_to_tensor(v)[None], tasks, axis=0) for v in self._fast_variables]
-        signature = (_spec(self.warp_variables), _spec(self._fast_variables))
+        signature = (specs(self.warp_variables), specs(self._fast_variables))
         steps_per_sub_task = steps // episodes["query_x"].shape[1]
         # Segments between warp updates (Algorithm 3: every `warp_interval` steps) and sub-task boundaries, so
         # that each segment's meta loss is a static sum over the sub-tasks seen so far.
@@ -126,7 +126,7 @@ class ContinualWarpGrad(WarpGrad):
         sub-task before the stream and after each step: shape [tasks, steps + 1, sub_tasks]."""
         episodes = self.check_episodes(episodes)
         steps, sub_tasks = episodes["support_x"].shape[1], episodes["query_x"].shape[1]
-        state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+        state = self.read_state()
 
         def one_task(episode):
             fast, slow = self.read_params()

@@ -7,6 +7,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
+from tfmeta import checks
 from tfmeta import partition as partition_lib
 from tfmeta.inner_loop import inner_loop
 from tfmeta.meta_learner import MetaLearner
@@ -72,8 +73,7 @@ class IMAML(MetaLearner):
         super().__init__(learner, **kwargs)
         if not regularization > 0:
             raise ValueError(f"`regularization` (λ) must be positive; got {regularization!r}.")
-        if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
-            raise ValueError(f"`cg_steps` must be a positive integer; got {cg_steps!r}.")
+        checks.integer(cg_steps, "cg_steps", minimum=1, owner="IMAML")
         self.regularization = float(regularization)
         self.cg_steps = cg_steps
 

@@ -7,8 +7,9 @@ from typing import Optional, Sequence
 import keras
 import tensorflow as tf
 
+from tfmeta import checks
 from tfmeta.inner_loop import Adaptation, inner_loop
-from tfmeta.meta_learner import MetaLearner, check_steps
+from tfmeta.meta_learner import MetaLearner
 from tfmeta.tasks.families import FAMILY_KEYS, GOAL_KEYS, TASK_KEYS
 from tfmeta.update_rules import Sgd, UpdateRule
 
@@ -74,8 +75,8 @@ class MALTML(MetaLearner):
             except ValueError as error:
                 raise ValueError(f"`{argument}` does not match the partition's fast variables: {error}") from None
         self.task_rule, self.family_rule = rules["task_rule"], rules["family_rule"]
-        self.task_steps = check_steps(task_steps, "task_steps")
-        self.family_steps = check_steps(family_steps, "family_steps")
+        self.task_steps = checks.integer(task_steps, "task_steps")
+        self.family_steps = checks.integer(family_steps, "family_steps")
         self.first_order = bool(first_order)
         if not (self.first_order or self.unroll_inner_loop):
             raise ValueError("MALTML's exact meta-gradient differentiates through the inner loops: it needs "
@@ -204,7 +205,7 @@ class MALTML(MetaLearner):
         of `steps` finetuning steps from θ_F, and `loss_without_meta_update` from θ: tensors [families, points]."""
         episodes = self.check_episodes(episodes)
         steps, at_steps = self.curve_points(steps, at_steps)
-        state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+        state = self.read_state()
         goals = episodes["goal_support_x"].shape[1]
         names = ["loss", *self.task_metrics]
 
@@ -229,7 +230,7 @@ class MALTML(MetaLearner):
         """The learner finetuned on a goal task's examples with `steps` steps (default `eval_inner_steps`) from
         θ_F, the initialisation meta-finetuned on `family` (a dict of the family's L tasks, `support_x` etc. of
         shape [L, examples, ...]), or from θ without `family`; `batch_norm` as in `MetaLearner.adapt`."""
-        steps = check_steps(self.eval_inner_steps if steps is None else steps, "steps")
+        steps = checks.integer(self.eval_inner_steps if steps is None else steps, "steps")
         support_x, support_y = self.check_support(support_x, support_y)
         fast, slow = self.read_params()
         if family is not None:
@@ -237,7 +238,7 @@ class MALTML(MetaLearner):
                 raise ValueError(f"`family` must be a dict with keys {TASK_KEYS} of shape [L, examples, ...].")
             family = {k: tf.convert_to_tensor(family[k]) for k in TASK_KEYS}
             MetaLearner.check_episodes(self, family)
-            state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+            state = self.read_state()
             fast = self.meta_finetune(fast, slow, state, family, training=False, first_order=True).params
         return self.adapted_model(fast, slow, support_x, support_y, steps, batch_norm)
 

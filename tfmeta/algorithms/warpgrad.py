@@ -19,9 +19,11 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from tfmeta import checks
 from tfmeta import partition as partition_lib
 from tfmeta.inner_loop import at_task
-from tfmeta.meta_learner import MetaLearner, _spec
+from tfmeta.episodic import specs
+from tfmeta.meta_learner import MetaLearner
 
 OBJECTIVES = ("full", "approximate")
 INIT_OBJECTIVES = ("leap", "maml", "reptile", "none")
@@ -112,8 +114,7 @@ class WarpGrad(MetaLearner):
         if not init_weight >= 0:
             raise ValueError(f"WarpGrad `init_weight` must be >= 0; got {init_weight!r}.")
         for argument, value in (("warp_batch_size", warp_batch_size), ("warp_epochs", warp_epochs)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"WarpGrad `{argument}` must be a positive integer; got {value!r}.")
+            checks.integer(value, argument, minimum=1, owner="WarpGrad")
         if self.inner_steps < 1:
             raise ValueError(f"WarpGrad needs `inner_steps` >= 1 (its trajectories); got {self.inner_steps}.")
         if init_objective == "maml" and not (first_order or self.unroll_inner_loop):
@@ -228,7 +229,7 @@ class WarpGrad(MetaLearner):
         if self.task_mapping == "vectorized_map":
             grads = tf.vectorized_map(one_point, tf.convert_to_tensor(indices))
         else:
-            grads = tf.map_fn(one_point, tf.convert_to_tensor(indices), fn_output_signature=_spec(self.warp_variables))
+            grads = tf.map_fn(one_point, tf.convert_to_tensor(indices), fn_output_signature=specs(self.warp_variables))
         return [tf.reduce_mean(g, axis=0) for g in grads]
 
     # -------------------------------------------------------------------------------------------- training
@@ -239,7 +240,7 @@ class WarpGrad(MetaLearner):
         if not self.optimizer.built:  # Updates below apply to subsets of the meta-variables.
             self.optimizer.build(self.meta_variables)
         tasks = episodes["support_x"].shape[0]
-        state = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+        state = self.read_state()
         batch_seed = self.task_seeds.next()
         rule_template = self.update_rule.init_state([tf.convert_to_tensor(v) for v in self._fast_variables],
                                                     training=False)  # only its structure is used
@@ -250,14 +251,14 @@ class WarpGrad(MetaLearner):
             with at_task(index):
                 return self._adapt_task(episode, self.task_state(state, index), seed)
 
-        fast_specs = _spec(self._fast_variables)
+        fast_specs = specs(self._fast_variables)
         signature = {
             "points": [tf.TensorSpec([self.inner_steps, *s.shape], s.dtype) for s in fast_specs],
             "rule_states": [tf.TensorSpec([self.inner_steps, *t.shape], t.dtype)
                             for t in tf.nest.flatten(rule_template)],
             "init_grads": fast_specs,
             "logs": self._log_spec(self.train_log_names()),
-            "state": _spec(state),
+            "state": specs(state),
         }
         buffer = self.map_tasks(one_task, episodes, signature)
         init_grads = [tf.zeros_like(g[0]) if context else self.init_weight * tf.reduce_mean(g, axis=0)

@@ -116,7 +116,7 @@ class MetricLearner(EpisodicLearner):
         kwargs = {"training": training} if self.learner._call_has_training_arg else {}
         embedded, state, losses = self.learner.stateless_call(
             [tf.convert_to_tensor(v) for v in self.learner.trainable_variables],
-            [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables], images, return_losses=True,
+            self.read_state(), images, return_losses=True,
             **kwargs)
         feature_shape = tf.shape(embedded)[1:]
         support = tf.reshape(embedded[: tasks * shots], tf.concat([[tasks, shots], feature_shape], 0))

@@ -13,19 +13,8 @@ from typing import Optional
 import keras
 from keras import ops
 
-from tfmeta.layers import BatchNormalization
-
-
-def _check_width(layer: keras.layers.Layer, argument: str, expected: Optional[int], input_shape) -> int:
-    width = input_shape[-1]
-    if width is None:
-        raise ValueError(f"warp layer '{layer.name}' needs a known last input dimension; got shape {input_shape}.")
-    if expected is not None and expected != width:
-        raise ValueError(
-            f"warp layer '{layer.name}' has `{argument}`={expected} but its input has {width} channels "
-            f"(shape {tuple(input_shape)}): warp layers keep their input's shape."
-        )
-    return width
+from tfmeta.layers import BatchNormalization, LinearTransform
+from tfmeta.layers.transforms import check_width
 
 
 def _identity_conv(shape, dtype=None):
@@ -43,27 +32,9 @@ class WarpLayer(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")
-class WarpDense(WarpLayer):
-    """A linear warp over the last axis, `y = x @ W (+ b)`; with `identity_init` it starts as the identity (the
-    T-Nets transform is this layer without bias)."""
-
-    def __init__(self, units: Optional[int] = None, use_bias: bool = False, identity_init: bool = True, **kwargs):
-        super().__init__(**kwargs)
-        self.units, self.use_bias, self.identity_init = units, use_bias, identity_init
-
-    def build(self, input_shape):
-        width = _check_width(self, "units", self.units, input_shape)
-        self.kernel = self.add_weight(shape=(width, width), name="kernel",
-                                      initializer="identity" if self.identity_init else "glorot_uniform")
-        self.bias = self.add_weight(shape=(width,), initializer="zeros", name="bias") if self.use_bias else None
-
-    def call(self, inputs):
-        outputs = ops.matmul(inputs, ops.cast(self.kernel, inputs.dtype))
-        return outputs if self.bias is None else outputs + ops.cast(self.bias, inputs.dtype)
-
-    def get_config(self):
-        return {**super().get_config(), "units": self.units, "use_bias": self.use_bias,
-                "identity_init": self.identity_init}
+class WarpDense(LinearTransform, WarpLayer):
+    """A linear warp over the last axis, `y = x @ W (+ b)`: `tfmeta.layers.LinearTransform` as a warp layer; with
+    `identity_init` it starts as the identity."""
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")
@@ -83,7 +54,7 @@ class WarpConv2D(WarpLayer):
         if len(input_shape) != 4:
             raise ValueError(f"WarpConv2D '{self.name}' needs feature maps [batch, height, width, channels]; got "
                              f"input shape {tuple(input_shape)}.")
-        channels = _check_width(self, "filters", self.filters, input_shape)
+        channels = check_width(self, "filters", self.filters, input_shape)
         self.kernel = self.add_weight(
             shape=(self.kernel_size, self.kernel_size, channels, channels), name="kernel",
             initializer=_identity_conv if self.identity_init else "glorot_uniform",
@@ -108,7 +79,7 @@ class WarpScale(WarpLayer):
         self.channels = channels
 
     def build(self, input_shape):
-        width = _check_width(self, "channels", self.channels, input_shape)
+        width = check_width(self, "channels", self.channels, input_shape)
         self.scale = self.add_weight(shape=(width,), initializer="ones", name="scale")
 
     def call(self, inputs):
@@ -127,7 +98,7 @@ class WarpConvBlock(WarpLayer):
         self.kernel_size, self.filters = kernel_size, filters
 
     def build(self, input_shape):
-        channels = _check_width(self, "filters", self.filters, input_shape)
+        channels = check_width(self, "filters", self.filters, input_shape)
         self.conv = WarpConv2D(self.kernel_size, channels, use_bias=True, identity_init=False, name="conv",
                                dtype=self.dtype_policy)
         self.norm = BatchNormalization(name="norm", dtype=self.dtype_policy)
@@ -158,7 +129,7 @@ class ResidualWarp(WarpLayer):
         self.depth, self.units, self.activation, self.identity_init = depth, units, activation, identity_init
 
     def build(self, input_shape):
-        width = _check_width(self, "input", None, input_shape)
+        width = check_width(self, "input", None, input_shape)
         hidden = self.units or width
         if self.depth == 1 and hidden != width:
             raise ValueError(f"ResidualWarp '{self.name}' with depth=1 has `units`={hidden} but its input has "
@@ -205,7 +176,7 @@ class FiLM(keras.layers.Layer):
         self.embedding_dim = embedding_dim
 
     def build(self, input_shape):
-        width = _check_width(self, "input", None, input_shape)
+        width = check_width(self, "input", None, input_shape)
         self.embedding = self.add_weight(shape=(self.embedding_dim,), initializer="zeros", name="embedding")
         self.scale_projection = self.add_weight(shape=(self.embedding_dim, width), initializer="glorot_uniform",
                                                 name="scale_projection")
