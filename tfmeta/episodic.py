@@ -44,6 +44,14 @@ def specs(tensors) -> list[tf.TensorSpec]:
     return [tf.TensorSpec(t.shape, t.dtype) for t in tensors]
 
 
+def merge_leading_axes(t: tf.Tensor) -> tf.Tensor:
+    """[a, b, ...] -> [a · b, ...], keeping the static shape it can (a stream's batches as one set, a family's
+    tasks as one batch)."""
+    merged = tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))
+    merged.set_shape([None, *t.shape[2:]])
+    return merged
+
+
 def with_checks(tensors: dict, checks: list) -> dict:
     """`tensors` made to depend on the run-time `checks` (assertion ops), so that they run before any use."""
     with tf.control_dependencies(checks):
@@ -171,9 +179,16 @@ class EpisodicLearner(keras.Model):
         dense = dense and not self.learner.non_trainable_variables
         return "vectorized_map" if self.vectorizes_dense_learners and dense else "map_fn"
 
+    @staticmethod
+    def task_count(episodes: dict) -> tuple[Optional[int], tf.Tensor]:
+        """The number of tasks of a batch of episodes of any kind (the leading axis of its arrays): static (or None)
+        and as a tensor."""
+        first = tf.nest.flatten(episodes)[0]
+        return first.shape[0], tf.shape(first)[0]
+
     def map_tasks(self, fn: Callable, episodes: dict, signature):
         """Applies `fn(task_index, episode)` to every task of a batch and stacks the results."""
-        tasks = episodes["support_x"].shape[0]
+        tasks, count = self.task_count(episodes)
         if self.task_mapping == "unrolled":
             if tasks is None:
                 raise ValueError(
@@ -182,7 +197,7 @@ class EpisodicLearner(keras.Model):
                 )
             outputs = [fn(tf.constant(i), {k: v[i] for k, v in episodes.items()}) for i in range(tasks)]
             return tf.nest.map_structure(lambda *xs: tf.stack(xs), *outputs)
-        indices = tf.range(tf.shape(episodes["support_x"])[0])
+        indices = tf.range(count)
         if self.task_mapping == "vectorized_map":
             return tf.vectorized_map(lambda args: fn(*args), (indices, episodes))
         return tf.map_fn(lambda args: fn(*args), (indices, episodes), fn_output_signature=signature)

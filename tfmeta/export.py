@@ -141,7 +141,8 @@ class _Adaptation:
             if self.family_tasks:  # MALTML: meta-finetune on the request's family first, as `adapt(family=)` does
                 family = {k: request[f"family_{k}"] for k in TASK_KEYS}
                 fast = meta.meta_finetune(fast, slow, state, family, training=False, first_order=True).params
-            adaptation = meta.adapt_params(fast, slow, state, support_x, support_y, steps, training=False)
+            adaptation = meta.adapt_episode(fast, slow, state, {"support_x": support_x, "support_y": support_y},
+                                            steps, training=False)
             outputs, _ = meta.forward(adaptation.params, slow, state, query_x, training=False, step=steps)
         if self.classifier:
             return {"logits": outputs, "classes": tf.argmax(outputs, axis=-1, output_type=tf.int32)}

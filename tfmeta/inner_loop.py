@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from typing import Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import tensorflow as tf
 
@@ -80,6 +80,49 @@ class Adaptation:
     rule_states: Optional[list] = None
 
 
+@dataclasses.dataclass
+class Step:
+    """Result of one inner step (`inner_step`): the loss before it and its gradient, the rule's updates, the
+    parameters after it (`params + updates`), the learner's state and the rule's state after it."""
+
+    loss: tf.Tensor
+    grads: list[tf.Tensor]
+    updates: list[tf.Tensor]
+    params: list[tf.Tensor]
+    state: list[tf.Tensor]
+    rule_state: Any
+
+
+def inner_step(
+    loss_fn: LossFn,
+    params: list[tf.Tensor],
+    state: list[tf.Tensor],
+    rule: UpdateRule,
+    rule_state: Any,
+    step: Union[int, tf.Tensor],
+    *,
+    first_order: bool = False,
+    check_finite: bool = True,
+) -> Step:
+    """One step of `rule` on `loss_fn(params, state, step) -> (loss, state)` from `params`: the only place an inner
+    step is written (the inner loop, WarpGrad's replayed steps, continual streams all take it). The forward pass
+    runs under `at_step(step)`; the rule receives the loss as an extra argument (`UpdateRule.update`).
+    `first_order=True` treats the gradient as a constant; otherwise an enclosing tape differentiates through it
+    (second order). With `check_finite` the loss is checked to be finite in the graph (`check_finite_loss`)."""
+    params = list(params)
+    with tf.GradientTape(watch_accessed_variables=False) as tape, at_step(step):
+        tape.watch(params)
+        loss, state = loss_fn(params, state, step)
+        if check_finite:
+            loss = check_finite_loss(loss, step)
+    grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    if first_order:
+        grads = [tf.stop_gradient(g) for g in grads]
+    updates, rule_state = rule.update(grads, rule_state, params, step, loss=loss)
+    return Step(loss=loss, grads=grads, updates=list(updates), params=[p + u for p, u in zip(params, updates)],
+                state=list(state), rule_state=rule_state)
+
+
 def inner_loop(
     loss_fn: LossFn,
     params: list[tf.Tensor],
@@ -113,22 +156,15 @@ def inner_loop(
     """
     params = list(params)
     rule_state = rule.init_state(params, training=training, seed=seed)
-    checked = check_finite_loss if check_finite else lambda loss, step: loss
     if isinstance(steps, (tf.Tensor, tf.Variable)):
-        return _dynamic_loop(loss_fn, params, list(state), rule, rule_state, steps, checked)
+        return _dynamic_loop(loss_fn, params, list(state), rule, rule_state, steps, check_finite)
     if steps < 0:
         raise ValueError(f"inner loop `steps` must be >= 0; got {steps}.")
 
     def one_step(step, params, state, rule_state, unrolled):
-        with tf.GradientTape(watch_accessed_variables=False) as tape, at_step(step):
-            tape.watch(params)
-            loss, state = loss_fn(params, state, step)
-            loss = checked(loss, step)
-        grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        if first_order or not unrolled:
-            grads = [tf.stop_gradient(g) for g in grads]
-        updates, next_rule_state = rule.update(grads, rule_state, params, step)
-        return loss, grads, [p + u for p, u in zip(params, updates)], list(state), next_rule_state
+        result = inner_step(loss_fn, params, state, rule, rule_state, step,
+                            first_order=first_order or not unrolled, check_finite=check_finite)
+        return result.loss, result.grads, result.params, result.state, result.rule_state
 
     if not unroll and steps > 1:
         return _while_loop(one_step, params, list(state), rule_state, steps, keep_trajectory)
@@ -203,18 +239,14 @@ def rematerialized(fn: Callable[[list], list]) -> Callable[..., list]:
     return run
 
 
-def _dynamic_loop(loss_fn, params, state, rule, rule_state, steps, checked) -> Adaptation:
+def _dynamic_loop(loss_fn, params, state, rule, rule_state, steps, check_finite) -> Adaptation:
     """`inner_loop` for a number of steps known only at run time (a serving request's): a `tf.while_loop`
     from step 0, without differentiation through it, trajectory or losses."""
 
     def body(step, params, state, rule_state):
-        with tf.GradientTape(watch_accessed_variables=False) as tape, at_step(step):
-            tape.watch(params)
-            loss, state = loss_fn(params, state, step)
-            loss = checked(loss, step)
-        grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        updates, rule_state = rule.update([tf.stop_gradient(g) for g in grads], rule_state, params, step)
-        return step + 1, [p + u for p, u in zip(params, updates)], list(state), rule_state
+        result = inner_step(loss_fn, params, state, rule, rule_state, step, first_order=True,
+                            check_finite=check_finite)
+        return step + 1, result.params, result.state, result.rule_state
 
     _, params, state, _ = tf.while_loop(lambda step, *_: step < tf.cast(steps, tf.int32), body,
                                         (tf.constant(0), params, state, rule_state))

@@ -22,7 +22,7 @@ from tfmeta import checks
 from tfmeta import adapted as adapted_lib
 from tfmeta import losses
 from tfmeta import partition as partition_lib
-from tfmeta.episodic import EpisodicLearner, Metric, specs
+from tfmeta.episodic import EpisodicLearner, Metric, merge_leading_axes, specs
 from tfmeta.inner_loop import Adaptation, at_step, at_task, inner_loop
 from tfmeta.layers import batch_statistics_layers, freeze_batch_statistics
 from tfmeta.update_rules import Sgd, UpdateRule
@@ -87,8 +87,6 @@ class MetaLearner(EpisodicLearner):
         self.unroll_inner_loop = bool(unroll_inner_loop)
         self.rematerialize_inner_steps = bool(rematerialize_inner_steps)
         self.task_seeds = keras.random.SeedGenerator(name="task_seeds")  # for update rules that sample
-        context = {id(v) for v in partition_lib.context_weights(learner)}
-        self.context_mask = tuple(id(v) in context for v in self.meta_variables)
         self.built = True  # Nothing to build: stops `fit` from tracing the model on an episode.
 
     # ----------------------------------------------------------------------------------------------- pieces
@@ -97,6 +95,29 @@ class MetaLearner(EpisodicLearner):
     def meta_variables(self) -> list[keras.Variable]:
         """What the outer loop learns: the learner's trainable variables, then the update rule's."""
         return self.learner.trainable_variables + self.update_rule.trainable_variables
+
+    @property
+    def context_mask(self) -> tuple[bool, ...]:
+        """Per meta-variable, whether it is a context parameter (a task embedding, `partition.context_weights`):
+        those restart from their initial value in every task and get no meta-gradient."""
+        context = {id(v) for v in partition_lib.context_weights(self.learner)}
+        return tuple(id(v) in context for v in self.meta_variables)
+
+    def partitioned_variables(self) -> tuple[list[keras.Variable], list[keras.Variable]]:
+        """The learner's (fast, slow) trainable variables: what the inner loop adapts, and what it does not."""
+        return partition_lib.split(self.learner.trainable_variables, self.fast_mask)
+
+    def meta_gradients_for(self, variables: Sequence[keras.Variable], grads: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """The meta-gradient in `meta_variables` order from the gradients `grads` of `variables` (any of the
+        meta-variables, in any order); the others get zeros. The one owner of the layout, for algorithms whose
+        meta-gradient is not a tape's gradient of all meta-variables (Reptile, iMAML)."""
+        by_variable = {id(v): g for v, g in zip(variables, grads)}
+        meta_variables = self.meta_variables
+        unknown = set(by_variable) - {id(v) for v in meta_variables}
+        if unknown:
+            raise ValueError(f"meta_gradients_for: {len(unknown)} of the variables are not meta-variables of "
+                             f"'{self.name}'.")
+        return [by_variable[id(v)] if id(v) in by_variable else tf.zeros(v.shape, v.dtype) for v in meta_variables]
 
     def log_names(self) -> list[str]:
         """The query loss and metrics after adaptation, and before it (`pre_adapt_*`, in `evaluate`)."""
@@ -133,24 +154,50 @@ class MetaLearner(EpisodicLearner):
         with contextlib.nullcontext() if step is None else at_step(step):
             return self.learner.stateless_call(trainable, state, x, return_losses=return_losses, **kwargs)
 
-    def adapt_params(
-        self, fast, slow, state, x, y, steps: int, *, training: bool, first_order: bool = False,
+    def inner_objective(self, fast, slow, state, episode: dict, step, *, training: bool,
+                        seed: Optional[tf.Tensor] = None, start: Optional[list] = None) -> tuple[tf.Tensor, list]:
+        """What the inner loop minimises at inner step `step`: returns `(loss, new_state)` for fast parameters
+        `fast`. The default is the task objective (`task_objective`) on the step's support examples
+        (`support_examples`: all of them, or batch `step` of a stream); `step=None` asks for the objective on all of
+        the task's support data (iMAML's Hessian). Override it for another inner objective (a policy's surrogate
+        loss on rollouts it samples, an ELBO); `seed` is the task's stateless seed (fold the step and a constant of
+        your own into it before sampling) and `start` the fast parameters the adaptation started from."""
+        x, y = self.support_examples(episode, step)
+        loss, _, state = self.task_objective(fast, slow, state, x, y, training=training)
+        return loss, state
+
+    def outer_objective(self, fast, slow, state, episode: dict, *, training: bool, step=None,
+                        seed: Optional[tf.Tensor] = None, start: Optional[list] = None) -> tuple[tf.Tensor, dict, list]:
+        """What the outer loop minimises for one task at adapted fast parameters `fast`, after `step` inner steps
+        (None: the learner's query pass is not marked with a step): returns `(loss, logs, new_state)`, where `logs`
+        are the task metrics (`task_metrics`) that training and evaluation report. The default is the query loss
+        (`task_objective` on `query_x`, `query_y`); `seed` and `start` are as in `inner_objective` (an outer
+        objective on rollouts needs the pre-adaptation policy `start` for the sampling distribution's term). Every
+        algorithm, the evaluation and `adapt` go through this hook and `inner_objective`."""
+        loss, predictions, state = self.task_objective(fast, slow, state, episode["query_x"], episode["query_y"],
+                                                       training=training, step=step)
+        return loss, self.metric_values(episode["query_y"], predictions), state
+
+    def adapt_episode(
+        self, fast, slow, state, episode: dict, steps, *, training: bool, first_order: bool = False,
         keep_trajectory: bool = False, seed: Optional[tf.Tensor] = None, check_finite: bool = True,
     ) -> Adaptation:
-        """Runs the inner loop from `fast` on the examples `(x, y)` of one task: all of them at every step, or
-        batch k of a stream (see `step_batch`) at step k. `check_finite=False` lets a diverging adaptation run on
-        (an evaluation records its non-finite results) instead of failing at its first non-finite loss."""
+        """Runs the inner loop from `fast` on the inner objective of one task (`inner_objective` of `episode`).
+        `check_finite=False` lets a diverging adaptation run on (an evaluation records its non-finite results)
+        instead of failing at its first non-finite loss."""
 
-        def support_loss(params, state, step):
-            xs, ys = self.step_batch(x, y, step)
-            loss, _, state = self.task_objective(params, slow, state, xs, ys, training=training)
-            return loss, state
+        def objective(params, state, step):
+            return self.inner_objective(params, slow, state, episode, step, training=training, seed=seed, start=fast)
 
         return inner_loop(
-            support_loss, fast, state, self.update_rule, steps,
+            objective, fast, state, self.update_rule, steps,
             first_order=first_order, keep_trajectory=keep_trajectory, training=training, seed=seed,
             unroll=self.unroll_inner_loop, rematerialize=self.rematerialize_inner_steps, check_finite=check_finite,
         )
+
+    def adapt_params(self, fast, slow, state, x, y, steps, **kwargs) -> Adaptation:
+        """`adapt_episode` on the support set `(x, y)` of a supervised task (keyword arguments: see there)."""
+        return self.adapt_episode(fast, slow, state, {"support_x": x, "support_y": y}, steps, **kwargs)
 
     def is_stream(self, x) -> bool:
         """Whether a task's support inputs are a stream of batches [steps, batch, features...] (one per inner step,
@@ -202,6 +249,16 @@ class MetaLearner(EpisodicLearner):
         index = step % tf.shape(x)[0]
         return tf.gather(x, index), tf.gather(y, index)
 
+    def support_examples(self, episode: dict, step=None) -> tuple[tf.Tensor, tf.Tensor]:
+        """The support examples `(x, y)` of inner step `step` of a task (`step_batch`), or with `step=None` all of
+        them (a stream's batches as one set)."""
+        x, y = episode["support_x"], episode["support_y"]
+        if step is not None:
+            return self.step_batch(x, y, step)
+        if self.is_stream(x):
+            return merge_leading_axes(x), merge_leading_axes(y)
+        return x, y
+
     def task_gradients(self, episode: dict, state: list, seed: tf.Tensor) -> tuple[list, dict, list]:
         """For one task: the meta-gradient for each of `meta_variables`, the scalar logs named by
         `train_log_names()` and the learner's non-trainable state after the task. `seed` is a stateless seed
@@ -219,7 +276,7 @@ class MetaLearner(EpisodicLearner):
         episodes = self.check_episodes(episodes)
         state = self.read_state()
         batch_seed = self.task_seeds.next()
-        tasks = tf.shape(episodes["support_x"])[0]
+        _, tasks = self.task_count(episodes)
 
         def one_task(index, episode):
             index = self.global_task_index(index, tasks)
@@ -291,16 +348,13 @@ class MetaLearner(EpisodicLearner):
     def task_curve(self, fast, slow, state, episode: dict, steps: int, at_steps: Sequence[int]) -> dict:
         """One task's query loss and metrics after each of `at_steps` of `steps` inner steps (inference mode)
         from the fast parameters `fast`: a dict of tensors of shape [len(at_steps)]."""
-        adaptation = self.adapt_params(  # a task that diverges gives non-finite results, which the report names
-            fast, slow, state, episode["support_x"], episode["support_y"], steps, training=False, keep_trajectory=True,
-            check_finite=False,
+        adaptation = self.adapt_episode(  # a task that diverges gives non-finite results, which the report names
+            fast, slow, state, episode, steps, training=False, keep_trajectory=True, check_finite=False,
         )
 
         def query_results(params, k=None):
-            loss, predictions, _ = self.task_objective(params, slow, state, episode["query_x"], episode["query_y"],
-                                                       training=False, step=k)
-            results = {"loss": loss, **self.metric_values(episode["query_y"], predictions)}
-            return {n: tf.cast(v, self._log_dtype) for n, v in results.items()}
+            loss, logs, _ = self.outer_objective(params, slow, state, episode, training=False, step=k, start=fast)
+            return {n: tf.cast(v, self._log_dtype) for n, v in {"loss": loss, **logs}.items()}
 
         if self.unroll_inner_loop:
             results = [query_results(adaptation.trajectory[k], k) for k in at_steps]
@@ -338,7 +392,8 @@ class MetaLearner(EpisodicLearner):
         if batch_norm not in adapted_lib.BATCH_NORM_POLICIES:
             raise ValueError(f"`batch_norm` must be one of {adapted_lib.BATCH_NORM_POLICIES}; got {batch_norm!r}.")
         state = self.read_state()
-        adaptation = self.adapt_params(fast, slow, state, support_x, support_y, steps, training=False)
+        adaptation = self.adapt_episode(fast, slow, state, {"support_x": support_x, "support_y": support_y}, steps,
+                                        training=False)
         try:
             adapted = keras.models.clone_model(self.learner)
         except (TypeError, ValueError) as error:
@@ -360,7 +415,7 @@ class MetaLearner(EpisodicLearner):
         if not batch_statistics_layers(adapted):
             return adapted
         if batch_norm == "support":
-            examples = tf.reshape(support_x, [-1, *support_x.shape[2:]]) if self.is_stream(support_x) else support_x
+            examples, _ = self.support_examples({"support_x": support_x, "support_y": support_y})
             freeze_batch_statistics(adapted, examples)
             return adapted
         return adapted_lib.TransductiveModel(adapted, name=f"{adapted.name}_adapted")

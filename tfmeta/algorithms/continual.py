@@ -10,6 +10,7 @@ import tensorflow as tf
 from tfmeta import checks
 from tfmeta.algorithms.warpgrad import WarpGrad
 from tfmeta.episodic import specs
+from tfmeta.inner_loop import inner_step
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")
@@ -69,9 +70,8 @@ class ContinualWarpGrad(WarpGrad):
 
     def _stream_step(self, theta, episode, step, state, sub_task: int):
         """One stream step of one task in sub-task `sub_task`: the warp gradients and the next task parameters."""
-        task_batch = (tf.gather(episode["support_x"], step), tf.gather(episode["support_y"], step))
         grads, _, adapted = self.warp_step(
-            theta, (), step, state, task_batch,
+            theta, (), step, state, episode,
             lambda params, slow: self._meta_loss(params, slow, state, episode, sub_task))
         return grads, [tf.stop_gradient(p) for p in adapted]
 
@@ -135,14 +135,12 @@ class ContinualWarpGrad(WarpGrad):
                 return tf.stack([self.task_objective(params, slow, state, episode["query_x"][j], episode["query_y"][j],
                                                      training=False)[0] for j in range(sub_tasks)])
 
+            def objective(params, state, step):
+                return self.inner_objective(params, slow, state, episode, step, training=False)
+
             def body(step, params, curve):
-                with tf.GradientTape(watch_accessed_variables=False) as tape:
-                    tape.watch(params)
-                    x, y = tf.gather(episode["support_x"], step), tf.gather(episode["support_y"], step)
-                    loss, _, _ = self.task_objective(params, slow, state, x, y, training=False)
-                grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                updates, _ = self.update_rule.update(grads, (), params, step)
-                params = [p + u for p, u in zip(params, updates)]
+                params = inner_step(objective, params, state, self.update_rule, (), step, first_order=True,
+                                    check_finite=False).params
                 return step + 1, params, curve.write(step + 1, losses(params))
 
             curve = tf.TensorArray(self._log_dtype, size=steps + 1).write(0, losses(fast))

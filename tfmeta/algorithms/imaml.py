@@ -8,8 +8,6 @@ import keras
 import tensorflow as tf
 
 from tfmeta import checks
-from tfmeta import partition as partition_lib
-from tfmeta.inner_loop import inner_loop
 from tfmeta.meta_learner import MetaLearner
 
 
@@ -77,41 +75,37 @@ class IMAML(MetaLearner):
         self.regularization = float(regularization)
         self.cg_steps = cg_steps
 
-    def adapt_params(self, fast, slow, state, x, y, steps, *, training, first_order=False, keep_trajectory=False,
-                     seed=None, check_finite=True):
-        anchor = [tf.stop_gradient(p) for p in fast]
-        regularization = self.regularization
+    def inner_objective(self, fast, slow, state, episode, step, *, training, seed=None, start=None):
+        """The support loss plus the proximal term (λ/2)‖φ − θ‖² to the start θ of the adaptation (a constant)."""
+        loss, state = super().inner_objective(fast, slow, state, episode, step, training=training, seed=seed)
+        proximal = tf.add_n([tf.reduce_sum(tf.square(p - tf.stop_gradient(a))) for p, a in zip(fast, start)])
+        return loss + tf.cast(self.regularization / 2, proximal.dtype) * proximal, state
 
-        def regularized_loss(params, state, step):
-            xs, ys = self.step_batch(x, y, step)
-            loss, _, state = self.task_objective(params, slow, state, xs, ys, training=training)
-            proximal = tf.add_n([tf.reduce_sum(tf.square(p - a)) for p, a in zip(params, anchor)])
-            return loss + tf.cast(regularization / 2, proximal.dtype) * proximal, state
-
-        return inner_loop(regularized_loss, fast, state, self.update_rule, steps, first_order=True,
-                          keep_trajectory=keep_trajectory, training=training, seed=seed,
-                          unroll=self.unroll_inner_loop, check_finite=check_finite)
+    def adapt_episode(self, fast, slow, state, episode, steps, *, training, first_order=False, keep_trajectory=False,
+                      seed=None, check_finite=True):
+        """`MetaLearner.adapt_episode`, always first-order: nothing is differentiated through iMAML's inner loop."""
+        return super().adapt_episode(fast, slow, state, episode, steps, training=training, first_order=True,
+                                     keep_trajectory=keep_trajectory, seed=seed, check_finite=check_finite)
 
     def task_gradients(self, episode, state, seed):
         fast, slow = self.read_params()
-        adaptation = self.adapt_params(
-            fast, slow, state, episode["support_x"], episode["support_y"], self.inner_steps, training=True, seed=seed
-        )
+        adaptation = self.adapt_episode(fast, slow, state, episode, self.inner_steps, training=True, seed=seed)
         phi = [tf.stop_gradient(p) for p in adaptation.params]
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(phi + slow)
-            query_loss, predictions, new_state = self.task_objective(
-                phi, slow, adaptation.state, episode["query_x"], episode["query_y"], training=True)
+            query_loss, logs, new_state = self.outer_objective(phi, slow, adaptation.state, episode, training=True,
+                                                               seed=seed, start=fast)
         phi_grads, slow_grads = tape.gradient(query_loss, [phi, slow],
                                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
         def hessian_vector_product(vector):
+            # The Hessian of the support loss on all of the task's support data (a stream's batches together).
             with tf.GradientTape(watch_accessed_variables=False) as outer:
                 outer.watch(phi)
                 with tf.GradientTape(watch_accessed_variables=False) as inner:
                     inner.watch(phi)
-                    loss, _, _ = self.task_objective(phi, slow, state, episode["support_x"], episode["support_y"],
-                                                     training=True)
+                    loss, _ = MetaLearner.inner_objective(self, phi, slow, state, episode, None, training=True,
+                                                          seed=seed)
                 grads = inner.gradient(loss, phi, unconnected_gradients=tf.UnconnectedGradients.ZERO)
                 projection = _dot(grads, [tf.stop_gradient(v) for v in vector])
             return outer.gradient(projection, phi, unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -121,10 +115,9 @@ class IMAML(MetaLearner):
             return [v + h / tf.cast(self.regularization, h.dtype) for v, h in zip(vector, hv)]
 
         implicit, stopped = conjugate_gradient(matvec, phi_grads, self.cg_steps)
-        grads = partition_lib.merge(implicit, slow_grads, self.fast_mask)
-        grads += [tf.zeros_like(v) for v in self.update_rule.trainable_variables]
-        logs = {"loss": query_loss, **self.metric_values(episode["query_y"], predictions),
-                "cg_dropped": tf.cast(stopped == 0, query_loss.dtype),
+        fast_variables, slow_variables = self.partitioned_variables()
+        grads = self.meta_gradients_for(fast_variables + slow_variables, implicit + slow_grads)
+        logs = {"loss": query_loss, **logs, "cg_dropped": tf.cast(stopped == 0, query_loss.dtype),
                 "cg_truncated": tf.cast(tf.logical_and(stopped > 0, stopped < self.cg_steps), query_loss.dtype)}
         return grads, logs, new_state
 

@@ -8,17 +8,11 @@ import keras
 import tensorflow as tf
 
 from tfmeta import checks
+from tfmeta.episodic import merge_leading_axes
 from tfmeta.inner_loop import Adaptation, inner_loop
 from tfmeta.meta_learner import MetaLearner
 from tfmeta.tasks.families import FAMILY_KEYS, GOAL_KEYS, TASK_KEYS
 from tfmeta.update_rules import Sgd, UpdateRule
-
-
-def _fold_families(t: tf.Tensor) -> tf.Tensor:
-    """[families, tasks, examples, ...] -> [families · tasks, examples, ...], keeping the static shape it can."""
-    folded = tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))
-    folded.set_shape([None, *t.shape[2:]])
-    return folded
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")
@@ -87,7 +81,6 @@ class MALTML(MetaLearner):
         if self.first_order and (learned or self.update_rule.trainable_variables):
             raise ValueError("first-order MALTML gives no meta-gradient to learned step sizes: use fixed rules "
                              "(e.g. Sgd) or `first_order=False`.")
-        self.context_mask += (False,) * len(learned)
 
     @property
     def meta_variables(self) -> list[keras.Variable]:
@@ -104,7 +97,7 @@ class MALTML(MetaLearner):
                       seed: Optional[tf.Tensor] = None, check_finite: bool = True) -> Adaptation:
         """θ_F: `family_steps` steps of `family_rule` on the meta-finetuning loss Σ_j L(θ'_j; D'_j) of the
         family's L tasks, each θ'_j after `task_steps` steps of `task_rule` on D_j (`check_finite`: see
-        `MetaLearner.adapt_params`)."""
+        `MetaLearner.adapt_episode`)."""
         num_tasks = episode["support_x"].shape[0]
         task_seeds = [None if seed is None else tf.random.experimental.stateless_fold_in(seed, j)
                       for j in range(num_tasks)]
@@ -112,15 +105,16 @@ class MALTML(MetaLearner):
         def family_loss(params, state, step):
             total = 0.0
             for j in range(num_tasks):
-                def task_loss(task_params, state, task_step, j=j):
-                    loss, _, state = self.task_objective(task_params, slow, state, episode["support_x"][j],
-                                                         episode["support_y"][j], training=training)
-                    return loss, state
+                task_episode = {k: episode[k][j] for k in TASK_KEYS}
+
+                def task_loss(task_params, state, task_step, task_episode=task_episode, j=j):
+                    return self.inner_objective(task_params, slow, state, task_episode, task_step, training=training,
+                                                seed=task_seeds[j], start=params)
 
                 task = inner_loop(task_loss, params, state, self.task_rule, self.task_steps, first_order=first_order,
                                   training=training, seed=task_seeds[j], check_finite=check_finite)
-                loss, _, state = self.task_objective(task.params, slow, task.state, episode["query_x"][j],
-                                                     episode["query_y"][j], training=training)
+                loss, _, state = self.outer_objective(task.params, slow, task.state, task_episode, training=training,
+                                                      seed=task_seeds[j], start=params)
                 total += loss
             return total, state
 
@@ -137,14 +131,13 @@ class MALTML(MetaLearner):
             family = self.meta_finetune(fast, slow, state, episode, training=True, first_order=False, seed=seed)
             state, objective, metrics = family.state, 0.0, []
             for g in range(goals):
-                goal = self.adapt_params(family.params, slow, state, episode["goal_support_x"][g],
-                                         episode["goal_support_y"][g], self.inner_steps, training=True,
-                                         seed=goal_seeds[g])
-                loss, predictions, state = self.task_objective(goal.params, slow, goal.state,
-                                                               episode["goal_query_x"][g], episode["goal_query_y"][g],
-                                                               training=True)
+                goal_episode = {k: episode[f"goal_{k}"][g] for k in TASK_KEYS}
+                goal = self.adapt_episode(family.params, slow, state, goal_episode, self.inner_steps, training=True,
+                                          seed=goal_seeds[g])
+                loss, goal_logs, state = self.outer_objective(goal.params, slow, goal.state, goal_episode,
+                                                              training=True, seed=goal_seeds[g], start=family.params)
                 objective += loss / goals
-                metrics.append(self.metric_values(episode["goal_query_y"][g], predictions))
+                metrics.append(goal_logs)
         grads = tape.gradient(objective, self.meta_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         logs = {n: tf.add_n([m[n] for m in metrics]) / goals for n in self.task_metrics}
         return grads, {"loss": objective, **logs}, state
@@ -162,10 +155,8 @@ class MALTML(MetaLearner):
             targets.append(goal.params)
             losses.append(goal.losses[-1])
         target = [tf.add_n(list(ps)) / len(targets) for ps in zip(*targets)]
-        fast_grads = iter([theta - phi for theta, phi in zip(fast, target)])
-        grads = [next(fast_grads) if is_fast else tf.zeros_like(v)
-                 for v, is_fast in zip(self.learner.trainable_variables, self.fast_mask)]
-        grads += [tf.zeros_like(v) for v in self.meta_variables[len(grads):]]
+        grads = self.meta_gradients_for(self.partitioned_variables()[0],
+                                        [theta - phi for theta, phi in zip(fast, target)])
         return grads, {"loss": tf.add_n(losses) / len(losses)}, state
 
     def train_log_names(self) -> list[str]:
@@ -190,7 +181,7 @@ class MALTML(MetaLearner):
             if shape[1] is None or shape[1] < 1:
                 raise ValueError(f"family episodes need a static number >= 1 of {what}; episodes['{keys[0]}'] has "
                                  f"shape {tuple(shape)}.")
-            flat = {k: _fold_families(e[key]) for k, key in zip(TASK_KEYS, keys)}
+            flat = {k: merge_leading_axes(e[key]) for k, key in zip(TASK_KEYS, keys)}
             try:  # The tasks of a family are episodes like any other.
                 checked = MetaLearner.check_episodes(self, flat)
             except ValueError as error:

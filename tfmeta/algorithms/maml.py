@@ -88,21 +88,19 @@ class MAML(MetaLearner):
         weights = self.step_weights()
         with tf.GradientTape() as tape:
             fast, slow = self.read_params()
-            adaptation = self.adapt_params(
-                fast, slow, state, episode["support_x"], episode["support_y"], self.inner_steps,
-                training=True, first_order=first_order, keep_trajectory=weights is not None, seed=seed,
-            )
+            adaptation = self.adapt_episode(fast, slow, state, episode, self.inner_steps, training=True,
+                                            first_order=first_order, keep_trajectory=weights is not None, seed=seed)
             if weights is None:
                 weighted = [(1.0, self.inner_steps, adaptation.params)]
             else:
                 weighted = [(w, k + 1, params) for k, (w, params) in enumerate(zip(weights, adaptation.trajectory[1:]))]
             state, objective = adaptation.state, 0.0
             for weight, step, params in weighted:
-                loss, predictions, state = self.task_objective(params, slow, state, episode["query_x"],
-                                                               episode["query_y"], training=True, step=step)
+                loss, logs, state = self.outer_objective(params, slow, state, episode, training=True, step=step,
+                                                         seed=seed, start=fast)
                 objective += tf.cast(weight, loss.dtype) * loss
         grads = tape.gradient(objective, self.meta_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return grads, {"loss": objective, **self.metric_values(episode["query_y"], predictions)}, state
+        return grads, {"loss": objective, **logs}, state
 
     def get_config(self) -> dict:
         return {**super().get_config(), "first_order": self.first_order,

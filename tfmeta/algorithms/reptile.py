@@ -26,18 +26,14 @@ class Reptile(MetaLearner):
             raise ValueError(f"Reptile needs `inner_steps` >= 1; got {self.inner_steps}.")
 
     def task_gradients(self, episode, state, seed):
-        x, y = episode["support_x"], episode["support_y"]
-        if not self.is_stream(x):  # A stream of support batches is the task's training data as it is.
-            x = tf.concat([x, episode["query_x"]], axis=0)
-            y = tf.concat([y, episode["query_y"]], axis=0)
+        if not self.is_stream(episode["support_x"]):  # A stream of support batches is the task's data as it is.
+            episode = {"support_x": tf.concat([episode["support_x"], episode["query_x"]], axis=0),
+                       "support_y": tf.concat([episode["support_y"], episode["query_y"]], axis=0)}
         fast, slow = self.read_params()
-        adaptation = self.adapt_params(
-            fast, slow, state, x, y, self.inner_steps, training=True, first_order=True, seed=seed
-        )
-        fast_grads = iter([theta - phi for theta, phi in zip(fast, adaptation.params)])
-        grads = [next(fast_grads) if is_fast else tf.zeros_like(v)
-                 for v, is_fast in zip(self.learner.trainable_variables, self.fast_mask)]
-        grads += [tf.zeros_like(v) for v in self.update_rule.trainable_variables]
+        adaptation = self.adapt_episode(fast, slow, state, episode, self.inner_steps, training=True, first_order=True,
+                                        seed=seed)
+        grads = self.meta_gradients_for(self.partitioned_variables()[0],
+                                        [theta - phi for theta, phi in zip(fast, adaptation.params)])
         return grads, {"loss": adaptation.losses[-1]}, adaptation.state
 
     def train_log_names(self) -> list[str]:

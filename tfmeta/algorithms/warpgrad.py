@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from tfmeta import checks
 from tfmeta import partition as partition_lib
-from tfmeta.inner_loop import at_task
+from tfmeta.inner_loop import at_task, inner_step
 from tfmeta.episodic import specs
 from tfmeta.meta_learner import MetaLearner
 
@@ -141,22 +141,22 @@ class WarpGrad(MetaLearner):
 
     def _adapt_task(self, episode: dict, state: list, seed: tf.Tensor) -> dict:
         """Adapts to one task; returns its trajectory points, the initialisation gradient, logs and state."""
-        steps, sx, sy = self.inner_steps, episode["support_x"], episode["support_y"]
+        steps = self.inner_steps
         differentiate = self.init_objective == "maml"
         with tf.GradientTape(watch_accessed_variables=differentiate) as tape:
             fast, slow = self.read_params()
-            adaptation = self.adapt_params(fast, slow, state, sx, sy, steps, training=True, keep_trajectory=True,
-                                           first_order=not differentiate or self.first_order, seed=seed)
-            query_loss, predictions, state = self.task_objective(
-                adaptation.params, slow, adaptation.state, episode["query_x"], episode["query_y"], training=True)
+            adaptation = self.adapt_episode(fast, slow, state, episode, steps, training=True, keep_trajectory=True,
+                                            first_order=not differentiate or self.first_order, seed=seed)
+            query_loss, logs, state = self.outer_objective(adaptation.params, slow, adaptation.state, episode,
+                                                           training=True, seed=seed, start=fast)
         trajectory = [[tf.stop_gradient(p) for p in params] for params in adaptation.trajectory]
         if self.init_objective == "maml":
             init_grads = tape.gradient(query_loss, fast, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         elif self.init_objective == "reptile":
             init_grads = [a - b for a, b in zip(trajectory[0], trajectory[-1])]
         elif self.init_objective == "leap":
-            x, y = self.step_batch(sx, sy, steps)
-            final_loss, _, _ = self.task_objective(trajectory[-1], slow, adaptation.state, x, y, training=True)
+            final_loss, _ = self.inner_objective(trajectory[-1], slow, adaptation.state, episode, steps, training=True,
+                                                 seed=seed, start=fast)
             losses = [tf.stop_gradient(loss) for loss in adaptation.losses] + [final_loss]
             grads = [[tf.stop_gradient(g) for g in step_grads] for step_grads in adaptation.grads]
             init_grads = leap_gradient(trajectory, losses, grads, self.leap_norm, self.leap_loss_delta)
@@ -166,7 +166,7 @@ class WarpGrad(MetaLearner):
             "points": [tf.stack(values) for values in zip(*trajectory[:-1])],
             "rule_states": _flatten_steps(adaptation.rule_states),
             "init_grads": init_grads,
-            "logs": {"loss": query_loss, **self.metric_values(episode["query_y"], predictions)},
+            "logs": {"loss": query_loss, **logs},
             "state": state,
         }
 
@@ -175,35 +175,34 @@ class WarpGrad(MetaLearner):
     def point_gradients(self, episode: dict, theta: list, rule_state, step, state: list) -> tuple[list, tf.Tensor]:
         """The warp objective's gradient for `warp_variables` at one trajectory point: task parameters `theta`
         and update-rule state `rule_state` before inner step `step`; also returns the meta loss."""
-        sx, sy = episode["support_x"], episode["support_y"]
         if self.meta_batch == "query":
-            qx, qy = episode["query_x"], episode["query_y"]
-        elif self.is_stream(sx):
-            qx, qy = self.step_batch(sx, sy, step + 1)
+            def meta_loss_fn(adapted, slow):
+                return self.outer_objective(adapted, slow, state, episode, training=True)[0]
+        elif self.is_stream(episode["support_x"]):
+            def meta_loss_fn(adapted, slow):
+                return self.inner_objective(adapted, slow, state, episode, step + 1, training=True)[0]
         else:
             raise ValueError("WarpGrad meta_batch='next_batch' needs stream episodes (support_x [tasks, steps, "
-                             f"batch, ...]); got support_x of shape {sx.shape} for one task.")
-        grads, meta_loss, _ = self.warp_step(
-            theta, rule_state, step, state, self.step_batch(sx, sy, step),
-            lambda adapted, slow: self.task_objective(adapted, slow, state, qx, qy, training=True)[0])
+                             f"batch, ...]); got support_x of shape {episode['support_x'].shape} for one task.")
+        grads, meta_loss, _ = self.warp_step(theta, rule_state, step, state, episode, meta_loss_fn)
         return grads, meta_loss
 
-    def warp_step(self, theta: list, rule_state, step, state: list, task_batch: tuple,
+    def warp_step(self, theta: list, rule_state, step, state: list, episode: dict,
                   meta_loss_fn) -> tuple[list, tf.Tensor, list]:
-        """One inner step from `theta` on `task_batch` = (x, y), then `meta_loss_fn(adapted, slow)`: returns the
-        meta loss's gradient for `warp_variables` (through the step for the full objective), the meta loss and
-        the adapted parameters."""
+        """One inner step from `theta` on the inner objective of `episode` at step `step`, then
+        `meta_loss_fn(adapted, slow)`: returns the meta loss's gradient for `warp_variables` (through the step for
+        the full objective), the meta loss and the adapted parameters."""
         with tf.GradientTape() as tape:
             _, slow = self.read_params()
-            with tf.GradientTape(watch_accessed_variables=False) as inner:
-                inner.watch(theta)
-                x, y = task_batch
-                task_loss, _, _ = self.task_objective(theta, slow, state, x, y, training=True)
-            grads = inner.gradient(task_loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            updates, _ = self.update_rule.update(grads, rule_state, theta, step)
+
+            def objective(params, state, step):
+                return self.inner_objective(params, slow, state, episode, step, training=True)
+
+            inner = inner_step(objective, theta, state, self.update_rule, rule_state, step, check_finite=False)
             if self.objective == "approximate":
-                updates = [tf.stop_gradient(u) for u in updates]
-            adapted = [p + u for p, u in zip(theta, updates)]
+                adapted = [p + tf.stop_gradient(u) for p, u in zip(theta, inner.updates)]
+            else:
+                adapted = inner.params
             meta_loss = meta_loss_fn(adapted, slow)
         grads = tape.gradient(meta_loss, self.warp_variables)
         # Not UnconnectedGradients.ZERO, which fails eagerly on Keras variables (their dtype is a string).

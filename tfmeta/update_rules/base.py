@@ -3,13 +3,17 @@
 A rule sees the fast parameters of one task. `build(param_shapes)` creates its meta-parameters (learned step
 sizes, preconditioners, masks, ...) as Keras variables, so they are meta-trained and checkpointed with the
 meta-learner that owns the rule. `init_state(params, training=..., seed=...)` gives per-task state (momentum
-buffers, sampled masks, ...), and `update(grads, state, params, step)` returns `(updates, state)`; the inner
-loop then sets `params <- params + updates`. `step` is the index of the inner step, for rules that differ per
-step: a Python int in the unrolled inner loop, an int tensor when WarpGrad replays a stored step.
+buffers, sampled masks, ...), and `update(grads, state, params, step, **extra)` returns `(updates, state)`; the
+inner loop then sets `params <- params + updates`. `step` is the index of the inner step, for rules that differ
+per step: a Python int in the unrolled inner loop, an int tensor in a `tf.while_loop` or when WarpGrad replays a
+stored step. `extra` holds what else the inner step knows, as optax's `GradientTransformationExtraArgs` passes
+it: `loss`, the support loss at `params` (for learned optimizers that take it as an input). A rule takes the
+extras it needs and ignores the rest, so every rule accepts `**extra`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Optional, Sequence
 
@@ -32,12 +36,15 @@ class UpdateRule(keras.layers.Layer):
         meta-training from evaluation; `seed` is a stateless per-task seed for rules that sample."""
         return ()
 
-    def update(self, grads: list[tf.Tensor], state: Any, params: list[tf.Tensor], step: int):
-        """Returns `(updates, state)` for one inner step."""
+    def update(self, grads: list[tf.Tensor], state: Any, params: list[tf.Tensor], step: int, **extra):
+        """Returns `(updates, state)` for one inner step; `extra`: see the module docstring (e.g. `loss`)."""
         raise NotImplementedError
 
     def check_params(self, param_shapes: Shapes) -> None:
         """Builds the rule for these fast parameters, or checks that it was built for the same shapes."""
+        if not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(self.update).parameters.values()):
+            raise TypeError(f"update rule '{self.name}': `update` must accept `**extra` (the inner step passes extra "
+                            "arguments such as `loss=`; see tfmeta.update_rules.base).")
         shapes = [tuple(s) for s in param_shapes]
         if not self.built:
             self.build(shapes)
@@ -80,7 +87,7 @@ class Sgd(UpdateRule):
     def init_state(self, params, *, training=True, seed=None):
         return tuple(tf.zeros_like(p) for p in params) if self.momentum else ()
 
-    def update(self, grads, state, params, step):
+    def update(self, grads, state, params, step, **extra):
         steps = [-tf.convert_to_tensor(rate, g.dtype) * g for rate, g in zip(self._rates, grads)]
         if not self.momentum:
             return steps, state
@@ -101,7 +108,7 @@ class ClipByGlobalNorm(UpdateRule):
             raise ValueError(f"ClipByGlobalNorm `max_norm` must be positive; got {max_norm!r}.")
         self.max_norm = max_norm
 
-    def update(self, grads, state, params, step):
+    def update(self, grads, state, params, step, **extra):
         clipped, _ = tf.clip_by_global_norm(grads, self.max_norm)
         return clipped, state
 
@@ -128,10 +135,10 @@ class Chain(UpdateRule):
     def init_state(self, params, *, training=True, seed=None):
         return tuple(rule.init_state(params, training=training, seed=seed) for rule in self.rules)
 
-    def update(self, grads, state, params, step):
+    def update(self, grads, state, params, step, **extra):
         new_state = []
         for rule, rule_state in zip(self.rules, state):
-            grads, rule_state = rule.update(grads, rule_state, params, step)
+            grads, rule_state = rule.update(grads, rule_state, params, step, **extra)
             new_state.append(rule_state)
         return grads, tuple(new_state)
 
@@ -155,7 +162,7 @@ class InnerAdam(UpdateRule):
     def init_state(self, params, *, training=True, seed=None):
         return tuple((tf.zeros_like(p), tf.zeros_like(p)) for p in params)
 
-    def update(self, grads, state, params, step):
+    def update(self, grads, state, params, step, **extra):
         updates, new_state = [], []
         for g, (m, v) in zip(grads, state):
             t = tf.cast(step + 1, g.dtype)

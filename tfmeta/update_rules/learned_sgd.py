@@ -59,7 +59,7 @@ class LearnedSgd(UpdateRule):
         value = math.log(self.initial_learning_rate) if self.log_space else self.initial_learning_rate
         return tf.fill(shape, tf.constant(value, dtype))
 
-    def update(self, grads, state, params, step):
+    def update(self, grads, state, params, step, **extra):
         rates = [tf.exp(rate) for rate in self.learning_rates] if self.log_space else self.learning_rates
         if self.steps:
             rates = [tf.gather(rate, tf.minimum(step, self.steps - 1)) for rate in rates]

@@ -47,7 +47,7 @@ class MTNetMask(UpdateRule):
             masks.append(tf.sigmoid((tf.cast(logit, p.dtype) + noise) / self.temperature))
         return tuple(masks)
 
-    def update(self, grads, state, params, step):
+    def update(self, grads, state, params, step, **extra):
         return [g * mask for g, mask in zip(grads, state)], state
 
     def get_config(self) -> dict:

@@ -58,7 +58,7 @@ class MetaCurvature(UpdateRule):
         ]
         super().build(param_shapes)
 
-    def update(self, grads, state, params, step):
+    def update(self, grads, state, params, step, **extra):
         matrices = iter(self.matrices)
         updates = []
         for g, modes in zip(grads, self.modes):
