@@ -180,7 +180,7 @@ def test_export_rejects_what_it_cannot_serve(tmp_path):
     maltml = tfmeta.MALTML(tfmeta.models.mlp(hidden_units=(4,)))
     with pytest.raises(ValueError, match="`family_tasks` .* must be given for MALTML"):
         export.export_meta_learner(maltml, str(tmp_path / "y"))
-    with pytest.raises(ValueError, match="and only for MALTML; got family_tasks=3 for MAML"):
+    with pytest.raises(ValueError, match="and only for one; got family_tasks=3 for MAML"):
         export.export_meta_learner(meta, str(tmp_path / "y"), family_tasks=3)
     with pytest.raises(TypeError, match="MetaLearner or a MetricLearner"):
         export.export_meta_learner(keras.Model(), str(tmp_path / "y"))

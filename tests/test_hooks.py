@@ -282,3 +282,52 @@ def test_a_recurrent_rule_that_receives_the_loss_is_meta_learned_from_fresh_para
     meta.fit(tf.data.Dataset.from_tensor_slices(linear_tasks(400, seed=2)).batch(8), epochs=1, verbose=0)
     after = float(tf.reduce_mean(meta.evaluate_tasks(held_out)["loss"][:, -1]))
     assert after < 0.7 * before, (before, after)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The public functional API, as the README's custom training loop uses it.
+
+
+def test_the_readme_custom_training_loop_gives_maml_meta_gradient():
+    tasks = tfmeta.tasks.SineTasks(num_support=10)
+    meta = tfmeta.MAML(tfmeta.models.mlp(hidden_units=(40, 40)), update_rule=tfmeta.Sgd(0.01))
+    episodes = next(iter(tasks.dataset(meta_batch_size=4, seed=0)))
+    with tf.GradientTape() as tape:  # the README's loop body, verbatim
+        fast, slow = meta.read_params()                          # the learner's values, differentiable
+        state, loss = meta.read_state(), 0.0
+        for i in range(4):
+            x, y = episodes["support_x"][i], episodes["support_y"][i]
+
+            def support_loss(params, state, step):               # any loss of the parameters
+                outputs, state = meta.forward(params, slow, state, x, training=True)
+                return tf.reduce_mean(tf.square(outputs - y)), state
+
+            adapted = tfmeta.inner_loop(support_loss, fast, state, meta.update_rule, steps=1).params
+            outputs, _ = meta.forward(adapted, slow, state, episodes["query_x"][i], training=True)
+            loss += tf.reduce_mean(tf.square(outputs - episodes["query_y"][i])) / 4
+    grads = tape.gradient(loss, meta.meta_variables)
+    expected, logs, _ = meta.compute_meta_gradients(episodes)
+    np.testing.assert_allclose(loss, logs["loss"], rtol=1e-5)
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_register_makes_an_algorithm_serializable_and_gin_configurable(tmp_path):
+    import gin
+
+    @tfmeta.register(package="tfmeta_tests")
+    class TwoStepMAML(tfmeta.MAML):
+        def __init__(self, learner, **kwargs):
+            kwargs.setdefault("inner_steps", 2)
+            super().__init__(learner, **kwargs)
+
+    with gin.unlock_config():
+        gin.parse_config("TwoStepMAML.eval_inner_steps = 7")
+    try:
+        meta = gin.get_configurable("tfmeta_tests.TwoStepMAML")(tfmeta.models.mlp(hidden_units=(8,)))
+    finally:
+        gin.clear_config()
+    assert (meta.inner_steps, meta.eval_inner_steps) == (2, 7)
+    meta.save(tmp_path / "meta.keras")
+    restored = keras.models.load_model(tmp_path / "meta.keras")
+    assert type(restored).__name__ == "TwoStepMAML" and restored.eval_inner_steps == 7

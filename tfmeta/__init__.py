@@ -11,10 +11,11 @@ from tfmeta import data, distribute, layers, metric, models, tasks, warp
 from tfmeta.adapted import TransductiveModel
 from tfmeta.algorithms import IMAML, MALTML, MAML, ContinualWarpGrad, Leap, Reptile, WarpGrad
 from tfmeta.episodic import EpisodicLearner
-from tfmeta.inner_loop import Adaptation, inner_loop
+from tfmeta.inner_loop import Adaptation, inner_loop, inner_step
 from tfmeta.meta_learner import MetaLearner
 from tfmeta.metric import MatchingNetwork, MetricLearner, PrototypicalNetwork, RelationNetwork
 from tfmeta.partition import Partition
+from tfmeta.registry import register
 from tfmeta.update_rules import (LSLR, Chain, ClipByGlobalNorm, InnerAdam, LearnedSgd, MetaCurvature, MetaSGD,
                                  MTNetMask, Sgd, UpdateRule)
 
@@ -43,6 +44,8 @@ __all__ = [
     "MetaCurvature",
     "MetaSGD",
     "Adaptation",
+    "inner_step",
+    "register",
     "InnerAdam",
     "Chain",
     "ClipByGlobalNorm",

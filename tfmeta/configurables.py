@@ -10,13 +10,9 @@ import keras
 import tfmeta
 from tfmeta import experiment  # noqa: F401  (registers Experiment)
 
-for _cls in (
-    tfmeta.MAML, tfmeta.MALTML, tfmeta.Reptile, tfmeta.IMAML, tfmeta.WarpGrad, tfmeta.Leap, tfmeta.ContinualWarpGrad,
-    tfmeta.Partition, tfmeta.Sgd, tfmeta.LearnedSgd, tfmeta.InnerAdam, tfmeta.ClipByGlobalNorm, tfmeta.Chain,
-    tfmeta.MetaSGD, tfmeta.LSLR, tfmeta.MetaCurvature, tfmeta.MTNetMask, tfmeta.PrototypicalNetwork,
-    tfmeta.MatchingNetwork, tfmeta.RelationNetwork,
-):
-    gin.external_configurable(_cls, module="tfmeta")
+# Meta-learners, update rules and metric learners register themselves (`tfmeta.register`); Partition is no Keras
+# object.
+gin.external_configurable(tfmeta.Partition, module="tfmeta")
 for _fn in (tfmeta.models.mlp, tfmeta.models.conv_net, tfmeta.models.point_model, tfmeta.warp.insert_warps):
     gin.external_configurable(_fn, module="tfmeta.models")
 gin.external_configurable(tfmeta.metric.relation_module, module="tfmeta.metric")

@@ -115,7 +115,7 @@ class EpisodicLearner(keras.Model):
 
     def log_names(self) -> list[str]:
         """The names `fit` and `evaluate` log: the query loss and metrics after adaptation."""
-        return ["loss", *self.task_metrics]
+        return ["loss", *self.metric_names()]
 
     @property
     def meta_variables(self) -> list[keras.Variable]:
@@ -136,6 +136,11 @@ class EpisodicLearner(keras.Model):
         """The learner's current non-trainable values (BatchNorm statistics, seed states), as `stateless_call`
         takes them."""
         return [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+
+    def metric_names(self) -> list[str]:
+        """The names of the task metrics the objectives report with the loss: `metrics`' by default; a learner
+        whose outer objective reports others (`MetaLearner.outer_objective`) overrides this."""
+        return list(self.task_metrics)
 
     def loss_value(self, y_true, y_pred) -> tf.Tensor:
         """The task loss averaged over examples."""
@@ -165,6 +170,30 @@ class EpisodicLearner(keras.Model):
     def adapt(self, support_x, support_y, steps: Optional[int] = None, batch_norm: str = "batch") -> keras.Model:
         """A Keras model adapted to one task's support set, that `predict`s its queries as `evaluate` scores them
         (`batch_norm`: see `MetaLearner.adapt`)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------- serving
+    # How a family of learners serves (`tfmeta.export.export_meta_learner` reads only these).
+
+    serves_inner_steps = False  # whether the adaptation takes a number of inner steps (`serving_with_steps`)
+    serves_families = False  # whether a request also holds a family of tasks (`family_support_x`, ...)
+    can_regress = True  # False for learners that only classify (metric learners)
+
+    def is_classifier(self) -> bool:
+        """Whether the learner classifies (serving takes integer labels and returns logits and classes) rather than
+        regresses: by default, whether its loss is a cross-entropy (or relation) loss."""
+        name = getattr(self.loss_object, "name", None) or getattr(self.loss_object, "__name__", "")
+        return any(word in str(name).lower() for word in ("crossentropy", "cross_entropy", "relation_mse"))
+
+    def serving_ways(self) -> Optional[int]:
+        """The number of classes a served classifier's labels must stay below (its head's outputs), or None when a
+        request's labels set it."""
+        return None
+
+    def serve(self, request: dict, steps) -> tf.Tensor:
+        """The outputs for `request["query_x"]` [examples, ...] after adapting to the request's support set
+        (`support_x`, `support_y`, one task without the task axis; checked and preprocessed), as `adapt(...).predict`
+        gives them; `steps` is the inner steps (an int or an int tensor) for learners that take them."""
         raise NotImplementedError
 
     # -------------------------------------------------------------------------------------- utilities

@@ -33,19 +33,11 @@ from tfmeta import checks
 from tfmeta import losses
 from tfmeta.data.classes import ImagePreprocessing
 from tfmeta.episodic import EpisodicLearner
-from tfmeta.meta_learner import MetaLearner
-from tfmeta.metric.base import MetricLearner
 from tfmeta.tasks.families import TASK_KEYS
 
-_CLASSIFICATION_LOSSES = ("crossentropy", "cross_entropy", "relation_mse")
-
-
 def is_classifier(meta_learner: EpisodicLearner) -> bool:
-    """Whether a meta-learner classifies (metric learners, cross-entropy losses) rather than regresses."""
-    if isinstance(meta_learner, MetricLearner):
-        return True
-    name = getattr(meta_learner.loss_object, "name", None) or getattr(meta_learner.loss_object, "__name__", "")
-    return any(word in str(name).lower() for word in _CLASSIFICATION_LOSSES)
+    """Whether a meta-learner classifies rather than regresses (`EpisodicLearner.is_classifier`)."""
+    return meta_learner.is_classifier()
 
 
 def _require(tensors: dict, ok: tf.Tensor, template: str, *values: tf.Tensor) -> dict:
@@ -89,7 +81,7 @@ class _Adaptation:
         self.input_shape = list(learner.inputs[0].shape[1:])
         self.request_shape = self.input_shape if preprocessing is None else [None, None, self.input_shape[-1]]
         self.target_shape = [] if classifier else list(learner.outputs[0].shape[1:])
-        self.ways = learner.outputs[0].shape[-1] if classifier and isinstance(meta_learner, MetaLearner) else None
+        self.ways = meta_learner.serving_ways() if classifier else None
 
     def check(self, request: dict) -> dict:
         """The request's tensors after their run-time checks (see the module docstring), preprocessed."""
@@ -128,22 +120,7 @@ class _Adaptation:
             return {k: tf.identity(v) for k, v in checked.items()}
 
     def run(self, request: dict, steps):
-        request = self.check(request)
-        support_x, support_y, query_x = (request[k] for k in ("support_x", "support_y", "query_x"))
-        meta = self.meta_learner
-        if isinstance(meta, MetricLearner):
-            episode = {"support_x": support_x[None], "support_y": tf.cast(support_y, tf.int32)[None],
-                       "query_x": query_x[None]}
-            outputs = meta.episode_scores(episode, training=False)[0][0]
-        else:
-            fast, slow = meta.read_params()
-            state = meta.read_state()
-            if self.family_tasks:  # MALTML: meta-finetune on the request's family first, as `adapt(family=)` does
-                family = {k: request[f"family_{k}"] for k in TASK_KEYS}
-                fast = meta.meta_finetune(fast, slow, state, family, training=False, first_order=True).params
-            adaptation = meta.adapt_episode(fast, slow, state, {"support_x": support_x, "support_y": support_y},
-                                            steps, training=False)
-            outputs, _ = meta.forward(adaptation.params, slow, state, query_x, training=False, step=steps)
+        outputs = self.meta_learner.serve(self.check(request), steps)
         if self.classifier:
             return {"logits": outputs, "classes": tf.argmax(outputs, axis=-1, output_type=tf.int32)}
         return {"predictions": outputs}
@@ -168,15 +145,15 @@ def export_meta_learner(meta_learner: EpisodicLearner, export_dir: str, steps: O
 
     Returns the concrete functions of the signatures, by name.
     """
-    maltml = type(meta_learner).__name__ == "MALTML"
-    if not isinstance(meta_learner, (MetaLearner, MetricLearner)):
-        raise TypeError(f"export_meta_learner exports a MetaLearner or a MetricLearner; got "
+    if not isinstance(meta_learner, EpisodicLearner):
+        raise TypeError("export_meta_learner exports a tfmeta meta-learner (a MetaLearner or a MetricLearner); got "
                         f"{type(meta_learner).__name__}.")
-    if maltml != (family_tasks is not None):
-        raise ValueError("`family_tasks` (the meta-finetuning tasks per family) must be given for MALTML, whose "
-                         "adaptation starts with a family of tasks, and only for MALTML; got "
+    families = meta_learner.serves_families
+    if families != (family_tasks is not None):
+        raise ValueError("`family_tasks` (the meta-finetuning tasks per family) must be given for MALTML and any "
+                         "learner whose adaptation starts with a family of tasks, and only for one; got "
                          f"family_tasks={family_tasks!r} for {type(meta_learner).__name__}.")
-    if maltml:
+    if families:
         checks.integer(family_tasks, "family_tasks", minimum=1)
     learner = meta_learner.learner
     if not getattr(learner, "inputs", None):
@@ -186,18 +163,18 @@ def export_meta_learner(meta_learner: EpisodicLearner, export_dir: str, steps: O
     if preprocessing is not None and tuple(preprocessing.image_shape) != input_shape:
         raise ValueError(f"`preprocessing` makes images of shape {preprocessing.image_shape}, but the learner takes "
                          f"{input_shape}.")
-    if isinstance(meta_learner, MetaLearner):
+    if meta_learner.serves_inner_steps:
         steps = checks.integer(meta_learner.eval_inner_steps if steps is None else steps, "steps")
     if classifier is not None and not isinstance(classifier, bool):
         raise TypeError(f"`classifier` must be True, False or None (inferred); got {classifier!r}.")
-    if classifier is False and isinstance(meta_learner, MetricLearner):
+    if classifier is False and not meta_learner.can_regress:
         raise ValueError(f"`classifier=False`: {type(meta_learner).__name__} is a metric learner, which classifies.")
     module = _Adaptation(meta_learner, steps or 0, preprocessing,
                          is_classifier(meta_learner) if classifier is None else classifier, family_tasks)
     dtype = keras.backend.standardize_dtype(learner.inputs[0].dtype)
     label_dtype = tf.int32 if module.classifier else dtype
     names = ["support_x", "support_y", "query_x"]
-    if maltml:
+    if families:
         names += [f"family_{k}" for k in TASK_KEYS]
 
     def inputs(image_dtype=None):  # shapes are checked at run time (see `_Adaptation.check`)
@@ -220,7 +197,7 @@ def export_meta_learner(meta_learner: EpisodicLearner, export_dir: str, steps: O
     endpoints = {"serving_default": (adapt, inputs(image_dtype))}
     if preprocessing is not None:
         endpoints["serving_float"] = (adapt, inputs(tf.float32))
-    if isinstance(meta_learner, MetaLearner):
+    if meta_learner.serves_inner_steps:
         steps_spec = tf.TensorSpec([], tf.int32, name="inner_steps")
         endpoints["serving_with_steps"] = (adapt_with_steps, [*inputs(image_dtype), steps_spec])
     functions = {name: archive.add_endpoint(name, fn, input_signature=signature)

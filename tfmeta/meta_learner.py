@@ -170,8 +170,8 @@ class MetaLearner(EpisodicLearner):
                         seed: Optional[tf.Tensor] = None, start: Optional[list] = None) -> tuple[tf.Tensor, dict, list]:
         """What the outer loop minimises for one task at adapted fast parameters `fast`, after `step` inner steps
         (None: the learner's query pass is not marked with a step): returns `(loss, logs, new_state)`, where `logs`
-        are the task metrics (`task_metrics`) that training and evaluation report. The default is the query loss
-        (`task_objective` on `query_x`, `query_y`); `seed` and `start` are as in `inner_objective` (an outer
+        are the task metrics (named by `metric_names`) that training and evaluation report. The default is the query
+        loss (`task_objective` on `query_x`, `query_y`); `seed` and `start` are as in `inner_objective` (an outer
         objective on rollouts needs the pre-adaptation policy `start` for the sampling distribution's term). Every
         algorithm, the evaluation and `adapt` go through this hook and `inner_objective`."""
         loss, predictions, state = self.task_objective(fast, slow, state, episode["query_x"], episode["query_y"],
@@ -267,7 +267,7 @@ class MetaLearner(EpisodicLearner):
 
     def train_log_names(self) -> list[str]:
         """The logs `task_gradients` returns: the loss and the task metrics after adaptation."""
-        return ["loss", *self.task_metrics]
+        return ["loss", *self.metric_names()]
 
     # ----------------------------------------------------------------------------------- meta-batches
 
@@ -333,7 +333,7 @@ class MetaLearner(EpisodicLearner):
             fast, slow = self.read_params()
             return self.task_curve(fast, slow, state, episode, steps, at_steps)
 
-        signature = {n: tf.TensorSpec([len(at_steps)], self._log_dtype) for n in ["loss", *self.task_metrics]}
+        signature = {n: tf.TensorSpec([len(at_steps)], self._log_dtype) for n in ["loss", *self.metric_names()]}
         return self.map_tasks(one_task, episodes, signature)
 
     def curve_points(self, steps: Optional[int], at_steps: Optional[Sequence[int]]) -> tuple[int, tuple]:
@@ -362,7 +362,7 @@ class MetaLearner(EpisodicLearner):
         # One query pass in the graph, mapped over the points (and their step, for per-step layers).
         points = [tf.stack([adaptation.trajectory[k][i] for k in at_steps]) for i in range(len(fast))]
         return tf.map_fn(lambda point: query_results(*point), (points, tf.constant(at_steps)), fn_output_signature={
-            n: tf.TensorSpec([], self._log_dtype) for n in ["loss", *self.task_metrics]})
+            n: tf.TensorSpec([], self._log_dtype) for n in ["loss", *self.metric_names()]})
 
     # ------------------------------------------------------------------------------------------ adapt
 
@@ -419,6 +419,26 @@ class MetaLearner(EpisodicLearner):
             freeze_batch_statistics(adapted, examples)
             return adapted
         return adapted_lib.TransductiveModel(adapted, name=f"{adapted.name}_adapted")
+
+    # ----------------------------------------------------------------------------------------- serving
+
+    serves_inner_steps = True
+
+    def serving_ways(self) -> Optional[int]:
+        outputs = getattr(self.learner, "outputs", None)
+        return outputs[0].shape[-1] if outputs else None
+
+    def serve(self, request: dict, steps) -> tf.Tensor:
+        fast, slow = self.read_params()
+        return self.serve_from(fast, slow, self.read_state(), request, steps)
+
+    def serve_from(self, fast, slow, state, request: dict, steps) -> tf.Tensor:
+        """`serve` from the fast parameters `fast`: the inner loop on the request's support set, then the query
+        pass after `steps` steps."""
+        support = {k: request[k] for k in ("support_x", "support_y")}
+        adaptation = self.adapt_episode(fast, slow, state, support, steps, training=False)
+        outputs, _ = self.forward(adaptation.params, slow, state, request["query_x"], training=False, step=steps)
+        return outputs
 
     # ------------------------------------------------------------------------------------ serialisation
 

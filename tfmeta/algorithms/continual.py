@@ -11,9 +11,10 @@ from tfmeta import checks
 from tfmeta.algorithms.warpgrad import WarpGrad
 from tfmeta.episodic import specs
 from tfmeta.inner_loop import inner_step
+from tfmeta.registry import register
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class ContinualWarpGrad(WarpGrad):
     """WarpGrad on streams (e.g. `tfmeta.tasks.ContinualSineTasks`): each task is a sequence of sub-tasks seen
     one after another, one batch per inner step; the warps learn to make such learning not forget.

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from tfmeta import checks
 from tfmeta.meta_learner import MetaLearner
+from tfmeta.registry import register
 
 
 def _dot(a, b) -> tf.Tensor:
@@ -45,7 +46,7 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int) -> t
     return x, stopped
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class IMAML(MetaLearner):
     """Implicit MAML: meta-gradients by the implicit function theorem instead of through the inner loop.
 

@@ -13,9 +13,10 @@ from tfmeta.inner_loop import Adaptation, inner_loop
 from tfmeta.meta_learner import MetaLearner
 from tfmeta.tasks.families import FAMILY_KEYS, GOAL_KEYS, TASK_KEYS
 from tfmeta.update_rules import Sgd, UpdateRule
+from tfmeta.registry import register
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class MALTML(MetaLearner):
     """Learns an initialisation θ that, after meta-finetuning on a few tasks of a new family, finetunes quickly
     to a goal task of that family (the paper's Algorithm 1). Per family episode (`tfmeta.tasks.TaskFamilies`):
@@ -139,7 +140,7 @@ class MALTML(MetaLearner):
                 objective += loss / goals
                 metrics.append(goal_logs)
         grads = tape.gradient(objective, self.meta_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        logs = {n: tf.add_n([m[n] for m in metrics]) / goals for n in self.task_metrics}
+        logs = {n: tf.add_n([m[n] for m in metrics]) / goals for n in self.metric_names()}
         return grads, {"loss": objective, **logs}, state
 
     def _first_order_gradients(self, episode, state, seed, goal_seeds):
@@ -198,7 +199,7 @@ class MALTML(MetaLearner):
         steps, at_steps = self.curve_points(steps, at_steps)
         state = self.read_state()
         goals = episodes["goal_support_x"].shape[1]
-        names = ["loss", *self.task_metrics]
+        names = ["loss", *self.metric_names()]
 
         def one_family(index, episode):
             fast, slow = self.read_params()
@@ -232,6 +233,19 @@ class MALTML(MetaLearner):
             state = self.read_state()
             fast = self.meta_finetune(fast, slow, state, family, training=False, first_order=True).params
         return self.adapted_model(fast, slow, support_x, support_y, steps, batch_norm)
+
+    # ----------------------------------------------------------------------------------------- serving
+
+    serves_families = True
+
+    def serve(self, request: dict, steps) -> tf.Tensor:
+        """Meta-finetunes on the request's family (`family_support_x`, ... of shape [L, examples, ...]) first, as
+        `adapt(family=...)` does, then finetunes on its support set."""
+        fast, slow = self.read_params()
+        state = self.read_state()
+        family = {k: request[f"family_{k}"] for k in TASK_KEYS}
+        fast = self.meta_finetune(fast, slow, state, family, training=False, first_order=True).params
+        return self.serve_from(fast, slow, state, request, steps)
 
     # ------------------------------------------------------------------------------------ serialisation
 

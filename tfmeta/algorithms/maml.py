@@ -9,9 +9,10 @@ import tensorflow as tf
 
 from tfmeta.layers import warn_inexact_batch_norm
 from tfmeta.meta_learner import MetaLearner
+from tfmeta.registry import register
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class MAML(MetaLearner):
     """Model-Agnostic Meta-Learning: meta-learns the learner's initialisation θ by differentiating the query loss
     after `inner_steps` steps of the update rule on the support set.

@@ -6,9 +6,10 @@ import keras
 import tensorflow as tf
 
 from tfmeta.meta_learner import MetaLearner
+from tfmeta.registry import register
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class Reptile(MetaLearner):
     """Reptile: moves the initialisation θ towards the parameters φ_τ adapted to each task.
 

@@ -24,6 +24,7 @@ from tfmeta import partition as partition_lib
 from tfmeta.inner_loop import at_task, inner_step
 from tfmeta.episodic import specs
 from tfmeta.meta_learner import MetaLearner
+from tfmeta.registry import register
 
 OBJECTIVES = ("full", "approximate")
 INIT_OBJECTIVES = ("leap", "maml", "reptile", "none")
@@ -71,7 +72,7 @@ def leap_gradient(trajectory: list[list[tf.Tensor]], losses: list[tf.Tensor], gr
             for g, d in zip(gradients, delta_theta)]
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class WarpGrad(MetaLearner):
     """Warped gradient descent: meta-learns the slow variables (warp layers) from trajectory points, and the
     initialisation of the fast variables by an initialisation objective (see the module docstring).
@@ -305,7 +306,7 @@ class WarpGrad(MetaLearner):
                 "leap_loss_delta": self.leap_loss_delta, "first_order": self.first_order}
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class Leap(WarpGrad):
     """Leap (Flennerhag et al., ICLR 2019): meta-learns the initialisation that minimises the expected length of
     the adaptation trajectories on the loss surface, with its first-order meta-gradient (`leap_gradient`).

@@ -151,6 +151,17 @@ class MetricLearner(EpisodicLearner):
         return {n: tf.repeat(tf.reduce_mean(tf.cast(v, self._log_dtype), axis=-1, keepdims=True), repeats, axis=1)
                 for n, v in results.items()}
 
+    can_regress = False
+
+    def is_classifier(self) -> bool:
+        return True
+
+    def serve(self, request: dict, steps=None) -> tf.Tensor:
+        """The query scores against the request's support set (`steps` is ignored)."""
+        episode = {"support_x": request["support_x"][None], "support_y": tf.cast(request["support_y"], tf.int32)[None],
+                   "query_x": request["query_x"][None]}
+        return self.episode_scores(episode, training=False)[0][0]
+
     def adapt(self, support_x, support_y, steps: Optional[int] = None, batch_norm: str = "batch") -> keras.Model:
         """A Keras classifier for one task: a copy of the embedding followed by the head built from the
         embedded support set (e.g. class prototypes); `predict` gives scores [n, ways]. `steps` is ignored, and so is

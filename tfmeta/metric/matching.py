@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from tfmeta.metric.base import MetricLearner
+from tfmeta.registry import register
 
 
 def cosine_similarity(queries: tf.Tensor, support: tf.Tensor) -> tf.Tensor:
@@ -37,7 +38,7 @@ def attention_lstm(cell: keras.layers.LSTMCell, queries: tf.Tensor, support: tf.
     return tf.reshape(h_hat, [t, n, d])
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class MatchingNetwork(MetricLearner):
     """Classifies a query by cosine attention over the support embeddings: p(y | q) = Σ_i a(q, x_i)·y_i.
 

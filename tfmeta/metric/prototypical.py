@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from tfmeta.metric.base import MetricLearner, class_sums
+from tfmeta.registry import register
 
 
 def negative_squared_distances(queries: tf.Tensor, prototypes: tf.Tensor) -> tf.Tensor:
@@ -15,7 +16,7 @@ def negative_squared_distances(queries: tf.Tensor, prototypes: tf.Tensor) -> tf.
             - tf.reduce_sum(tf.square(prototypes), -1)[..., None, :])
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class PrototypicalNetwork(MetricLearner):
     """Classifies a query by the squared Euclidean distance of its embedding to each class prototype, the mean
     embedding of the class's support examples (embeddings are flattened). Train with more ways than at test

@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from tfmeta.metric.base import MetricLearner, class_sums, copy_model
+from tfmeta.registry import register
 
 
 def relation_module(input_shape: Sequence[int], filters: int = 64, hidden_units: int = 8,
@@ -39,7 +40,7 @@ def relate(module: keras.Model, query: tf.Tensor, classes: tf.Tensor, training: 
     return tf.reshape(scores, [tf.shape(query)[0], n, ways])
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class RelationNetwork(MetricLearner):
     """Scores a (query, class) pair with a learned relation module on their concatenated feature maps; a class's
     feature map is the sum of its support examples' (as in the paper for K > 1). The learner must output feature

@@ -20,6 +20,8 @@ from typing import Any, Optional, Sequence
 import keras
 import tensorflow as tf
 
+from tfmeta.registry import register
+
 Shapes = Sequence[Sequence[int]]
 
 
@@ -55,7 +57,7 @@ class UpdateRule(keras.layers.Layer):
             )
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class Sgd(UpdateRule):
     """Gradient descent, `update = -learning_rate * grad`: MAML's inner rule.
 
@@ -98,7 +100,7 @@ class Sgd(UpdateRule):
         return {**super().get_config(), "learning_rate": self.learning_rate, "momentum": self.momentum}
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class ClipByGlobalNorm(UpdateRule):
     """Rescales the updates so that their global norm is at most `max_norm` (stabilises large inner steps)."""
 
@@ -116,7 +118,7 @@ class ClipByGlobalNorm(UpdateRule):
         return {**super().get_config(), "max_norm": self.max_norm}
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class Chain(UpdateRule):
     """Applies rules in order, each to the previous one's output: `Chain([ClipByGlobalNorm(1.0), Sgd(0.4)])`."""
 
@@ -146,7 +148,7 @@ class Chain(UpdateRule):
         return {**super().get_config(), "rules": [keras.saving.serialize_keras_object(r) for r in self.rules]}
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class InnerAdam(UpdateRule):
     """Adam in the inner loop (Kingma & Ba, 2015), with moments kept per task and reset for every task: Reptile's
     inner optimiser (Nichol et al., 2018 use `beta_1=0` on Omniglot and Mini-ImageNet)."""

@@ -6,14 +6,14 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import keras
 import tensorflow as tf
 
 from tfmeta import checks
 from tfmeta.update_rules.base import Shapes, UpdateRule
+from tfmeta.registry import register
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class LearnedSgd(UpdateRule):
     """`update = -alpha * grad` with alpha meta-learned, initialised to `initial_learning_rate`.
 
@@ -73,7 +73,7 @@ class LearnedSgd(UpdateRule):
                 "shared": self.shared}
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class MetaSGD(LearnedSgd):
     """Meta-SGD: a meta-learned step size for every parameter element, shared by the inner steps."""
 
@@ -86,7 +86,7 @@ class MetaSGD(LearnedSgd):
         return config
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class LSLR(LearnedSgd):
     """MAML++'s learned per-layer per-step learning rates: one step size per variable and inner step."""
 

@@ -6,9 +6,10 @@ import keras
 import tensorflow as tf
 
 from tfmeta.update_rules.base import Shapes, UpdateRule
+from tfmeta.registry import register
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class MTNetMask(UpdateRule):
     """Masks the gradient so that the inner loop updates only some units of each fast tensor.
 

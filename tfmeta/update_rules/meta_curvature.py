@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-import keras
 import tensorflow as tf
 
 from tfmeta.update_rules.base import Shapes, UpdateRule
+from tfmeta.registry import register
 
 
 def default_modes(shape: Sequence[int]) -> tuple[int, ...]:
@@ -27,7 +27,7 @@ def mode_product(tensor: tf.Tensor, matrix: tf.Tensor, axis: int) -> tf.Tensor:
     return tf.transpose(product, order)
 
 
-@keras.saving.register_keras_serializable(package="tfmeta")
+@register
 class MetaCurvature(UpdateRule):
     """`update = -learning_rate * (G ×₁ M₁ ×₂ M₂ ...)` for each fast tensor's gradient G.
 
