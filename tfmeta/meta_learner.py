@@ -275,18 +275,13 @@ class MetaLearner(EpisodicLearner):
         """The meta-gradient of a batch of episodes (the mean over tasks), the mean logs and the new state."""
         episodes = self.check_episodes(episodes)
         state = self.read_state()
-        batch_seed = self.task_seeds.next()
-        _, tasks = self.task_count(episodes)
 
-        def one_task(index, episode):
-            index = self.global_task_index(index, tasks)
-            seed = tf.random.experimental.stateless_fold_in(batch_seed, index)
-            with at_task(index):
-                grads, logs, new_state = self.task_gradients(episode, self.task_state(state, index), seed)
+        def one_task(episode, task_state, seed):
+            grads, logs, new_state = self.task_gradients(episode, task_state, seed)
             return grads, {k: tf.cast(v, self._log_dtype) for k, v in logs.items()}, new_state
 
         signature = (specs(self.meta_variables), self._log_spec(self.train_log_names()), specs(state))
-        grads, logs, states = self.map_tasks(one_task, episodes, signature)
+        grads, logs, states = self.map_meta_batch(one_task, episodes, signature, state, self.task_seeds.next())
         # A non-finite meta-objective stops the step here, naming the task, before its meta-gradient reaches the
         # weights (and before the next step fails on them).
         finite = tf.math.is_finite(logs["loss"])
@@ -300,6 +295,21 @@ class MetaLearner(EpisodicLearner):
         grads = [tf.zeros_like(g[0]) if c else tf.reduce_mean(g, axis=0) for g, c in zip(grads, self.context_mask)]
         logs = {k: tf.reduce_mean(v, axis=0) for k, v in logs.items()}
         return grads, logs, self.merge_task_states(states)
+
+    def map_meta_batch(self, per_task: Callable, episodes: dict, signature, state: list, batch_seed: tf.Tensor):
+        """Maps `per_task(episode, task_state, seed)` over the tasks of a meta-batch (`map_tasks`) with what every
+        algorithm's meta-step shares: each task's stateless seed (`batch_seed` folded with the task's global index,
+        unique across replicas), its own random stream in the learner's state (`task_state`) and `at_task`, which
+        error messages name."""
+        _, tasks = self.task_count(episodes)
+
+        def one_task(index, episode):
+            index = self.global_task_index(index, tasks)
+            with at_task(index):
+                return per_task(episode, self.task_state(state, index),
+                                tf.random.experimental.stateless_fold_in(batch_seed, index))
+
+        return self.map_tasks(one_task, episodes, signature)
 
     def task_state(self, state: list, index) -> list:
         """The learner's state for task `index` of a meta-batch: each task draws its own random stream (dropout

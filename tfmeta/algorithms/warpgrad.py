@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from tfmeta import checks
 from tfmeta import partition as partition_lib
-from tfmeta.inner_loop import at_task, inner_step
+from tfmeta.inner_loop import inner_step
 from tfmeta.episodic import specs
 from tfmeta.meta_learner import MetaLearner
 from tfmeta.registry import register
@@ -245,12 +245,6 @@ class WarpGrad(MetaLearner):
         rule_template = self.update_rule.init_state([tf.convert_to_tensor(v) for v in self._fast_variables],
                                                     training=False)  # only its structure is used
 
-        def one_task(index, episode):
-            index = self.global_task_index(index, tf.shape(episodes["support_x"])[0])
-            seed = tf.random.experimental.stateless_fold_in(batch_seed, index)
-            with at_task(index):
-                return self._adapt_task(episode, self.task_state(state, index), seed)
-
         fast_specs = specs(self._fast_variables)
         signature = {
             "points": [tf.TensorSpec([self.inner_steps, *s.shape], s.dtype) for s in fast_specs],
@@ -260,7 +254,7 @@ class WarpGrad(MetaLearner):
             "logs": self._log_spec(self.train_log_names()),
             "state": specs(state),
         }
-        buffer = self.map_tasks(one_task, episodes, signature)
+        buffer = self.map_meta_batch(self._adapt_task, episodes, signature, state, batch_seed)
         init_grads = [tf.zeros_like(g[0]) if context else self.init_weight * tf.reduce_mean(g, axis=0)
                       for g, context in zip(buffer["init_grads"], self._fast_context)]
 

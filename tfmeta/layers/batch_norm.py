@@ -91,10 +91,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def _moments(self, inputs, mask):
         if mask is not None:
             return super()._moments(inputs, mask)
-        axes = self._reduction_axes
-        mean = ops.mean(inputs, axis=axes, keepdims=True)
-        variance = ops.mean(ops.square(inputs - mean), axis=axes)
-        return ops.squeeze(mean, axis=axes), variance
+        return moments(inputs, self._reduction_axes)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "statistics": self.statistics}
@@ -133,6 +130,14 @@ def _batch_norm_backward(dy, x, gamma, epsilon: float):
     dgamma = tf.reduce_sum(dy * normalised, axes)
     count = tf.cast(tf.size(dy) // tf.shape(dy)[-1], dy.dtype)
     return (gamma * inverse_std) * (dy - (dbeta + normalised * dgamma) / count), dgamma, dbeta
+
+
+def moments(inputs, axes):
+    """The batch mean and (biased) variance over `axes`, as separate ops: their second-order gradients are exact,
+    unlike `tf.nn.moments`' (see `BatchNormalization`)."""
+    mean = ops.mean(inputs, axis=axes, keepdims=True)
+    variance = ops.mean(ops.square(inputs - mean), axis=axes)
+    return ops.squeeze(mean, axis=axes), variance
 
 
 def batch_statistics_layers(model: keras.Layer) -> list[keras.Layer]:

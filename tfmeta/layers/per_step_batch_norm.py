@@ -9,7 +9,7 @@ from keras import ops
 
 from tfmeta import checks
 from tfmeta.inner_loop import current_step
-from tfmeta.layers.batch_norm import STATISTICS
+from tfmeta.layers.batch_norm import STATISTICS, moments
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")
@@ -59,9 +59,7 @@ class PerStepBatchNormalization(keras.layers.Layer):
         axes = list(range(len(inputs.shape) - 1))
         inputs = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
         if training or self.statistics == "batch":
-            mean = ops.mean(inputs, axis=axes, keepdims=True)
-            variance = ops.mean(ops.square(inputs - mean), axis=axes)
-            mean = ops.squeeze(mean, axis=axes)
+            mean, variance = moments(inputs, axes)
         else:
             mean, variance = self.moving_mean[step], self.moving_variance[step]
         if training or self._recording:  # recording: the set's moving statistics become the batch's
