@@ -63,10 +63,15 @@ class ContinualWarpGrad(WarpGrad):
 
     # -------------------------------------------------------------------------------------------- streams
 
+    @staticmethod
+    def sub_task(episode: dict, j: int) -> dict:
+        """Sub-task `j` of a stream episode as the outer objective sees a task: its query set."""
+        return {"query_x": episode["query_x"][j], "query_y": episode["query_y"][j]}
+
     def _meta_loss(self, params, slow, state, episode, sub_task: int):
         """The mean query loss over sub-tasks 0..`sub_task` (the current one and all previous ones)."""
-        losses = [self.task_objective(params, slow, state, episode["query_x"][j], episode["query_y"][j],
-                                      training=True)[0] for j in range(sub_task + 1)]
+        losses = [self.outer_objective(params, slow, state, self.sub_task(episode, j), training=True)[0]
+                  for j in range(sub_task + 1)]
         return tf.add_n(losses) / len(losses)
 
     def _stream_step(self, theta, episode, step, state, sub_task: int):
@@ -133,8 +138,8 @@ class ContinualWarpGrad(WarpGrad):
             fast, slow = self.read_params()
 
             def losses(params):
-                return tf.stack([self.task_objective(params, slow, state, episode["query_x"][j], episode["query_y"][j],
-                                                     training=False)[0] for j in range(sub_tasks)])
+                return tf.stack([self.outer_objective(params, slow, state, self.sub_task(episode, j), training=False)[0]
+                                 for j in range(sub_tasks)])
 
             def objective(params, state, step):
                 return self.inner_objective(params, slow, state, episode, step, training=False)
