@@ -58,7 +58,9 @@ def drop(episodes, key):
 
 R, L = regression_episodes(), label_episodes()
 EPISODE_CASES = [  # (learner, episodes, expected message)
-    ("regression", drop(R, "query_y"), r"episodes must be a dict with keys \('support_x'"),
+    ("regression", drop(R, "query_y"), r"episodes must be a dict with the keys of one of the kinds of "
+                                        r"tfmeta.episodes .*supervised: support_x, support_y, query_x, query_y.*got "
+                                        r"\['query_x', 'support_x'"),
     ("regression", replace(R, support_x=R["support_x"][:, :, 0]),
      r"episodes\['support_x'\] must have shape \[tasks, examples, features...\]; got \(2, 4\)"),
     ("regression", replace(R, support_y=R["support_y"][:, :3]),

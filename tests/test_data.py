@@ -198,15 +198,15 @@ def test_group_task_invariants(steps, batch, tasks, seed):
     sampler = data.GroupTasks(classes, ways=4, train_examples=5, test_examples=2, steps=steps, batch_size=batch)
     assert sampler.groups == ["a", "c"] and sampler.dropped == ["b"]
     episodes = {k: v.numpy() for k, v in sampler.sample(tf.constant([seed, 3], tf.int64), tasks).items()}
-    assert episodes["support_x"].shape == (tasks, steps, batch, 4, 4, 1)
-    assert episodes["query_x"].shape == (tasks, 8, 4, 4, 1) and episodes["support_y"].shape == (tasks, steps, batch)
+    assert episodes["stream_x"].shape == (tasks, steps, batch, 4, 4, 1)
+    assert episodes["query_x"].shape == (tasks, 8, 4, 4, 1) and episodes["stream_y"].shape == (tasks, steps, batch)
     for t in range(tasks):
-        s_class, s_example = (v.ravel() for v in identities(episodes["support_x"][t]))
+        s_class, s_example = (v.ravel() for v in identities(episodes["stream_x"][t]))
         q_class, q_example = identities(episodes["query_x"][t])
         chosen = sorted(set(q_class))
         assert len(chosen) == 4 and len({classes.groups[c] for c in chosen}) == 1
         assert set(s_class) <= set(chosen) and set(q_example) == {0, 1} and set(s_example) <= set(range(2, 7))
-        labels = np.concatenate([episodes["support_y"][t].ravel(), episodes["query_y"][t]])
+        labels = np.concatenate([episodes["stream_y"][t].ravel(), episodes["query_y"][t]])
         all_classes = np.concatenate([s_class, q_class])
         assert all(len(set(labels[all_classes == c])) == 1 for c in chosen)
         assert sorted(set(episodes["query_y"][t])) == list(range(4))

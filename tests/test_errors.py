@@ -132,7 +132,9 @@ def test_non_finite_loss_or_data_stops_training_with_a_message(tmp_path, scale, 
     assert not (tmp_path / "checkpoints" / "checkpoint").exists()
 
 
-def test_support_stream_with_a_subclassed_learner():
+def test_a_subclassed_learner_takes_support_streams():
+    """Episodes declare a stream by their keys (`tfmeta.episodes`), never by a tensor's rank, so a learner without
+    symbolic inputs takes streams too: a stream of copies of the support set meta-learns as the support set does."""
     class Subclassed(keras.Model):
         def __init__(self):
             super().__init__()
@@ -144,10 +146,14 @@ def test_support_stream_with_a_subclassed_learner():
     learner = Subclassed()
     learner(np.zeros((1, 2), "float32"))
     episodes = random_episodes(dtype="float32")
-    episodes["support_x"] = tf.stack([episodes["support_x"]] * 3, axis=1)  # [tasks, steps, batch, features]
-    episodes["support_y"] = tf.stack([episodes["support_y"]] * 3, axis=1)
-    with pytest.raises(ValueError, match="stream of support batches.*subclassed"):
-        tfmeta.MAML(learner, inner_steps=3).compute_meta_gradients(episodes)
+    stream = {"stream_x": tf.stack([episodes["support_x"]] * 3, axis=1),  # [tasks, steps, batch, features]
+              "stream_y": tf.stack([episodes["support_y"]] * 3, axis=1),
+              "query_x": episodes["query_x"], "query_y": episodes["query_y"]}
+    meta = tfmeta.MAML(learner, inner_steps=3)
+    for got, expected in zip(meta.compute_meta_gradients(stream)[0], meta.compute_meta_gradients(episodes)[0]):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="keys of one of the kinds of tfmeta.episodes"):
+        meta.compute_meta_gradients({"support_x": episodes["support_x"], "query_x": episodes["query_x"]})
 
 
 def test_surface_loss_with_wrong_shapes():

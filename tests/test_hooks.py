@@ -58,8 +58,9 @@ def test_imaml_adapts_and_meta_learns_on_support_streams():
     """iMAML's Hessian is of the support loss on all of the task's support data: on a stream that repeats one
     batch at every step, the meta-gradient is the one of that batch as a plain support set."""
     episodes = random_episodes(tasks=2, support=4)
-    stream = dict(episodes, support_x=tf.repeat(episodes["support_x"][:, None], 3, axis=1),
-                  support_y=tf.repeat(episodes["support_y"][:, None], 3, axis=1))
+    stream = {"stream_x": tf.repeat(episodes["support_x"][:, None], 3, axis=1),
+              "stream_y": tf.repeat(episodes["support_y"][:, None], 3, axis=1),
+              "query_x": episodes["query_x"], "query_y": episodes["query_y"]}
     learner = linear_learner()
     meta = tfmeta.IMAML(learner, update_rule=tfmeta.Sgd(0.1), inner_steps=3, cg_steps=2)
     expected, _, _ = meta.compute_meta_gradients(episodes)
@@ -93,20 +94,23 @@ def magic_box(x):
 
 @keras.saving.register_keras_serializable(package="tfmeta_tests")
 class BanditMAML(tfmeta.MAML):
-    """MAML-RL on a two-armed bandit through the two objective hooks. An episode is a task's expected reward per arm,
-    {"rewards": [tasks, 2]}; the learner maps a constant input to the policy's logits. The inner objective samples
-    `samples` pulls from the current policy and is the score-function surrogate −mean(log π(a) r(a)); the outer
-    objective samples one pull from the adapted policy. The expected post-adaptation return depends on θ also through
-    the distribution of the pre-update pulls: with `dice=True` the outer objective's magic box covers their
-    log-probabilities under the policy that sampled them (`start`), which supplies that term (DiCE; ProMP's
-    correct MAML-RL estimator); `dice=False` is the naive surrogate that omits it."""
+    """MAML-RL on a two-armed bandit through the two objective hooks. An episode is a rollout episode
+    (`tfmeta.episodes`): the task's expected reward per arm, {"task": [tasks, 2]}; the learner maps a constant input
+    to the policy's logits. The inner objective samples `samples` pulls from the current policy and is the
+    score-function surrogate −mean(log π(a) r(a)); the outer objective samples one pull from the adapted policy.
+    The expected post-adaptation return depends on θ also through the distribution of the pre-update pulls: with
+    `dice=True` the outer objective's magic box covers their log-probabilities under the policy that sampled them
+    (`start`), which supplies that term (DiCE; ProMP's correct MAML-RL estimator); `dice=False` is the naive
+    surrogate that omits it."""
 
     def __init__(self, learner, samples=2, dice=True, **kwargs):
         super().__init__(learner, **kwargs)
         self.samples, self.dice = samples, dice
 
     def check_episodes(self, episodes):
-        return {"rewards": tf.ensure_shape(tf.convert_to_tensor(episodes["rewards"]), [None, 2])}
+        if tfmeta.episodes.kind_of(episodes) != "rollout":
+            raise ValueError(f"BanditMAML takes rollout episodes ('task': rewards [tasks, 2]); got {sorted(episodes)}.")
+        return {"task": tf.ensure_shape(tf.convert_to_tensor(episodes["task"]), [None, 2])}
 
     def pulls(self, params, slow, state, seed, count):
         logits, _ = self.forward(params, slow, state, tf.ones([1, 1], params[0].dtype), training=False)
@@ -116,14 +120,14 @@ class BanditMAML(tfmeta.MAML):
     def inner_objective(self, fast, slow, state, episode, step, *, training, seed=None, start=None):
         log_probs, arms = self.pulls(fast, slow, state, tf.random.experimental.stateless_fold_in(seed, step),
                                      self.samples)
-        return -tf.reduce_mean(log_probs * tf.gather(episode["rewards"], arms)), state
+        return -tf.reduce_mean(log_probs * tf.gather(episode["task"], arms)), state
 
     def outer_objective(self, fast, slow, state, episode, *, training, step=None, seed=None, start=None):
         log_probs, arms = self.pulls(fast, slow, state, tf.random.experimental.stateless_fold_in(seed, -1), 1)
         if self.dice:  # the pre-update pulls (inner step 0, the same seed), under the policy that drew them
             pre, _ = self.pulls(start, slow, state, tf.random.experimental.stateless_fold_in(seed, 0), self.samples)
             log_probs += tf.reduce_sum(pre)
-        rewards = tf.gather(episode["rewards"], arms)
+        rewards = tf.gather(episode["task"], arms)
         return -tf.reduce_mean(magic_box(log_probs) * rewards), {}, state
 
 
@@ -154,7 +158,7 @@ def exact_bandit_meta_gradient():
 
 def per_task_meta_gradients(meta, tasks):
     seeds = tf.random.experimental.stateless_split(tf.constant([1, 2], tf.int64), tasks)
-    one = tf.function(lambda seed: meta.task_gradients({"rewards": tf.constant(REWARDS)}, [], seed)[0][0][0])
+    one = tf.function(lambda seed: meta.task_gradients({"task": tf.constant(REWARDS)}, [], seed)[0][0][0])
     return tf.map_fn(one, seeds, fn_output_signature=tf.TensorSpec([2], tf.float64)).numpy()
 
 
@@ -168,7 +172,7 @@ def test_bandit_meta_gradient_matches_the_enumerated_exact_gradient_including_th
     assert error(correct) < 4, (correct[:, 0].mean(), exact[0])
     assert error(naive) > 10, (naive[:, 0].mean(), exact[0])  # the naive surrogate misses the sampling term
     # The engine's meta-batch path: the mean over a batch of tasks, each with its own seed.
-    grads, _, _ = bandit().compute_meta_gradients({"rewards": tf.constant(np.tile(REWARDS, (tasks, 1)))})
+    grads, _, _ = bandit().compute_meta_gradients({"task": tf.constant(np.tile(REWARDS, (tasks, 1)))})
     assert abs(grads[0][0, 0] - exact[0]) < 4 * correct[:, 0].std() / np.sqrt(tasks)
 
 
@@ -182,7 +186,7 @@ def test_hooks_give_the_same_meta_gradient_eagerly_in_a_tf_function_and_under_xl
     """Under XLA, TensorFlow's stateless random ops draw other numbers than its CPU kernels, so the sampling bandit
     is compared eagerly and in a `tf.function` only."""
     meta = make()
-    task = {"rewards": tf.constant(REWARDS)} if isinstance(meta, BanditMAML) else {
+    task = {"task": tf.constant(REWARDS)} if isinstance(meta, BanditMAML) else {
         k: v[0] for k, v in random_episodes(tasks=1).items()}
     seed = tf.constant([3, 4], tf.int64)
     run = lambda: meta.task_gradients(task, [], seed)[0]  # noqa: E731

@@ -109,7 +109,7 @@ def test_multi_shot_alphabet_tasks(omniglot_dir):
     assert train.dropped == ["Tagalog"] and "Tagalog" not in train.groups  # 17 characters: no 20-way task
     assert test.groups == sorted(data.MULTI_SHOT_TEST_ALPHABETS) and not set(train.groups) & set(test.groups)
     episodes = train.sample(np.array([0, 1], np.int64), 2)
-    assert episodes["support_x"].shape == (2, 100, 20, 28, 28, 1) and episodes["query_x"].shape == (2, 100, 28, 28, 1)
+    assert episodes["stream_x"].shape == (2, 100, 20, 28, 28, 1) and episodes["query_x"].shape == (2, 100, 28, 28, 1)
 
 
 MULTI_SHOT = ["Experiment.num_steps = 2", "Experiment.steps_per_epoch = 1", "Experiment.meta_batch_size = 2",

@@ -406,9 +406,9 @@ def test_bad_input_raises_clear_errors():
 def test_continual_sine_streams_visit_their_intervals_in_order():
     tasks = tfmeta.tasks.ContinualSineTasks(sub_tasks=5, steps_per_sub_task=3, batch_size=2, query_size=4)
     episodes = tasks.sample(tf.constant([1, 2], tf.int64), 3)
-    assert episodes["support_x"].shape == (3, 15, 2, 1) and episodes["query_x"].shape == (3, 5, 4, 1)
+    assert episodes["stream_x"].shape == (3, 15, 2, 1) and episodes["query_x"].shape == (3, 5, 4, 1)
     interval = lambda x: np.floor((np.array(x) + 5) / 2).astype(int)  # noqa: E731
-    np.testing.assert_array_equal(interval(episodes["support_x"])[..., 0], np.repeat(np.arange(5), 3)[None, :, None]
+    np.testing.assert_array_equal(interval(episodes["stream_x"])[..., 0], np.repeat(np.arange(5), 3)[None, :, None]
                                   * np.ones((3, 1, 2), int))
     np.testing.assert_array_equal(interval(episodes["query_x"])[..., 0],
                                   np.arange(5)[None, :, None] * np.ones((3, 1, 4)))
@@ -424,8 +424,8 @@ def continual_learner():
 
 def continual_episodes(tasks=2, sub_tasks=3, steps=2, batch=3, points=4):
     rng = np.random.default_rng(0)
-    return {"support_x": rng.normal(size=(tasks, sub_tasks * steps, batch, 2)),
-            "support_y": rng.normal(size=(tasks, sub_tasks * steps, batch, 1)),
+    return {"stream_x": rng.normal(size=(tasks, sub_tasks * steps, batch, 2)),
+            "stream_y": rng.normal(size=(tasks, sub_tasks * steps, batch, 1)),
             "query_x": rng.normal(size=(tasks, sub_tasks, points, 2)),
             "query_y": rng.normal(size=(tasks, sub_tasks, points, 1))}
 
@@ -565,15 +565,17 @@ def test_a_stream_of_support_batches_feeds_one_batch_per_inner_step():
     rng = np.random.default_rng(0)
     xs, ys = rng.normal(size=(2, 4, 2)), rng.normal(size=(2, 4, 1))
     fast, slow = meta.read_params()
-    adaptation = meta.adapt_params(fast, slow, [], tf.constant(xs), tf.constant(ys), 3, training=True)
+    adaptation = meta.adapt_episode(fast, slow, [], {"stream_x": tf.constant(xs), "stream_y": tf.constant(ys)}, 3,
+                                    training=True)
     w = w0
     for k in range(3):
         x, y = xs[k % 2], ys[k % 2]
         w = w - 0.1 * 2 * x.T @ (x @ w - y) / len(x)
     np.testing.assert_allclose(np.array(adaptation.params[0]), w, rtol=1e-12)
     episodes = random_episodes(tasks=2)
-    stream = dict(episodes, support_x=tf.stack([episodes["support_x"]] * 3, axis=1),
-                  support_y=tf.stack([episodes["support_y"]] * 3, axis=1))
+    stream = {"stream_x": tf.stack([episodes["support_x"]] * 3, axis=1),
+              "stream_y": tf.stack([episodes["support_y"]] * 3, axis=1),
+              "query_x": episodes["query_x"], "query_y": episodes["query_y"]}
     learner = warp.insert_warps(small_mlp(), warp.WarpDense, after="hidden_*")
     for meta in (tfmeta.MAML(learner, inner_steps=2), tfmeta.WarpGrad(learner, inner_steps=2)):
         np.testing.assert_allclose(meta.evaluate_tasks(stream)["loss"], meta.evaluate_tasks(episodes)["loss"],
@@ -588,8 +590,9 @@ def test_a_stream_of_support_batches_feeds_one_batch_per_inner_step():
 
 def test_metric_learners_reject_a_stream_of_support_batches():
     episodes = classification_episodes()
-    stream = dict(episodes, support_x=tf.stack([episodes["support_x"]] * 2, axis=1),
-                  support_y=tf.stack([episodes["support_y"]] * 2, axis=1))
+    stream = {"stream_x": tf.stack([episodes["support_x"]] * 2, axis=1),
+              "stream_y": tf.stack([episodes["support_y"]] * 2, axis=1),
+              "query_x": episodes["query_x"], "query_y": episodes["query_y"]}
     protonet = tfmeta.PrototypicalNetwork(tfmeta.models.conv_net(input_shape=(6, 6, 1), outputs=None, filters=4,
                                                                  blocks=1, batch_norm_statistics="running",
                                                                  dtype="float64"))
@@ -602,7 +605,7 @@ def test_next_batch_meta_loss_is_the_query_loss_on_the_streams_next_batch():
     query set holding that batch gives; a non-stream episode is refused."""
     rng = np.random.default_rng(1)
     learner = warp.insert_warps(small_mlp(), warp.WarpDense, after="hidden_*")
-    shapes = {"support_x": (3, 4, 2), "support_y": (3, 4, 1), "query_x": (7, 2), "query_y": (7, 1)}
+    shapes = {"stream_x": (3, 4, 2), "stream_y": (3, 4, 1), "query_x": (7, 2), "query_y": (7, 1)}
     stream = {k: tf.constant(rng.normal(size=shape)) for k, shape in shapes.items()}
     next_batch = tfmeta.WarpGrad(learner, inner_steps=3, meta_batch="next_batch")
     query = tfmeta.WarpGrad(learner, inner_steps=3)
@@ -611,7 +614,7 @@ def test_next_batch_meta_loss_is_the_query_loss_on_the_streams_next_batch():
         following = (step + 1) % 3
         grads, loss = next_batch.point_gradients(stream, theta, (), step, [])
         expected, expected_loss = query.point_gradients(
-            dict(stream, query_x=stream["support_x"][following], query_y=stream["support_y"][following]),
+            dict(stream, query_x=stream["stream_x"][following], query_y=stream["stream_y"][following]),
             theta, (), step, [])
         np.testing.assert_allclose(float(loss), float(expected_loss), rtol=1e-12)
         for a, b in zip(grads, expected):

@@ -7,7 +7,7 @@ reports pre/post-adaptation metrics with `evaluate`, and returns an adapted Kera
 
 import importlib
 
-from tfmeta import data, distribute, layers, metric, models, tasks, warp
+from tfmeta import data, distribute, episodes, layers, metric, models, tasks, warp
 from tfmeta.adapted import TransductiveModel
 from tfmeta.algorithms import IMAML, MALTML, MAML, ContinualWarpGrad, Leap, Reptile, WarpGrad
 from tfmeta.episodic import EpisodicLearner
@@ -61,6 +61,7 @@ __all__ = [
     "UpdateRule",
     "TransductiveModel",
     "data",
+    "episodes",
     "distribute",
     "evaluation",
     "experiment",

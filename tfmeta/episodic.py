@@ -15,9 +15,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfmeta import episodes as episodes_lib
 from tfmeta import distribute, losses
 
-EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
+EPISODE_KEYS = episodes_lib.SUPERVISED_KEYS
 TASK_PARALLELISM = ("auto", "map_fn", "unrolled", "vectorized_map")
 # Layers that `tf.vectorized_map` turns into batched kernels (no while-loop fallback, no state).
 VECTORIZABLE_LAYERS = (keras.layers.InputLayer, keras.layers.Dense, keras.layers.Activation, keras.layers.Flatten,
@@ -235,54 +236,46 @@ class EpisodicLearner(keras.Model):
         """Validates a batch of episodes: its static shapes here (errors at trace time), its values in the graph
         (`value_checks`: finite inputs, labels in range); returns the four arrays it uses, which depend on the
         value checks."""
-        if not isinstance(episodes, dict) or not all(k in episodes for k in EPISODE_KEYS):
-            found = sorted(episodes) if isinstance(episodes, dict) else type(episodes).__name__
-            raise ValueError(f"episodes must be a dict with keys {EPISODE_KEYS}; got {found}.")
-        e = {k: tf.convert_to_tensor(episodes[k]) for k in EPISODE_KEYS}
-        sx, sy, qx, qy = (e[k].shape for k in EPISODE_KEYS)
-        for key, shape in zip(EPISODE_KEYS, (sx, sy, qx, qy)):
+        kind = episodes_lib.kind_of(episodes)
+        if kind not in ("supervised", "stream"):
+            raise ValueError(f"{type(self).__name__} takes supervised or stream episodes (keys {EPISODE_KEYS}, or "
+                             f"{episodes_lib.STREAM_KEYS}; see tfmeta.episodes); got a {kind} episode.")
+        if kind == "stream" and not self.takes_support_streams:
+            raise ValueError(f"{type(self).__name__} takes one support set per task, not a stream of batches "
+                             "(episodes with `stream_x`, `stream_y`).")
+        keys = episodes_lib.STREAM_KEYS if kind == "stream" else EPISODE_KEYS
+        x_key, y_key = keys[:2]
+        e = {k: tf.convert_to_tensor(episodes[k]) for k in keys}
+        sx, sy, qx, qy = (e[k].shape for k in keys)
+        for key, shape in zip(keys, (sx, sy, qx, qy)):
             if shape.rank is None:
                 raise ValueError(
                     f"episodes['{key}'] has an unknown rank: Keras relaxes the traced shapes when one meta-learner "
                     "is given episodes of different ranks; give every call episodes of the same layout (or rebuild "
                     "the meta-learner).")
-        for split, x, y in (("support", sx, sy), ("query", qx, qy)):
-            if x.rank is not None and x.rank < 3:
-                raise ValueError(
-                    f"episodes['{split}_x'] must have shape [tasks, examples, features...]; got {tuple(x)}."
-                )
-            if not x[:2].is_compatible_with(y[:2]):
-                raise ValueError(
-                    f"episodes['{split}_x'] and episodes['{split}_y'] disagree on [tasks, examples]: "
-                    f"{tuple(x)} vs {tuple(y)}."
-                )
-        if sx.rank is not None and qx.rank is not None and sx.rank == qx.rank + 1:
-            # Support batches per inner step: [tasks, steps, batch, features...] (see MetaLearner.step_batch).
-            if not self.takes_support_streams:
-                raise ValueError(
-                    f"{type(self).__name__} takes one support set per task, not a stream of batches: "
-                    f"episodes['support_x'] has shape {tuple(sx)} against episodes['query_x'] {tuple(qx)}."
-                )
-            if not getattr(self.learner, "inputs", None):
-                raise ValueError(
-                    f"A stream of support batches (episodes['support_x'] of shape {tuple(sx)}) needs a learner "
-                    f"whose input shape is known (a functional or Sequential model with an Input): learner "
-                    f"'{self.learner.name}' is subclassed, so its inputs' rank cannot tell batches from examples."
-                )
+        lead = 3 if kind == "stream" else 2  # [tasks, steps, batch] or [tasks, examples]
+        for x_name, y_name, x, y, axes in ((x_key, y_key, sx, sy, lead), ("query_x", "query_y", qx, qy, 2)):
+            leading = "tasks, steps, batch" if axes == 3 else "tasks, examples"
+            if x.rank < axes + 1:
+                raise ValueError(f"episodes['{x_name}'] must have shape [{leading}, features...]; got {tuple(x)}.")
+            if not x[:axes].is_compatible_with(y[:axes]):
+                raise ValueError(f"episodes['{x_name}'] and episodes['{y_name}'] disagree on [{leading}]: "
+                                 f"{tuple(x)} vs {tuple(y)}.")
+        if kind == "stream":
             sx, sy = sx[:2].concatenate(sx[3:]), sy[:2].concatenate(sy[3:])
         if not sx[2:].is_compatible_with(qx[2:]):
             raise ValueError(
-                f"support and query features differ: episodes['support_x'] has shape {tuple(sx)}, "
+                f"support and query features differ: episodes['{x_key}'] has shape {tuple(e[x_key].shape)}, "
                 f"episodes['query_x'] has {tuple(qx)}."
             )
         if not sy[2:].is_compatible_with(qy[2:]):
             raise ValueError(
-                f"support and query targets differ: episodes['support_y'] has shape {tuple(sy)}, "
+                f"support and query targets differ: episodes['{y_key}'] has shape {tuple(e[y_key].shape)}, "
                 f"episodes['query_y'] has {tuple(qy)}."
             )
         if sx[1] == 0:
-            raise ValueError("episodes['support_x'] holds no support example (K must be >= 1).")
-        self.check_targets({"support_y": (sy[2:], e["support_y"].dtype), "query_y": (qy[2:], e["query_y"].dtype)},
+            raise ValueError(f"episodes['{x_key}'] holds no support example (K must be >= 1).")
+        self.check_targets({y_key: (sy[2:], e[y_key].dtype), "query_y": (qy[2:], e["query_y"].dtype)},
                            lambda k: f"episodes['{k}']")
         # TensorFlow escapes quotes in the messages of failed assertions: name the keys without them.
         return with_checks(e, self.value_checks(e, lambda k: f"episodes `{k}`"))
@@ -347,9 +340,7 @@ class EpisodicLearner(keras.Model):
                 "`support_x` and `support_y` must hold the same number (>= 1) of examples; got shapes "
                 f"{tuple(support_x.shape)} and {tuple(support_y.shape)}."
             )
-        stream = getattr(self, "is_stream", lambda x: False)(support_x)
-        per_example = support_y.shape[2 if stream else 1:]
-        self.check_targets({"support_y": (per_example, support_y.dtype)}, lambda k: f"`{k}`")
+        self.check_targets({"support_y": (support_y.shape[1:], support_y.dtype)}, lambda k: f"`{k}`")
         try:  # eagerly: a failed check raises here
             self.value_checks({"support_x": support_x[None], "support_y": support_y[None]}, lambda k: f"`{k}`")
         except tf.errors.InvalidArgumentError as error:
@@ -358,7 +349,12 @@ class EpisodicLearner(keras.Model):
 
     def apply_gradients(self, grads: list, variables: list) -> None:
         """Applies meta-gradients with the compiled optimizer. Under a `tf.distribute` strategy each replica
-        holds the mean over its tasks and the optimizer sums the replicas', so each is divided by their count."""
+        holds the mean over its tasks and the optimizer sums the replicas', so each is divided by their count. The
+        optimizer is built for all `meta_variables` on the first call, so that updates of subsets of them (WarpGrad's
+        warp and initialisation updates) find their slots."""
+        if not self.optimizer.built:
+            with keras.backend.name_scope(self.optimizer.name, caller=self.optimizer):
+                self.optimizer.build(self.meta_variables)
         self.optimizer.apply(distribute.replica_mean(grads), variables)
 
     def update(self, grads: list, variables: list, state: list) -> None:

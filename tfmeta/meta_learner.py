@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from tfmeta import checks
 from tfmeta import adapted as adapted_lib
+from tfmeta import episodes as episodes_lib
 from tfmeta import losses
 from tfmeta import partition as partition_lib
 from tfmeta.episodic import EpisodicLearner, Metric, merge_leading_axes, specs
@@ -199,11 +200,10 @@ class MetaLearner(EpisodicLearner):
         """`adapt_episode` on the support set `(x, y)` of a supervised task (keyword arguments: see there)."""
         return self.adapt_episode(fast, slow, state, {"support_x": x, "support_y": y}, steps, **kwargs)
 
-    def is_stream(self, x) -> bool:
-        """Whether a task's support inputs are a stream of batches [steps, batch, features...] (one per inner step,
-        e.g. the mini-batches of multi-shot adaptation) rather than one set [examples, features...]."""
-        inputs = getattr(self.learner, "inputs", None)
-        return bool(inputs) and x.shape.rank == len(inputs[0].shape) + 1
+    def is_stream(self, episode: dict) -> bool:
+        """Whether a task's support data is a stream of batches (`stream_x`, `stream_y`: one per inner step, e.g. the
+        mini-batches of multi-shot adaptation) rather than one support set (see `tfmeta.episodes`)."""
+        return episodes_lib.is_stream(episode)
 
     def check_targets(self, targets: dict, name) -> None:
         """For the losses `tfmeta.losses.target_kind` knows, the targets' per-example shape must be the learner's
@@ -232,7 +232,7 @@ class MetaLearner(EpisodicLearner):
         if losses.target_kind(self.loss_object) != "labels" or not outputs or outputs[0].shape[-1] is None:
             return checks
         ways = outputs[0].shape[-1]
-        for key in ("support_y", "query_y"):
+        for key in ("support_y", "stream_y", "query_y"):
             if key in tensors and tensors[key].dtype.is_integer:
                 labels = tf.cast(tensors[key], tf.int64)
                 checks.append(tf.debugging.assert_non_negative(labels, message=f"{name(key)} holds negative labels"))
@@ -241,23 +241,17 @@ class MetaLearner(EpisodicLearner):
                     f"{ways} outputs")))
         return checks
 
-    def step_batch(self, x, y, step):
-        """The support examples of inner step `step` (a Python int or an int tensor): all of `(x, y)`, or for a
-        stream its batch `step` (cycling when there are more steps than batches)."""
-        if not self.is_stream(x):
-            return x, y
+    def support_examples(self, episode: dict, step=None) -> tuple[tf.Tensor, tf.Tensor]:
+        """The support examples `(x, y)` of inner step `step` (a Python int or an int tensor) of a task: its support
+        set, or for a stream its batch `step` (cycling when there are more steps than batches); with `step=None`
+        all of them (a stream's batches as one set)."""
+        if not self.is_stream(episode):
+            return episode["support_x"], episode["support_y"]
+        x, y = episode["stream_x"], episode["stream_y"]
+        if step is None:
+            return merge_leading_axes(x), merge_leading_axes(y)
         index = step % tf.shape(x)[0]
         return tf.gather(x, index), tf.gather(y, index)
-
-    def support_examples(self, episode: dict, step=None) -> tuple[tf.Tensor, tf.Tensor]:
-        """The support examples `(x, y)` of inner step `step` of a task (`step_batch`), or with `step=None` all of
-        them (a stream's batches as one set)."""
-        x, y = episode["support_x"], episode["support_y"]
-        if step is not None:
-            return self.step_batch(x, y, step)
-        if self.is_stream(x):
-            return merge_leading_axes(x), merge_leading_axes(y)
-        return x, y
 
     def task_gradients(self, episode: dict, state: list, seed: tf.Tensor) -> tuple[list, dict, list]:
         """For one task: the meta-gradient for each of `meta_variables`, the scalar logs named by
@@ -425,8 +419,7 @@ class MetaLearner(EpisodicLearner):
         if not batch_statistics_layers(adapted):
             return adapted
         if batch_norm == "support":
-            examples, _ = self.support_examples({"support_x": support_x, "support_y": support_y})
-            freeze_batch_statistics(adapted, examples)
+            freeze_batch_statistics(adapted, support_x)
             return adapted
         return adapted_lib.TransductiveModel(adapted, name=f"{adapted.name}_adapted")
 

@@ -15,7 +15,8 @@ def register(cls: Optional[type] = None, *, package: str = "tfmeta") -> type | C
 
     def wrap(cls: type) -> type:
         cls = keras.saving.register_keras_serializable(package=package)(cls)
-        gin.external_configurable(cls, module=package)  # Keras layers cannot be decorated by gin itself
+        with gin.unlock_config():  # a class defined after a config was parsed (and locked) registers too
+            gin.external_configurable(cls, module=package)  # Keras layers cannot be decorated by gin itself
         return cls
 
     return wrap if cls is None else wrap(cls)

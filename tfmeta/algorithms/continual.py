@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from tfmeta import checks
+from tfmeta import episodes as episodes_lib
 from tfmeta.algorithms.warpgrad import WarpGrad
 from tfmeta.episodic import specs
 from tfmeta.inner_loop import inner_step
@@ -26,8 +27,8 @@ class ContinualWarpGrad(WarpGrad):
     meta-training), so later steps of a stream already see the updated warps. The task parameters start
     every stream from the learner's (fixed) initialisation; update rules must be stateless (e.g. `Sgd`).
 
-    Episodes: `support_x`/`support_y` [tasks, steps, batch, ...], `query_x`/`query_y` [tasks, sub_tasks, points,
-    ...], with `steps` a multiple of `sub_tasks`.
+    Episodes: streams (`tfmeta.episodes`), `stream_x`/`stream_y` [tasks, steps, batch, ...], `query_x`/`query_y`
+    [tasks, sub_tasks, points, ...], with `steps` a multiple of `sub_tasks`.
 
     Args:
       warp_interval: stream steps between warp updates.
@@ -52,10 +53,13 @@ class ContinualWarpGrad(WarpGrad):
         self.warp_interval = warp_interval
 
     def check_episodes(self, episodes: dict) -> dict:
-        e = {k: tf.convert_to_tensor(episodes[k]) for k in ("support_x", "support_y", "query_x", "query_y")}
-        sx, qx = e["support_x"].shape, e["query_x"].shape
+        if episodes_lib.kind_of(episodes) != "stream":
+            raise ValueError(f"ContinualWarpGrad takes stream episodes with keys {episodes_lib.STREAM_KEYS} (see "
+                             f"tfmeta.episodes); got keys {sorted(episodes)}.")
+        e = {k: tf.convert_to_tensor(episodes[k]) for k in episodes_lib.STREAM_KEYS}
+        sx, qx = e["stream_x"].shape, e["query_x"].shape
         if sx.rank is None or sx.rank < 4 or qx.rank is None or qx.rank < 4:
-            raise ValueError(f"continual episodes need support_x [tasks, steps, batch, features...] and query_x "
+            raise ValueError(f"continual episodes need stream_x [tasks, steps, batch, features...] and query_x "
                              f"[tasks, sub_tasks, points, features...]; got {tuple(sx)} and {tuple(qx)}.")
         if sx[1] is None or qx[1] is None or sx[1] % qx[1]:
             raise ValueError(f"the stream's steps ({sx[1]}) must be a known multiple of its sub-tasks ({qx[1]}).")
@@ -81,18 +85,19 @@ class ContinualWarpGrad(WarpGrad):
             lambda params, slow: self._meta_loss(params, slow, state, episode, sub_task))
         return grads, [tf.stop_gradient(p) for p in adapted]
 
-    def _map(self, fn, elems, signature):
-        if self.task_mapping == "vectorized_map":
-            return tf.vectorized_map(lambda args: fn(*args), elems)
-        return tf.map_fn(lambda args: fn(*args), elems, fn_output_signature=signature)
+    def _map(self, fn, theta: list, episodes: dict, signature):
+        """`fn(theta_i, episode_i)` over the tasks (`map_tasks`), with task i's parameters `theta_i` from `theta`
+        (a leading task axis)."""
+        def one_task(_, mapped):
+            return fn(mapped["theta"], {k: v for k, v in mapped.items() if k != "theta"})
+
+        return self.map_tasks(one_task, {**episodes, "theta": theta}, signature)
 
     def train_step(self, data):
         episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         episodes = self.check_episodes(episodes)
-        if not self.optimizer.built:
-            self.optimizer.build(self.meta_variables)
-        steps = episodes["support_x"].shape[1]
-        tasks = tf.shape(episodes["support_x"])[0]
+        steps = episodes["stream_x"].shape[1]
+        _, tasks = self.task_count(episodes)
         state = self.read_state()
         theta = [tf.repeat(tf.convert_to_tensor(v)[None], tasks, axis=0) for v in self._fast_variables]
         signature = (specs(self.warp_variables), specs(self._fast_variables))
@@ -107,7 +112,7 @@ class ContinualWarpGrad(WarpGrad):
 
             def body(step, theta, total, sub_task=sub_task):
                 grads, theta = self._map(lambda th, ep: self._stream_step(th, ep, step, state, sub_task),
-                                         (theta, episodes), signature)
+                                         theta, episodes, signature)
                 return step + 1, theta, [t + tf.reduce_mean(g, axis=0) for t, g in zip(total, grads)]
 
             _, theta, total = tf.while_loop(lambda step, *_, end=end: step < end, body,
@@ -119,7 +124,7 @@ class ContinualWarpGrad(WarpGrad):
         self.meta_steps.assign_add(1)
         _, slow = self.read_params()
         final = self._map(lambda th, ep: self._meta_loss(th, slow, state, ep, ep["query_x"].shape[0] - 1),
-                          (theta, episodes), tf.TensorSpec([], self._log_dtype))
+                          theta, episodes, tf.TensorSpec([], self._log_dtype))
         return self._update_trackers({"loss": tf.reduce_mean(final)})
 
     def train_log_names(self) -> list[str]:
@@ -131,7 +136,7 @@ class ContinualWarpGrad(WarpGrad):
         """Learns each task's stream with the current warps (no meta-updates) and returns the query loss of every
         sub-task before the stream and after each step: shape [tasks, steps + 1, sub_tasks]."""
         episodes = self.check_episodes(episodes)
-        steps, sub_tasks = episodes["support_x"].shape[1], episodes["query_x"].shape[1]
+        steps, sub_tasks = episodes["stream_x"].shape[1], episodes["query_x"].shape[1]
         state = self.read_state()
 
         def one_task(episode):

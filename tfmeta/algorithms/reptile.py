@@ -27,7 +27,7 @@ class Reptile(MetaLearner):
             raise ValueError(f"Reptile needs `inner_steps` >= 1; got {self.inner_steps}.")
 
     def task_gradients(self, episode, state, seed):
-        if not self.is_stream(episode["support_x"]):  # A stream of support batches is the task's data as it is.
+        if not self.is_stream(episode):  # A stream of support batches is the task's data as it is.
             episode = {"support_x": tf.concat([episode["support_x"], episode["query_x"]], axis=0),
                        "support_y": tf.concat([episode["support_y"], episode["query_y"]], axis=0)}
         fast, slow = self.read_params()

@@ -179,12 +179,12 @@ class WarpGrad(MetaLearner):
         if self.meta_batch == "query":
             def meta_loss_fn(adapted, slow):
                 return self.outer_objective(adapted, slow, state, episode, training=True)[0]
-        elif self.is_stream(episode["support_x"]):
+        elif self.is_stream(episode):
             def meta_loss_fn(adapted, slow):
                 return self.inner_objective(adapted, slow, state, episode, step + 1, training=True)[0]
         else:
-            raise ValueError("WarpGrad meta_batch='next_batch' needs stream episodes (support_x [tasks, steps, "
-                             f"batch, ...]); got support_x of shape {episode['support_x'].shape} for one task.")
+            raise ValueError("WarpGrad meta_batch='next_batch' needs stream episodes (`stream_x` [tasks, steps, batch, "
+                             f"...]; see tfmeta.episodes); got an episode with keys {sorted(episode)}.")
         grads, meta_loss, _ = self.warp_step(theta, rule_state, step, state, episode, meta_loss_fn)
         return grads, meta_loss
 
@@ -237,9 +237,7 @@ class WarpGrad(MetaLearner):
     def train_step(self, data):
         episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         episodes = self.check_episodes(episodes)
-        if not self.optimizer.built:  # Updates below apply to subsets of the meta-variables.
-            self.optimizer.build(self.meta_variables)
-        tasks = episodes["support_x"].shape[0]
+        tasks, dynamic_tasks = self.task_count(episodes)
         state = self.read_state()
         batch_seed = self.task_seeds.next()
         rule_template = self.update_rule.init_state([tf.convert_to_tensor(v) for v in self._fast_variables],
@@ -259,7 +257,7 @@ class WarpGrad(MetaLearner):
                       for g, context in zip(buffer["init_grads"], self._fast_context)]
 
         if self.warp_variables and self.mode == "online":
-            indices = tf.range(tf.shape(episodes["support_x"])[0] * self.inner_steps)
+            indices = tf.range(dynamic_tasks * self.inner_steps)
             if self.task_mapping == "unrolled":
                 indices = list(range(tasks * self.inner_steps))
             warp_grads = self._warp_gradients(episodes, buffer, indices, state, rule_template)

@@ -25,9 +25,9 @@ class GroupTasks(TaskDistribution):
     Groups with fewer than `ways` classes are dropped; a task draws its group uniformly, then `ways` of the
     group's classes without replacement, labelled 0..ways-1 in a random order.
 
-    Episodes: `support_x` [tasks, steps, batch_size, H, W, C] (one batch per inner step, see
-    `MetaLearner.step_batch`), `support_y` [tasks, steps, batch_size], `query_x` [tasks, ways * test_examples,
-    H, W, C] (not augmented), `query_y`.
+    Episodes are streams (`tfmeta.episodes`): `stream_x` [tasks, steps, batch_size, H, W, C] (one batch per inner
+    step, see `MetaLearner.support_examples`), `stream_y` [tasks, steps, batch_size], `query_x` [tasks, ways *
+    test_examples, H, W, C] (not augmented), `query_y`.
     """
 
     def __init__(self, classes: ClassImages, ways: int = 20, train_examples: int = 15, test_examples: int = 5,
@@ -87,8 +87,8 @@ class GroupTasks(TaskDistribution):
 
         query_x = tf.gather(self._images[:, :self.test_examples], chosen)  # [tasks, ways, test_examples, ...]
         query_y = tf.broadcast_to(labels[..., None], [num_tasks, self.ways, self.test_examples])
-        return {"support_x": tf.reshape(support_x, [num_tasks, self.steps, self.batch_size, *self.image_shape]),
-                "support_y": tf.reshape(support_y, [num_tasks, self.steps, self.batch_size]),
+        return {"stream_x": tf.reshape(support_x, [num_tasks, self.steps, self.batch_size, *self.image_shape]),
+                "stream_y": tf.reshape(support_y, [num_tasks, self.steps, self.batch_size]),
                 "query_x": tf.reshape(query_x, [num_tasks, self.ways * self.test_examples, *self.image_shape]),
                 "query_y": tf.reshape(query_y, [num_tasks, self.ways * self.test_examples])}
 

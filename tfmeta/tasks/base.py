@@ -11,8 +11,8 @@ from tfmeta import checks
 
 
 class TaskDistribution(abc.ABC):
-    """A distribution over tasks. An episode batch is a dict of `support_x`, `support_y`, `query_x`, `query_y`
-    with a leading task dimension."""
+    """A distribution over tasks. An episode batch is a dict of one of the kinds of `tfmeta.episodes` (e.g.
+    `support_x`, `support_y`, `query_x`, `query_y`) with a leading task dimension."""
 
     @abc.abstractmethod
     def sample(self, seed: tf.Tensor, num_tasks: int) -> dict[str, tf.Tensor]:

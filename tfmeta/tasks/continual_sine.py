@@ -21,9 +21,9 @@ class ContinualSineTasks(TaskDistribution):
     not public).
     `order="random"` presents the intervals in a random order per task instead of left to right.
 
-    Episode layout (with the leading task axis of every batch): `support_x`, `support_y` [steps, batch_size, 1]
-    are the stream's batches; `query_x`, `query_y` [sub_tasks, query_size, 1] hold held-out points of each
-    sub-task in the order presented, for the meta-objective and the evaluation.
+    Episodes are streams (`tfmeta.episodes`; with the leading task axis of every batch): `stream_x`, `stream_y`
+    [steps, batch_size, 1] are the stream's batches; `query_x`, `query_y` [sub_tasks, query_size, 1] hold held-out
+    points of each sub-task in the order presented, for the meta-objective and the evaluation.
     """
 
     def __init__(self, sub_tasks: int = 5, steps_per_sub_task: int = 20, batch_size: int = 5,
@@ -71,4 +71,4 @@ class ContinualSineTasks(TaskDistribution):
         stream_interval = tf.repeat(order, self.steps_per_sub_task, axis=1)
         x = points(stream_interval, [num_tasks, self.steps, self.batch_size, 1], stream_seed)
         qx = points(order, [num_tasks, self.sub_tasks, self.query_size, 1], query_seed)
-        return {"support_x": x, "support_y": target(x), "query_x": qx, "query_y": target(qx)}
+        return {"stream_x": x, "stream_y": target(x), "query_x": qx, "query_y": target(qx)}

@@ -20,13 +20,12 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
+from tfmeta.episodes import FAMILY_KEYS, GOAL_KEYS, SUPERVISED_KEYS  # noqa: F401  (re-exported)
 from tfmeta import checks
 from tfmeta.tasks.base import TaskDistribution
 from tfmeta.tasks.sine import SineTasks, _check_range
 
-TASK_KEYS = ("support_x", "support_y", "query_x", "query_y")
-GOAL_KEYS = tuple(f"goal_{k}" for k in TASK_KEYS)
-FAMILY_KEYS = TASK_KEYS + GOAL_KEYS
+TASK_KEYS = SUPERVISED_KEYS
 
 
 class TaskFamilies(TaskDistribution):
