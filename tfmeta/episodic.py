@@ -353,7 +353,7 @@ class EpisodicLearner(keras.Model):
         optimizer is built for all `meta_variables` on the first call, so that updates of subsets of them (WarpGrad's
         warp and initialisation updates) find their slots."""
         if not self.optimizer.built:
-            with keras.backend.name_scope(self.optimizer.name, caller=self.optimizer):
+            with keras.name_scope(self.optimizer.name, caller=self.optimizer):
                 self.optimizer.build(self.meta_variables)
         self.optimizer.apply(distribute.replica_mean(grads), variables)
 

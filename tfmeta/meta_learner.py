@@ -319,9 +319,16 @@ class MetaLearner(EpisodicLearner):
 
     def train_step(self, data):
         episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)  # `train_on_batch` passes (x, None, None)
+        return self._update_trackers(self.meta_update(episodes))
+
+    def meta_update(self, episodes: dict) -> dict:
+        """One meta-step on a batch of episodes: returns its logs (named by `train_log_names`). By default one
+        optimizer update with the mean meta-gradient (`compute_meta_gradients`); an algorithm that updates several
+        times per meta-step, or keeps buffers (WarpGrad's warp updates, ContinualWarpGrad's streams), overrides
+        this and reuses `map_meta_batch`, `apply_gradients` and `merge_task_states`."""
         grads, logs, state = self.compute_meta_gradients(episodes)
         self.update(grads, self.meta_variables, state)
-        return self._update_trackers(logs)
+        return logs
 
     def evaluate_tasks(
         self, episodes: dict, steps: Optional[int] = None, at_steps: Optional[Sequence[int]] = None

@@ -93,8 +93,7 @@ class ContinualWarpGrad(WarpGrad):
 
         return self.map_tasks(one_task, {**episodes, "theta": theta}, signature)
 
-    def train_step(self, data):
-        episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+    def meta_update(self, episodes: dict) -> dict:
         episodes = self.check_episodes(episodes)
         steps = episodes["stream_x"].shape[1]
         _, tasks = self.task_count(episodes)
@@ -125,7 +124,7 @@ class ContinualWarpGrad(WarpGrad):
         _, slow = self.read_params()
         final = self._map(lambda th, ep: self._meta_loss(th, slow, state, ep, ep["query_x"].shape[0] - 1),
                           theta, episodes, tf.TensorSpec([], self._log_dtype))
-        return self._update_trackers({"loss": tf.reduce_mean(final)})
+        return {"loss": tf.reduce_mean(final)}
 
     def train_log_names(self) -> list[str]:
         return ["loss"]

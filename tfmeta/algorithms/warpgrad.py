@@ -234,8 +234,7 @@ class WarpGrad(MetaLearner):
 
     # -------------------------------------------------------------------------------------------- training
 
-    def train_step(self, data):
-        episodes, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+    def meta_update(self, episodes: dict) -> dict:
         episodes = self.check_episodes(episodes)
         tasks, dynamic_tasks = self.task_count(episodes)
         state = self.read_state()
@@ -268,7 +267,7 @@ class WarpGrad(MetaLearner):
             self.apply_gradients(init_grads, self._fast_variables)
         self.meta_steps.assign_add(1)
         self.assign_state(self.reduce_state(self.merge_task_states(buffer["state"]), after=self._fast_variables))
-        return self._update_trackers({k: tf.reduce_mean(v) for k, v in buffer["logs"].items()})
+        return {k: tf.reduce_mean(v) for k, v in buffer["logs"].items()}
 
     def _offline_updates(self, episodes, buffer, tasks, state, rule_template, seed) -> None:
         """Algorithm 2: warp updates on mini-batches of `warp_batch_size` buffer points drawn without replacement."""
