@@ -128,3 +128,14 @@ def test_evaluation_reports_the_predictive_mean_over_the_sample_axis():
     assert set(results) == {"loss", "predictive_mse"} and results["predictive_mse"].shape == (3, 2)
     # The predictive mean's error is below the samples' mean error (Jensen; strictly, as the samples differ).
     assert np.all(np.array(results["predictive_mse"]) < np.array(results["loss"]))
+
+
+def test_the_sampled_meta_gradient_is_the_same_eagerly_and_in_a_tf_function():
+    """(Under XLA, `keras.random` draws other numbers than TensorFlow's CPU kernels.)"""
+    meta = SampledMAML(sampled_learner(), update_rule=tfmeta.Sgd(0.1), inner_steps=2, samples=2)
+    episode = {k: v[0] for k, v in random_episodes(tasks=1).items()}
+    state = meta.read_state()
+    run = lambda: meta.task_gradients(episode, state, tf.constant([1, 2], tf.int64))[0]  # noqa: E731
+    eager = [g.numpy() for g in run()]
+    for got, expected in zip(tf.function(run)(), eager):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
