@@ -1,10 +1,11 @@
 """`EpisodicLearner`: the base of every meta-learner, a Keras model trained with `fit` on batches of episodes.
 
-An episode batch is a dict of `support_x`, `support_y`, `query_x`, `query_y`, each with a leading task
-dimension. Subclasses define how a meta-batch trains the model (`train_step`), how a task is evaluated after
-adapting to its support set (`evaluate_tasks`) and what `adapt` returns; this class holds what they share:
-the learner, the task loss and metrics, episode validation, per-task mapping, `test_step` and logging.
-Gradient-based meta-learners derive from `tfmeta.MetaLearner`, metric learners from `tfmeta.MetricLearner`.
+An episode batch is a dict of one of the kinds of `tfmeta.episodes` (e.g. `support_x`, `support_y`, `query_x`,
+`query_y`), each array with a leading task dimension. Subclasses define how a meta-batch trains the model
+(`train_step`), how a task is evaluated after adapting to its support set (`evaluate_tasks`) and what `adapt`
+returns; this class holds what they share: the learner, the task loss and metrics, episode validation, per-task
+mapping, `test_step`, logging and how the learner serves (`serve`, for `tfmeta.export`). Gradient-based
+meta-learners derive from `tfmeta.MetaLearner`, metric learners from `tfmeta.MetricLearner`.
 """
 
 from __future__ import annotations

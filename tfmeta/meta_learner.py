@@ -1,10 +1,12 @@
 """`MetaLearner`: the base of gradient-based meta-learners, which adapt a learner model by an inner loop.
 
-An episode batch is a dict of `support_x`, `support_y`, `query_x`, `query_y`, each with a leading task
-dimension (see `tfmeta.episodic`). `train_step` computes one meta-gradient per task (`task_gradients`, the
-only thing an algorithm defines), averages them over the tasks and applies them with the compiled Keras
-optimizer. `test_step` adapts to each task's support set and reports the query loss and metrics before and
-after adaptation.
+Episodes are supervised or stream episodes (`tfmeta.episodes`), with a leading task dimension. `train_step` runs
+`meta_update`: by default one meta-gradient per task (`task_gradients`, mapped over the batch by `map_meta_batch`),
+averaged over the tasks and applied with the compiled Keras optimizer. `test_step` adapts to each task's support
+data and reports the query loss and metrics before and after adaptation. An algorithm states what differs through
+four hooks (docs/architecture.md, "Contracts"): `inner_objective` (what the inner loop minimises),
+`outer_objective` (the task's objective after adaptation), `task_gradients` (one task's meta-gradient) and
+`meta_update` (what a meta-step does with a batch).
 
 The learner is adapted functionally: its variables are read once per task and every adapted forward pass goes
 through `learner.stateless_call` with substituted parameter values; the inner loop never writes a variable.
