@@ -68,6 +68,9 @@ def test_imaml_adapts_and_meta_learns_on_support_streams():
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     assert any(np.any(np.array(g) != 0) for g in got)
+    fast, slow = meta.read_params()
+    with pytest.raises(ValueError, match="pass `start`"):  # the proximal term needs the adaptation's start
+        meta.inner_objective(fast, slow, [], {k: v[0] for k, v in episodes.items()}, 0, training=True)
 
 
 def test_meta_gradients_for_lays_out_any_subset_of_the_meta_variables():

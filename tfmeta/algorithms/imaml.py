@@ -78,6 +78,9 @@ class IMAML(MetaLearner):
 
     def inner_objective(self, fast, slow, state, episode, step, *, training, seed=None, start=None):
         """The support loss plus the proximal term (λ/2)‖φ − θ‖² to the start θ of the adaptation (a constant)."""
+        if start is None:
+            raise ValueError("IMAML's inner objective is proximal to where the adaptation started: pass `start` (the "
+                             "fast parameters the inner loop starts from, as `adapt_episode` does).")
         loss, state = super().inner_objective(fast, slow, state, episode, step, training=training, seed=seed)
         proximal = tf.add_n([tf.reduce_sum(tf.square(p - tf.stop_gradient(a))) for p, a in zip(fast, start)])
         return loss + tf.cast(self.regularization / 2, proximal.dtype) * proximal, state
