@@ -94,6 +94,20 @@ def test_fused_float32_batch_norm_equals_exact_float64_to_second_order():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_fused_backward_kernel_only_where_no_tape_differentiates_the_backward():
+    """The meta-gradient runs every batch norm's backward pass through TensorFlow's fused kernel, once per forward
+    pass; the support passes' gradients, which MAML differentiates again, run in ordinary ops (with the fused kernel
+    there, oneDNN's rewrite made cyclic graphs: see `batch_norm._fused_batch_norm`)."""
+    meta = tfmeta.MAML(small_conv(activation="relu", pooling="max", dtype="float32"), update_rule=tfmeta.Sgd(0.5),
+                       inner_steps=2, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    episodes = {k: v if v.dtype.is_integer else tf.cast(v, tf.float32) for k, v in classification_episodes().items()}
+    graph = tf.function(meta.compute_meta_gradients).get_concrete_function(episodes).graph.as_graph_def()
+    ops = [node.op for function in graph.library.function for node in function.node_def] + [n.op for n in graph.node]
+    forward, backward = ops.count("FusedBatchNormV3"), ops.count("FusedBatchNormGradV3")
+    assert forward == 2 * 3  # two blocks, each in two support passes and one query pass
+    assert backward == forward
+
+
 def test_keras_batch_norm_warns_and_exact_copy_does_not():
     learner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization(),
                                 keras.layers.Dense(1)])

@@ -7,6 +7,7 @@ import warnings
 import keras
 import tensorflow as tf
 from keras import ops
+from tensorflow.python.eager import record
 
 STATISTICS = ("batch", "running")
 
@@ -25,9 +26,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
       "running": the moving averages, as Keras does.
     In training (`training=True`) the layer always uses batch statistics and updates the moving averages.
 
-    Batch statistics over the last axis in float32 run forward as TensorFlow's fused batch norm kernel, with the
-    analytic backward formula as its gradient (exact to any order); other cases (masks, other axes or dtypes)
-    compute the moments in separate ops as above.
+    Batch statistics over the last axis in float32 run as TensorFlow's fused batch norm kernels, with the analytic
+    backward formula in ordinary ops wherever the backward pass is itself differentiated (exact to any order; see
+    `_fused_batch_norm`); other cases (masks, other axes or dtypes) compute the moments in separate ops as above.
     """
 
     def __init__(self, statistics: str = "batch", **kwargs):
@@ -100,20 +101,34 @@ class BatchNormalization(keras.layers.BatchNormalization):
 def _fused_batch_norm(x, gamma, beta, epsilon: float):
     """Training-mode batch norm over NHWC `x`: `(y, batch mean, unbiased batch variance)`.
 
-    The forward pass is TensorFlow's fused kernel; the backward pass is the analytic formula in ordinary ops, so
-    that it differentiates again exactly (MAML's second order through a support pass). TensorFlow's fused
-    backward kernel is faster (conv4 MAML steps about 20% shorter), but graphs holding it and its derivative
-    (TensorFlow's registered one, or a tape-free hand-derived one) failed intermittently with "N nodes in a
-    cycle" under Meta-SGD (tests/test_omniglot.py)."""
+    The forward pass is TensorFlow's fused kernel. Its gradient is TensorFlow's fused backward kernel when no
+    gradient tape records the backward pass (a query pass's backward, or first-order training), and the
+    analytic formula in ordinary ops when one does (MAML differentiates its support passes' gradients), so
+    that the second derivative is exact.
+
+    Why not the fused backward kernel everywhere: when a support pass's gradient is differentiated again, the
+    gradient at a convolution's output feeds two filter-gradient ops (the convolution's own, and the second-order
+    one of its input gradient). oneDNN's graph rewrite merges a bias gradient with the first filter-gradient op it
+    finds on that tensor, in no fixed order; merged with the second-order one, the graph holds a cycle
+    ("N nodes in a cycle", seen in half of the runs of Meta-SGD's Omniglot test with the fused backward kernel
+    under the support pass). Keeping the support pass's backward in ordinary ops keeps that graph as it was."""
     epsilon = max(epsilon, 1.001e-5)  # the fused kernel's minimum
+    empty = tf.constant([], x.dtype)
 
     @tf.custom_gradient
     def forward(x, gamma, beta):
-        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, epsilon=epsilon, is_training=True)
+        y, mean, variance, *reserve = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon, data_format="NHWC",
+            is_training=True)
 
         def backward(dy, dmean, dvariance):
             del dmean, dvariance  # the statistics only feed the moving averages, under a stop-gradient
-            return _batch_norm_backward(dy, x, gamma, epsilon)
+            if record.could_possibly_record():  # this backward pass is itself differentiated
+                return _batch_norm_backward(dy, x, gamma, epsilon)
+            dx, dgamma, dbeta, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy, x=x, scale=gamma, reserve_space_1=reserve[0], reserve_space_2=reserve[1],
+                reserve_space_3=reserve[2], epsilon=epsilon, data_format="NHWC", is_training=True)
+            return dx, dgamma, dbeta
 
         return (y, mean, variance), backward
 
