@@ -8,6 +8,7 @@ import threading
 from typing import Any, Callable, Iterator, Optional, Union
 
 import tensorflow as tf
+from tensorflow.python.eager import record
 
 from tfmeta.update_rules import UpdateRule
 
@@ -115,9 +116,10 @@ def inner_step(
         loss, state = loss_fn(params, state, step)
         if check_finite:
             loss = check_finite_loss(loss, step)
-    grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    if first_order:
-        grads = [tf.stop_gradient(g) for g in grads]
+    # First order: no enclosing tape records the gradient's ops, so they are constants to it (and batch norm's
+    # backward may run as its fused kernel, `layers.batch_norm._fused_batch_norm`).
+    with record.stop_recording() if first_order else contextlib.nullcontext():
+        grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     updates, rule_state = rule.update(grads, rule_state, params, step, loss=loss)
     return Step(loss=loss, grads=grads, updates=list(updates), params=[p + u for p, u in zip(params, updates)],
                 state=list(state), rule_state=rule_state)
