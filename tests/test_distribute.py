@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import tensorflow as tf
 from conftest import free_ports
 
 import tfmeta
@@ -138,3 +139,23 @@ def test_strategy_errors():
     with pytest.raises(ValueError, match="TF_CONFIG"):
         os.environ.pop("TF_CONFIG", None)
         tfmeta.distribute.make_strategy("multi_worker_mirrored")
+
+
+def test_thread_pools_are_set_before_the_first_op_and_refused_after_it():
+    pools = run("""
+import json
+from tfmeta import distribute
+import tensorflow as tf
+distribute.set_thread_pools(intra_op=1, inter_op=3)
+distribute.set_thread_pools(intra_op=1)  # the same pools again, after nothing ran: a no-op
+tf.constant(1.0) + 1.0
+distribute.set_thread_pools(1, 3)  # unchanged after the first op: a no-op too
+c = tf.config.threading
+print(json.dumps([c.get_intra_op_parallelism_threads(), c.get_inter_op_parallelism_threads()]))
+""")
+    assert pools == [1, 3]
+    tf.constant(1.0) + 1.0  # this process now runs ops with TensorFlow's own pools: a change is refused
+    with pytest.raises(RuntimeError, match="cannot set `intra_op` to 1: TensorFlow has already run an op"):
+        tfmeta.distribute.set_thread_pools(intra_op=1)
+    with pytest.raises(ValueError, match="`inter_op` must be an integer >= 0"):
+        tfmeta.distribute.set_thread_pools(inter_op=-2)

@@ -142,6 +142,10 @@ class Experiment:
         "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu"), which splits each meta-batch of
         tasks across its replicas (`meta_batch_size` must be a multiple of their number); XLA is off under a
         strategy with several replicas (it fails there on TF 2.21).
+      intra_op_threads, inter_op_threads: TensorFlow's CPU thread pools (0: TensorFlow's choice), set when the
+        experiment is built, which must come before TensorFlow runs any op (the tools set them first thing).
+        `tfmeta.distribute.set_thread_pools` says when `intra_op_threads = 1` pays: conv learners with several
+        tasks per meta-batch.
     """
 
     def __init__(
@@ -167,6 +171,8 @@ class Experiment:
         strategy: str = "default",
         tpu: Optional[str] = None,
         devices: Optional[Sequence[str]] = None,
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
     ):
         if num_steps < 0 or steps_per_epoch < 1 or num_steps % steps_per_epoch:
             raise ValueError(
@@ -204,6 +210,7 @@ class Experiment:
         if strategy not in distribute.STRATEGIES:
             raise ValueError(f"`strategy` must be one of {distribute.STRATEGIES}; got {strategy!r}.")
         self.strategy, self.tpu, self.devices = strategy, tpu, devices
+        distribute.set_thread_pools(intra_op_threads, inter_op_threads)
 
     def distribution(self) -> tf.distribute.Strategy:
         """The run's `tf.distribute` strategy (created once per process)."""

@@ -23,7 +23,8 @@ def main(argv):
     from tfmeta import distribute
     from tfmeta.experiment import Experiment
 
-    # Multi-worker and TPU strategies configure the runtime: create the strategy before any other op.
+    # Thread pools, then multi-worker and TPU strategies, configure the runtime: set them before any other op.
+    distribute.set_thread_pools(*(common.gin_value(f"Experiment.{k}_op_threads", 0) for k in ("intra", "inter")))
     distribute.make_strategy(*(common.gin_value(f"Experiment.{k}", None) for k in ("strategy", "tpu", "devices")))
 
     experiment = Experiment()
