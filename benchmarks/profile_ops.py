@@ -2,6 +2,7 @@
 
   python benchmarks/profile_ops.py --workload b --steps 3
   python benchmarks/profile_ops.py --workload e --steps 2 --remat on
+  python benchmarks/profile_ops.py --workload c --steps 2 --threads 1,2
 
 Builds the workload exactly as `benchmarks/meta_step.py` does (tfmeta's defaults), runs `--warmup` untimed steps,
 then profiles `--steps` steps with `tf.profiler.experimental` and reads the trace (`*.xplane.pb`): the time of
@@ -83,12 +84,13 @@ def main():
     parser.add_argument("--xla", default="auto")
     parser.add_argument("--remat", default="off", help="rematerialise inner steps: on or off")
     parser.add_argument("--tasks", type=int, default=0, help="override the tasks per meta-batch")
+    parser.add_argument("--threads", default="default", help="INTRA,INTER thread pools, as in meta_step.py")
     parser.add_argument("--top", type=int, default=15, help="op types listed")
     parser.add_argument("--logdir", default="", help="where the trace goes (default: a temporary directory)")
     parser.add_argument("--out", default="", help="also append the JSON line to this file")
     args = parser.parse_args()
     build_args = argparse.Namespace(workload=args.workload, inner_steps="", tasks=args.tasks, seed=0,
-                                    threads="default", mode=args.mode, xla=args.xla, rematerialize=args.remat,
+                                    threads=args.threads, mode=args.mode, xla=args.xla, rematerialize=args.remat,
                                     algorithm="maml", warmup=args.warmup, steps=args.steps)
     import tensorflow as tf
 
@@ -110,7 +112,7 @@ def main():
         groups[GROUPS.get(kind, OTHER)] += s
     record = {
         "workload": args.workload, "name": config["name"], "task_mapping": meta.task_mapping,
-        "xla": bool(meta.jit_compile), "rematerialize": args.remat, "steps": args.steps,
+        "xla": bool(meta.jit_compile), "rematerialize": args.remat, "threads": args.threads, "steps": args.steps,
         "wall_s_per_step": wall, "op_s_per_step": total / args.steps, "cpus": os.cpu_count(),
         "busy_fraction": total / args.steps / (wall * os.cpu_count()),
         "groups_s_per_step": {g: s / args.steps for g, s in groups.most_common()},
