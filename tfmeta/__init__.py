@@ -20,8 +20,9 @@ from tfmeta.update_rules import (LSLR, Chain, ClipByGlobalNorm, InnerAdam, Learn
                                  MTNetMask, Sgd, UpdateRule)
 
 __version__ = "0.1.0"
-# Imported on first use: `tfmeta.export`, `tfmeta.evaluation` and `tfmeta.plotting` (matplotlib) cost import time.
-_LAZY_MODULES = ("evaluation", "experiment", "export", "plotting")
+# Imported on first use: `tfmeta.export`, `tfmeta.evaluation`, `tfmeta.calibration` (TensorFlow Probability) and
+# `tfmeta.plotting` (matplotlib) cost import time.
+_LAZY_MODULES = ("calibration", "evaluation", "experiment", "export", "plotting")
 
 
 def __getattr__(name: str):
@@ -60,6 +61,7 @@ __all__ = [
     "Sgd",
     "UpdateRule",
     "TransductiveModel",
+    "calibration",
     "data",
     "episodes",
     "distribute",
