@@ -84,3 +84,14 @@ def test_bad_input_names_the_argument():
         calibration.interval_coverage(np.zeros((2, 3)), np.ones((2, 3)), np.zeros((2, 3)), 1.5)
     with pytest.raises(ValueError, match="leading .episodes. axis"):
         calibration.bootstrap_interval(np.mean, (np.zeros(1),))
+
+
+def test_reliability_bins_are_those_of_the_expected_calibration_error():
+    """Confidences on bin edges (multiples of 1/30 with 15 bins) land in the same bin for both."""
+    rng = np.random.default_rng(3)
+    confidence = rng.integers(15, 31, size=(50, 20)) / 30
+    probabilities, labels = two_class(confidence, rng.random(confidence.shape) < 0.7)
+    bins = calibration.reliability(probabilities, labels)
+    filled = bins["count"] > 0
+    gap = np.sum(bins["count"][filled] * np.abs(bins["accuracy"] - bins["confidence"])[filled]) / bins["count"].sum()
+    assert gap == pytest.approx(calibration.expected_calibration_error(probabilities, labels), abs=1e-5)

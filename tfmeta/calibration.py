@@ -35,31 +35,37 @@ def _classification(probabilities, labels) -> tuple[np.ndarray, np.ndarray]:
     return probabilities, labels
 
 
+def _logits(probabilities, labels) -> tuple[tf.Tensor, tf.Tensor]:
+    """All episodes' queries as TFP's calibration functions take them: float32 logits (TFP applies a softmax, and
+    the log of the probabilities gives them back) and int32 labels."""
+    probabilities, labels = _classification(probabilities, labels)
+    logits = tf.math.log(tf.constant(probabilities.reshape(-1, probabilities.shape[-1]), tf.float32))
+    return logits, tf.constant(labels.reshape(-1), tf.int32)
+
+
 def expected_calibration_error(probabilities, labels, num_bins: int = 15) -> float:
     """ECE of the predicted class (the most probable one) over `num_bins` equal-width confidence bins, pooling the
     queries of all episodes: the count-weighted mean |accuracy - confidence| of the bins."""
-    probabilities, labels = _classification(probabilities, labels)
     num_bins = integer(num_bins, "num_bins", minimum=1, owner="expected_calibration_error")
-    classes = probabilities.shape[-1]
-    # TFP takes logits (it applies a softmax); the log of the probabilities gives them back.
-    logits = tf.math.log(tf.constant(probabilities.reshape(-1, classes), tf.float32))
-    return float(tfp.stats.expected_calibration_error(num_bins, logits=logits,
-                                                      labels_true=tf.constant(labels.reshape(-1), tf.int32)))
+    logits, labels = _logits(probabilities, labels)
+    return float(tfp.stats.expected_calibration_error(num_bins, logits=logits, labels_true=labels))
 
 
 def reliability(probabilities, labels, num_bins: int = 15) -> dict:
     """The bins of a reliability diagram, pooling all episodes' queries: per equal-width confidence bin, the
-    queries' `count`, mean `confidence` and `accuracy` (NaN for an empty bin), and the bins' `edges`."""
-    probabilities, labels = _classification(probabilities, labels)
+    queries' `count`, mean `confidence` and `accuracy` (NaN for an empty bin), and the bins' `edges`. The bins
+    are those of `expected_calibration_error` (TFP's: `tf.histogram_fixed_width_bins` of the softmax of the
+    logits), so that the count-weighted mean gap of these bins is that ECE."""
     num_bins = integer(num_bins, "num_bins", minimum=1, owner="reliability")
-    confidence = probabilities.max(-1).reshape(-1)
-    correct = (probabilities.argmax(-1) == labels).reshape(-1)
-    edges = np.linspace(0.0, 1.0, num_bins + 1)
-    bins = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, num_bins - 1)
+    logits, labels = _logits(probabilities, labels)
+    confidence = tf.reduce_max(tf.nn.softmax(logits), axis=1)
+    bins = tf.histogram_fixed_width_bins(confidence, [0.0, 1.0], nbins=num_bins).numpy()
+    correct = (tf.argmax(logits, axis=1, output_type=tf.int32) == labels).numpy()
     count = np.bincount(bins, minlength=num_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = lambda values: np.bincount(bins, values, minlength=num_bins) / count  # noqa: E731
-        return {"edges": edges, "count": count, "confidence": mean(confidence), "accuracy": mean(correct)}
+        return {"edges": np.linspace(0.0, 1.0, num_bins + 1), "count": count,
+                "confidence": mean(confidence.numpy()), "accuracy": mean(correct)}
 
 
 def _regression(mean, stddev, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
