@@ -7,9 +7,9 @@ reports pre/post-adaptation metrics with `evaluate`, and returns an adapted Kera
 
 import importlib
 
-from tfmeta import data, distribute, episodes, layers, metric, models, tasks, warp
+from tfmeta import data, distribute, episodes, layers, likelihoods, metric, models, tasks, warp
 from tfmeta.adapted import TransductiveModel
-from tfmeta.algorithms import IMAML, MALTML, MAML, ContinualWarpGrad, Leap, Reptile, WarpGrad
+from tfmeta.algorithms import BMAML, EMAML, IMAML, MALTML, MAML, ContinualWarpGrad, Leap, Reptile, WarpGrad
 from tfmeta.episodic import EpisodicLearner
 from tfmeta.inner_loop import Adaptation, inner_loop, inner_step
 from tfmeta.meta_learner import MetaLearner
@@ -17,7 +17,7 @@ from tfmeta.metric import MatchingNetwork, MetricLearner, PrototypicalNetwork, R
 from tfmeta.partition import Partition
 from tfmeta.registry import register
 from tfmeta.update_rules import (LSLR, Chain, ClipByGlobalNorm, InnerAdam, LearnedSgd, MetaCurvature, MetaSGD,
-                                 MTNetMask, Sgd, UpdateRule)
+                                 MTNetMask, Sgd, Svgd, UpdateRule)
 
 __version__ = "0.1.0"
 # Imported on first use: `tfmeta.export`, `tfmeta.evaluation`, `tfmeta.calibration` (TensorFlow Probability) and
@@ -32,7 +32,11 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "BMAML",
+    "EMAML",
+    "Svgd",
     "IMAML",
+    "likelihoods",
     "MALTML",
     "ContinualWarpGrad",
     "Leap",

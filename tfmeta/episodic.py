@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmeta import episodes as episodes_lib
-from tfmeta import distribute, losses
+from tfmeta import distribute, likelihoods, losses
 
 EPISODE_KEYS = episodes_lib.SUPERVISED_KEYS
 TASK_PARALLELISM = ("auto", "map_fn", "unrolled", "vectorized_map")
@@ -73,6 +73,10 @@ class EpisodicLearner(keras.Model):
         meta-batch size), "vectorized_map" (`tf.vectorized_map`: batched kernels; the fastest for small dense
         learners) or "auto" (default): "vectorized_map" for algorithms that declare it safe
         (`vectorizes_dense_learners`) on learners made only of dense layers and activations, else "map_fn".
+      likelihood: a `tfmeta.likelihoods.Likelihood` (e.g. `Normal(stddev=0.1)` for a learner trained with the mean
+        squared error): the query metrics then include its predictive NLL and, for regression, the coverage of
+        its central 50% and 90% intervals; the metrics score its point prediction (a heteroscedastic head's
+        means). None (default): no probabilistic scores.
     """
 
     takes_support_streams = False  # Gradient-based learners can take one support batch per inner step.
@@ -84,6 +88,7 @@ class EpisodicLearner(keras.Model):
         loss: Union[str, Callable] = "mse",
         metrics: Sequence[Metric] = (),
         task_parallelism: str = "auto",
+        likelihood: Optional[likelihoods.Likelihood] = None,
         name: Optional[str] = None,
     ):
         super().__init__(name=name)
@@ -101,6 +106,7 @@ class EpisodicLearner(keras.Model):
         self.loss_object = losses.get(loss)
         self.task_loss = losses.per_example(self.loss_object)
         self.task_metrics = dict(resolve_metric(m) for m in metrics)
+        self.likelihood = likelihoods.get(likelihood)
         self._log_dtype = keras.backend.standardize_dtype(learner.trainable_variables[0].dtype)
         self._trackers = {n: keras.metrics.Mean(name=n) for n in self.log_names()}
         self._checked_layouts: set = set()  # of the episodes `fit` and `evaluate` validated (`_check_data`)
@@ -141,15 +147,34 @@ class EpisodicLearner(keras.Model):
 
     def metric_names(self) -> list[str]:
         """The names of the task metrics the objectives report with the loss: `metrics`' by default; a learner
-        whose outer objective reports others (`MetaLearner.outer_objective`) overrides this."""
-        return list(self.task_metrics)
+        whose outer objective reports others (`MetaLearner.outer_objective`) overrides this. With a likelihood,
+        its scores follow (`tfmeta.likelihoods.Likelihood.scores`)."""
+        scores = self.likelihood.score_names() if self.likelihood is not None else []
+        return list(self.task_metrics) + scores
 
     def loss_value(self, y_true, y_pred) -> tf.Tensor:
         """The task loss averaged over examples."""
         return tf.reduce_mean(self.task_loss(y_true, y_pred))
 
-    def metric_values(self, y_true, y_pred) -> dict[str, tf.Tensor]:
-        return {n: tf.reduce_mean(tf.cast(fn(y_true, y_pred), self._log_dtype)) for n, fn in self.task_metrics.items()}
+    def metric_values(self, y_true, y_pred, predictive=None) -> dict[str, tf.Tensor]:
+        """The task metrics of predictions `y_pred` and, with a likelihood, its scores of the predictive
+        distribution (`predictive`, by default `self.predictive(y_pred)`)."""
+        point = self.point_prediction(y_pred)
+        values = {n: tf.reduce_mean(tf.cast(fn(y_true, point), self._log_dtype)) for n, fn in self.task_metrics.items()}
+        if self.likelihood is not None:
+            predictive = self.predictive(y_pred) if predictive is None else predictive
+            scores = self.likelihood.scores(predictive, y_true)
+            values.update({n: tf.cast(v, self._log_dtype) for n, v in scores.items()})
+        return values
+
+    def predictive(self, outputs):
+        """The predictive distribution (`tfp.distributions`) of the targets given the learner's outputs: the
+        likelihood's distribution; learners of several models (particles, samples) give the mixture."""
+        return self.likelihood.distribution(outputs)
+
+    def point_prediction(self, outputs) -> tf.Tensor:
+        """The prediction the task metrics score: the outputs, or with a likelihood its point prediction."""
+        return outputs if self.likelihood is None else self.likelihood.point(outputs[None])
 
     def evaluate_tasks(
         self, episodes: dict, steps: Optional[int] = None, at_steps: Optional[Sequence[int]] = None
@@ -399,6 +424,7 @@ class EpisodicLearner(keras.Model):
             "loss": keras.losses.serialize(self.loss_object),
             "metrics": list(self.task_metrics),
             "task_parallelism": self.task_parallelism,
+            "likelihood": None if self.likelihood is None else keras.saving.serialize_keras_object(self.likelihood),
             "name": self.name,
         }
 
@@ -407,4 +433,5 @@ class EpisodicLearner(keras.Model):
         config = dict(config)
         config["learner"] = keras.saving.deserialize_keras_object(config["learner"])
         config["loss"] = losses.get(config["loss"])
+        config["likelihood"] = likelihoods.get(config.get("likelihood"))
         return cls(**config)

@@ -1,4 +1,4 @@
-"""Per-example losses of few-shot classification, usable by name ("scores_cross_entropy") in every learner."""
+"""Per-example losses of few-shot learners, usable by name ("scores_cross_entropy", "gaussian_nll") in every learner."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from typing import Callable, Optional, Union
 
 import keras
 import tensorflow as tf
+
+from tfmeta import likelihoods
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")
@@ -21,7 +23,16 @@ def relation_mse(y_true, scores):
     return tf.reduce_mean(tf.square(scores - target), axis=-1)
 
 
-LOSSES = {"scores_cross_entropy": scores_cross_entropy, "relation_mse": relation_mse}
+@keras.saving.register_keras_serializable(package="tfmeta")
+def gaussian_nll(y_true, outputs):
+    """Negative log-likelihood of the targets under a heteroscedastic Gaussian head (`outputs`: the means, then
+    as many raw scales; `tfmeta.likelihoods.HeteroscedasticNormal`), in nats per target value (per example)."""
+    mean, stddev = likelihoods.split_heteroscedastic(outputs)
+    log_prob = likelihoods.tfd().Normal(mean, stddev).log_prob(tf.cast(y_true, mean.dtype))
+    return -tf.reduce_mean(log_prob, axis=-1)
+
+
+LOSSES = {"scores_cross_entropy": scores_cross_entropy, "relation_mse": relation_mse, "gaussian_nll": gaussian_nll}
 # What the targets of the known losses are: integer class labels (one dimension fewer than the predictions), or
 # values shaped like the predictions. Other (custom) losses may take any targets, and are not checked.
 LABEL_LOSSES = ("sparse_categorical_crossentropy", "scores_cross_entropy", "relation_mse")

@@ -28,6 +28,7 @@ from tfmeta import partition as partition_lib
 from tfmeta.episodic import EpisodicLearner, Metric, merge_leading_axes, specs
 from tfmeta.inner_loop import Adaptation, at_step, at_task, inner_loop
 from tfmeta.layers import batch_statistics_layers, freeze_batch_statistics
+from tfmeta.likelihoods import Likelihood
 from tfmeta.update_rules import Sgd, UpdateRule
 
 
@@ -40,7 +41,7 @@ class MetaLearner(EpisodicLearner):
 
     Args:
       learner: any built Keras model; its trainable variables are the meta-learned initialisation.
-      loss, metrics, task_parallelism: see `EpisodicLearner`.
+      loss, metrics, task_parallelism, likelihood: see `EpisodicLearner`.
       update_rule: the inner-loop rule (default `Sgd(0.01)`); its variables are meta-learned with the learner.
       inner_steps: inner-loop steps during meta-training.
       eval_inner_steps: inner-loop steps in `evaluate` and `adapt` (default: `inner_steps`).
@@ -70,17 +71,21 @@ class MetaLearner(EpisodicLearner):
         task_parallelism: str = "auto",
         unroll_inner_loop: bool = True,
         rematerialize_inner_steps: bool = False,
+        likelihood: Optional[Likelihood] = None,
         name: Optional[str] = None,
     ):
         if update_rule is not None and not isinstance(update_rule, UpdateRule):
             raise TypeError(f"`update_rule` must be a tfmeta UpdateRule; got {type(update_rule).__name__}.")
-        super().__init__(learner, loss=loss, metrics=metrics, task_parallelism=task_parallelism, name=name)
+        super().__init__(learner, loss=loss, metrics=metrics, task_parallelism=task_parallelism, likelihood=likelihood,
+                         name=name)
+        if self.likelihood is not None:
+            self.likelihood.check_learner(learner)
         self.partition = partition if partition is not None else partition_lib.Partition()
         self.fast_mask = self.partition.mask(learner)
         self.update_rule = update_rule if update_rule is not None else Sgd(0.01)
         fast_variables, _ = partition_lib.split(learner.trainable_variables, self.fast_mask)
         try:
-            self.update_rule.check_params([v.shape for v in fast_variables])
+            self.update_rule.check_params(self.fast_shapes(fast_variables))
         except ValueError as error:
             raise ValueError(f"`update_rule` does not match the partition's fast variables: {error}") from None
         self.inner_steps = checks.integer(inner_steps, "inner_steps")
@@ -93,6 +98,11 @@ class MetaLearner(EpisodicLearner):
         self.built = True  # Nothing to build: stops `fit` from tracing the model on an episode.
 
     # ----------------------------------------------------------------------------------------------- pieces
+
+    def fast_shapes(self, fast_variables: Sequence[keras.Variable]) -> list[tuple]:
+        """The shapes of the fast parameters the update rule sees (algorithms that adapt several models at
+        once, `tfmeta.algorithms.EMAML`, stack them on a leading axis)."""
+        return [tuple(v.shape) for v in fast_variables]
 
     @property
     def meta_variables(self) -> list[keras.Variable]:

@@ -5,11 +5,14 @@ Meta-Curvature, MT-Nets, ANIL, BOIL, T-Nets) are MAML with an update rule (`tfme
 `tfmeta.Partition` or a layer (`tfmeta.layers`); `gin_configs/` holds one config per method.
 """
 
+from tfmeta.algorithms.bmaml import BMAML
 from tfmeta.algorithms.continual import ContinualWarpGrad
 from tfmeta.algorithms.imaml import IMAML
 from tfmeta.algorithms.maltml import MALTML
 from tfmeta.algorithms.maml import MAML
+from tfmeta.algorithms.particles import EMAML, PredictiveModel
 from tfmeta.algorithms.reptile import Reptile
 from tfmeta.algorithms.warpgrad import Leap, WarpGrad
 
-__all__ = ["ContinualWarpGrad", "IMAML", "MALTML", "MAML", "Leap", "Reptile", "WarpGrad"]
+__all__ = ["BMAML", "EMAML", "PredictiveModel", "ContinualWarpGrad", "IMAML", "MALTML", "MAML", "Leap", "Reptile",
+           "WarpGrad"]

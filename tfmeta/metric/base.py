@@ -29,6 +29,8 @@ class MetricLearner(EpisodicLearner):
       learner: the embedding network, any built Keras model.
       loss: per-example loss of (labels, scores); default: cross-entropy with the scores as logits.
       metrics: default: accuracy.
+      likelihood: e.g. `tfmeta.likelihoods.Categorical()`, for the query scores' predictive NLL (see
+        `EpisodicLearner`).
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class MetricLearner(EpisodicLearner):
         learner: keras.Model,
         loss: Union[str, Callable] = "scores_cross_entropy",
         metrics: Sequence[Metric] = ("sparse_categorical_accuracy",),
+        likelihood=None,
         name: Optional[str] = None,
     ):
         if not getattr(learner, "outputs", None):
@@ -43,7 +46,7 @@ class MetricLearner(EpisodicLearner):
                              f"output shape sizes the comparison and `adapt` copies it); '{learner.name}' is a "
                              f"subclassed {type(learner).__name__}: wrap it, e.g. keras.Model(inputs, "
                              "embedding(inputs)).")
-        super().__init__(learner, loss=loss, metrics=metrics, name=name)
+        super().__init__(learner, loss=loss, metrics=metrics, likelihood=likelihood, name=name)
         transductive = [layer.name for layer in batch_statistics_layers(learner)]
         if transductive:
             raise ValueError(

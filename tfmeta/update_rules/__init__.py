@@ -8,6 +8,7 @@ from tfmeta.update_rules.base import Chain, InnerAdam, ClipByGlobalNorm, Sgd, Up
 from tfmeta.update_rules.learned_sgd import LSLR, LearnedSgd, MetaSGD
 from tfmeta.update_rules.masks import MTNetMask
 from tfmeta.update_rules.meta_curvature import MetaCurvature
+from tfmeta.update_rules.svgd import Svgd
 
 __all__ = ["LSLR", "Chain", "ClipByGlobalNorm", "InnerAdam", "LearnedSgd", "MTNetMask", "MetaCurvature", "MetaSGD",
-           "Sgd", "UpdateRule"]
+           "Sgd", "Svgd", "UpdateRule"]

@@ -1,0 +1,305 @@
+"""Probabilistic meta-learning: likelihoods and their scores, SVGD, ensembles of MAML and Bayesian MAML, checked
+against hand computations, TFP's closed forms and finite differences (float64)."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import random_episodes, values
+
+import tfmeta
+from tfmeta import likelihoods
+
+
+def small_mlp(outputs=1, dtype="float64"):
+    return tfmeta.models.mlp(input_shape=(2,), hidden_units=(6, 5), outputs=outputs, activation="tanh", dtype=dtype)
+
+
+def numpy_svgd(theta, grads, lr):
+    """SVGD's update by hand: theta, grads [M, D]; h = median of the M*M squared distances / log M."""
+    m = theta.shape[0]
+    squared = ((theta[:, None] - theta[None]) ** 2).sum(-1)
+    h = np.median(squared) / math.log(m)  # numpy's median averages the two middle values, as the official code
+    kernel = np.exp(-squared / h)
+    drive = kernel @ -grads
+    repulsion = np.stack([sum(2.0 / h * (theta[i] - theta[j]) * kernel[i, j] for j in range(m)) for i in range(m)])
+    return lr * (drive + repulsion) / m, h
+
+
+@pytest.mark.parametrize("particles", [3, 4])  # an odd and an even number of squared distances
+def test_svgd_update_equals_hand_computation(particles):
+    rng = np.random.default_rng(0)
+    params = [tf.constant(rng.normal(size=(particles, 2, 2))), tf.constant(rng.normal(size=(particles, 3)))]
+    grads = [tf.constant(rng.normal(size=p.shape)) for p in params]
+    rule = tfmeta.Svgd(0.1)
+    rule.check_params([p.shape for p in params])
+    updates, _ = rule.update(grads, (), params, 0)
+    flat = lambda ts: np.concatenate([np.reshape(t, (particles, -1)) for t in ts], 1)  # noqa: E731
+    expected, _ = numpy_svgd(flat(params), flat(grads), 0.1)
+    np.testing.assert_allclose(flat(updates), expected, rtol=1e-12)
+
+
+def test_svgd_differentiates_the_kernel_but_not_the_bandwidth():
+    rng = np.random.default_rng(1)
+    theta, grads = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    weights, direction = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    rule = tfmeta.Svgd(0.1)
+    rule.check_params([(3, 4)])
+    params = tf.constant(theta)
+    with tf.GradientTape() as tape:
+        tape.watch(params)
+        objective = tf.reduce_sum(rule.update([tf.constant(grads)], (), [params], 0)[0][0] * weights)
+    analytic = float(np.sum(tape.gradient(objective, params).numpy() * direction))
+    _, h = numpy_svgd(theta, grads, 0.1)
+
+    def fixed_bandwidth(t):
+        squared = ((t[:, None] - t[None]) ** 2).sum(-1)
+        kernel = np.exp(-squared / h)
+        repulsion = 2.0 / h * (t * kernel.sum(1, keepdims=True) - kernel @ t)
+        return np.sum(0.1 * (kernel @ -grads + repulsion) / 3 * weights)
+
+    eps = 1e-6
+    numeric = (fixed_bandwidth(theta + eps * direction) - fixed_bandwidth(theta - eps * direction)) / (2 * eps)
+    assert analytic == pytest.approx(numeric, rel=1e-7)
+
+
+def test_svgd_with_one_particle_is_gradient_descent_and_needs_stacked_parameters():
+    rule = tfmeta.Svgd(0.5)
+    rule.check_params([(1, 3)])
+    updates, _ = rule.update([tf.constant([[1.0, -2.0, 4.0]])], (), [tf.zeros([1, 3])], 0)
+    np.testing.assert_allclose(updates[0], [[-0.5, 1.0, -2.0]])
+    with pytest.raises(ValueError, match=r"stacked over the same particles"):
+        tfmeta.MAML(small_mlp(), update_rule=tfmeta.Svgd())
+
+
+def test_mixture_scores_equal_hand_computation():
+    rng = np.random.default_rng(2)
+    means, stddevs = rng.normal(size=(3, 40, 1)), rng.uniform(0.3, 1.5, size=(3, 1, 1))
+    targets = rng.normal(size=(40, 1))
+    predictive = likelihoods.Normal().predictive(tf.constant(means), tf.constant(stddevs))
+    scores = likelihoods.Normal().scores(predictive, tf.constant(targets))
+    density = np.exp(-0.5 * ((targets - means) / stddevs) ** 2) / (stddevs * math.sqrt(2 * math.pi))
+    assert float(scores["nll"]) == pytest.approx(-np.mean(np.log(density.mean(0))), rel=1e-10)
+
+    def cdf(y, i):  # the mixture's CDF at query i
+        return np.mean([0.5 * (1 + math.erf((y - means[s, i, 0]) / (stddevs[s, 0, 0] * math.sqrt(2))))
+                        for s in range(3)])
+
+    def quantile(p, i):  # by bisection
+        low, high = -20.0, 20.0
+        for _ in range(100):
+            mid = (low + high) / 2
+            low, high = (mid, high) if cdf(mid, i) < p else (low, mid)
+        return low
+
+    for level in (0.5, 0.9):
+        inside = [quantile(0.5 - level / 2, i) <= targets[i, 0] <= quantile(0.5 + level / 2, i) for i in range(40)]
+        assert float(scores[f"coverage_{round(100 * level)}"]) == pytest.approx(np.mean(inside))
+    np.testing.assert_allclose(predictive.mean().numpy(), means.mean(0), rtol=1e-12)
+    variance = (stddevs**2 + means**2).mean(0) - means.mean(0) ** 2
+    np.testing.assert_allclose(predictive.stddev().numpy(), np.sqrt(variance), rtol=1e-10)
+
+
+def test_categorical_mixture_averages_probabilities():
+    logits = np.random.default_rng(3).normal(size=(4, 6, 3))
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    categorical = likelihoods.Categorical()
+    probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    mean = probabilities.mean(0)
+    np.testing.assert_allclose(np.exp(categorical.point(tf.constant(logits))), mean, rtol=1e-12)
+    scores = categorical.scores(categorical.predictive(tf.constant(logits)), tf.constant(labels))
+    assert float(scores["nll"]) == pytest.approx(-np.mean(np.log(mean[np.arange(6), labels])), rel=1e-12)
+
+
+def test_emaml_particles_each_take_their_own_maml_step():
+    """Particle m of EMAML adapts and scores exactly as MAML started from particle m's initial weights."""
+    episodes = random_episodes(tasks=1)
+    ensemble = tfmeta.EMAML(small_mlp(), num_particles=3, update_rule=tfmeta.Sgd(0.3), inner_steps=2,
+                            metrics=["mean_squared_error"])
+    fast, slow = ensemble.read_params()
+    episode = {k: v[0] for k, v in episodes.items()}
+    adapted = ensemble.adapt_episode(fast, slow, [], episode, 2, training=True).params
+    single = tfmeta.MAML(small_mlp(), update_rule=tfmeta.Sgd(0.3), inner_steps=2)
+    losses = []
+    for m in range(3):
+        for variable, particle in zip(single.learner.trainable_variables, ensemble.particles):
+            variable.assign(particle[m])
+        f, s = single.read_params()
+        expected = single.adapt_episode(f, s, [], episode, 2, training=True).params
+        for a, e in zip(adapted, expected):
+            np.testing.assert_allclose(a[m], e, rtol=1e-12)
+        losses.append(float(single.outer_objective(expected, s, [], episode, training=True)[0]))
+    loss, logs, _ = ensemble.outer_objective(adapted, slow, [], episode, training=True)
+    assert float(loss) == pytest.approx(np.mean(losses), rel=1e-12)
+    outputs = np.stack([single.learner.stateless_call([p[m] for p in adapted], [], episode["query_x"])[0]
+                        for m in range(3)])
+    ensemble_mse = np.mean((outputs.mean(0) - episode["query_y"].numpy()) ** 2)
+    assert float(logs["mean_squared_error"]) == pytest.approx(ensemble_mse, rel=1e-12)
+
+
+@pytest.mark.parametrize("mapping", ["vectorized_map", "unrolled"])
+def test_emaml_meta_gradient_matches_finite_differences(mapping):
+    from test_gradients import check_finite_differences
+
+    meta = tfmeta.EMAML(small_mlp(), num_particles=2, update_rule=tfmeta.Sgd(0.3), inner_steps=2,
+                        particle_parallelism=mapping)
+    episodes = random_episodes()
+    grads, _, _ = tf.function(meta.compute_meta_gradients)(episodes)
+    check_finite_differences(meta, episodes, grads)
+
+
+def test_particles_start_independently_and_identical_starts_are_refused():
+    meta = tfmeta.EMAML(small_mlp(), num_particles=3)
+    kernel = meta.particles[0].numpy()
+    assert not np.allclose(kernel[0], kernel[1]) and not np.allclose(kernel[1], kernel[2])
+    np.testing.assert_array_equal(kernel[0], meta.learner.trainable_variables[0].numpy())
+    inputs = keras.Input((2,))
+    seeded = keras.Model(inputs, keras.layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(7))(inputs))
+    with pytest.raises(ValueError, match=r"particles of EMAML start identical.*seeded initialisers"):
+        tfmeta.EMAML(seeded, num_particles=2)
+
+
+def bmaml(particles=3, **kwargs):
+    return tfmeta.BMAML(small_mlp(), num_particles=particles, update_rule=tfmeta.Svgd(1e-2), **kwargs)
+
+
+def test_bmaml_negative_log_posterior_equals_closed_form():
+    meta = bmaml(noise_concentration=2.0, noise_rate=0.2, prior_concentration=3.0, prior_rate=2.0)
+    for variable, value in zip(meta.log_precisions, ([0.3, -0.2, 0.1], [4.0, 3.5, 4.2])):
+        variable.assign(value)
+    episode = {k: v[0] for k, v in random_episodes(tasks=1).items()}
+    fast, slow = meta.read_params()
+    value, _ = meta.negative_log_posterior(fast, slow, [], episode["support_x"], episode["support_y"], True)
+    log_lambda, log_gamma = (v.numpy() for v in meta.log_precisions)
+    net = tfmeta.MAML(small_mlp())
+
+    def log_gamma_density(log_x, a, b):  # Gamma(a, rate b) of x = exp(log_x), times the Jacobian dx/dlog_x = x
+        x = np.exp(log_x)
+        return a * math.log(b) - math.lgamma(a) + (a - 1) * log_x - b * x + log_x
+
+    total = 0.0
+    for m in range(3):
+        params = [p[m].numpy() for p in meta.particles]
+        prediction = net.learner.stateless_call(params, [], episode["support_x"])[0].numpy()
+        residual = episode["support_y"].numpy() - prediction
+        gamma, lam = np.exp(log_gamma[m]), np.exp(log_lambda[m])
+        weights = np.concatenate([p.ravel() for p in params])
+        total += np.sum(0.5 * np.log(gamma / (2 * math.pi)) - 0.5 * gamma * residual**2)
+        total += np.sum(0.5 * np.log(lam / (2 * math.pi)) - 0.5 * lam * weights**2)
+        total += log_gamma_density(log_lambda[m], 3.0, 2.0) + log_gamma_density(log_gamma[m], 2.0, 0.2)
+    assert float(value) == pytest.approx(-total, rel=1e-12)
+
+
+def chaser_and_leader(meta, episode, steps, leader_steps):
+    fast, slow = meta.read_params()
+    chaser = meta.adapt_episode(fast, slow, [], episode, steps, training=True).params
+    both = {"support_x": tf.concat([episode["support_x"], episode["query_x"]], 0),
+            "support_y": tf.concat([episode["support_y"], episode["query_y"]], 0)}
+    leader = meta.adapt_episode(chaser, slow, [], both, leader_steps, training=True).params
+    network = len(meta.particles)
+    return chaser[:network], leader[:network]
+
+
+def test_bmaml_chaser_loss_holds_the_leader_constant():
+    """The meta-gradient is that of Σ‖chaser(θ) − L‖² with the leader L a constant, not a function of θ."""
+    meta = bmaml(inner_steps=2, leader_steps=2)
+    episodes = random_episodes(tasks=1)
+    episode = {k: v[0] for k, v in episodes.items()}
+    grads, logs, _ = meta.compute_meta_gradients(episodes)
+    with tf.GradientTape(persistent=True) as tape:
+        chaser, leader = chaser_and_leader(meta, episode, 2, 2)
+        held = tf.add_n([tf.reduce_sum((c - tf.stop_gradient(l)) ** 2) for c, l in zip(chaser, leader)])
+        through = tf.add_n([tf.reduce_sum((c - l) ** 2) for c, l in zip(chaser, leader)])
+    assert float(logs["loss"]) == pytest.approx(float(held), rel=1e-12)
+    for name, objective in (("held", held), ("through", through)):
+        expected = tape.gradient(objective, meta.meta_variables, unconnected_gradients="zero")
+        close = all(np.allclose(g, e, rtol=1e-9, atol=1e-12) for g, e in zip(grads, expected))
+        assert close == (name == "held"), name
+
+
+def test_bmaml_meta_gradient_of_one_particle_matches_finite_differences():
+    """With one particle SVGD is gradient descent on the negative log posterior (no kernel, no bandwidth): the
+    second-order meta-gradient through it and the log-precisions equals finite differences."""
+    meta = bmaml(particles=1, inner_steps=2, leader_steps=1)
+    episodes = random_episodes(tasks=1)
+    episode = {k: v[0] for k, v in episodes.items()}
+    grads, _, _ = meta.compute_meta_gradients(episodes)
+    _, leader = chaser_and_leader(meta, episode, 2, 1)
+    distance = lambda: sum(float(tf.reduce_sum((c - l) ** 2))  # noqa: E731
+                           for c, l in zip(chaser_and_leader(meta, episode, 2, 0)[0], leader))
+    rng = np.random.default_rng(4)
+    theta = values(meta.meta_variables)
+    direction = [rng.normal(size=t.shape) for t in theta]
+    eps, sides = 1e-6, []
+    for sign in (1, -1):
+        for v, t, d in zip(meta.meta_variables, theta, direction):
+            v.assign(t + sign * eps * d)
+        sides.append(distance())
+    for v, t in zip(meta.meta_variables, theta):
+        v.assign(t)
+    analytic = sum(float(np.sum(np.array(g) * d)) for g, d in zip(grads, direction))
+    assert analytic == pytest.approx((sides[0] - sides[1]) / (2 * eps), rel=1e-6)
+    assert any(np.abs(g).max() > 0 for g in grads[-1:])  # the log-precisions get a meta-gradient
+
+
+def test_bmaml_predicts_with_each_particles_noise():
+    meta = bmaml(metrics=["mean_squared_error"])
+    meta.log_precisions[1].assign([0.0, 2.0, 4.0])
+    episode = {k: v[0] for k, v in random_episodes(tasks=1, query=75).items()}
+    fast, slow = meta.read_params()
+    _, logs, _ = meta.outer_objective(fast, slow, [], episode, training=False)
+    outputs = meta._stateless_call(fast, slow, [], episode["query_x"], False, None)[0]
+    stddev = tf.constant(np.exp(-0.5 * np.array([0.0, 2.0, 4.0]))[:, None, None])
+    expected = likelihoods.Normal().scores(likelihoods.Normal().predictive(outputs, stddev), episode["query_y"])
+    assert float(logs["nll"]) == pytest.approx(float(expected["nll"]), rel=1e-12)
+
+
+@pytest.mark.parametrize("algorithm", ["EMAML", "BMAML"])
+def test_evaluate_and_adapt_predict_agree_at_75_queries(algorithm):
+    make = getattr(tfmeta, algorithm)
+    meta = make(small_mlp(dtype="float32"), num_particles=4, metrics=["mean_squared_error"], eval_inner_steps=3,
+                likelihood=likelihoods.Normal(0.5))
+    episodes = random_episodes(tasks=1, query=75, dtype="float32")
+    results = meta.evaluate_tasks(episodes)
+    model = meta.adapt(episodes["support_x"][0], episodes["support_y"][0], return_samples=True)
+    predicted = model.predict(episodes["query_x"][0], verbose=0)
+    assert predicted["samples"].shape == (75, 4, 1) and predicted["stddev"].shape == (75, 1)
+    mse = np.mean((predicted["mean"] - episodes["query_y"][0].numpy()) ** 2)
+    assert float(results["mean_squared_error"][0, -1]) == pytest.approx(mse, rel=1e-5)
+    stddev = meta.particle_stddev(meta.read_params()[0]) if algorithm == "BMAML" else None
+    if stddev is None:
+        stddev = 0.5
+    else:  # BMAML's particles predict with their own noise, adapted with the rest
+        stddev = None
+    if stddev is not None:
+        samples = np.moveaxis(predicted["samples"], 1, 0)
+        variance = (samples**2).mean(0) - samples.mean(0) ** 2 + stddev**2
+        np.testing.assert_allclose(predicted["stddev"], np.sqrt(variance), rtol=1e-4)
+
+
+def test_bad_probabilistic_arguments_are_refused_with_their_name():
+    with pytest.raises(ValueError, match=r"`num_particles` must be an integer >= 1"):
+        tfmeta.EMAML(small_mlp(), num_particles=0)
+    for stddev in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"Normal `stddev` must be positive"):
+            likelihoods.Normal(stddev)
+    with pytest.raises(ValueError, match=r"`noise_rate` must be positive"):
+        bmaml(noise_rate=0.0)
+    with pytest.raises(ValueError, match=r"needs a probabilistic head.*size 1"):
+        tfmeta.MAML(small_mlp(outputs=1), loss="gaussian_nll", likelihood=likelihoods.HeteroscedasticNormal())
+    with pytest.raises(ValueError, match=r"BMAML.*`likelihood` must be"):
+        tfmeta.BMAML(small_mlp(outputs=2), loss="gaussian_nll")
+    with pytest.raises(ValueError, match=r"`particle_parallelism` must be one of"):
+        tfmeta.EMAML(small_mlp(), particle_parallelism="pmap")
+    with pytest.raises(ValueError, match=r"chaser loss.*query_step_weights"):
+        bmaml(inner_steps=2, query_step_weights=[0.5, 0.5])
+
+
+def test_probabilistic_learners_round_trip_their_config():
+    for meta in (bmaml(leader_steps=3, prior_rate=1.5),
+                 tfmeta.MAML(small_mlp(2), loss="gaussian_nll", likelihood=likelihoods.HeteroscedasticNormal())):
+        clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(meta))
+        assert clone.get_config() == meta.get_config()
+        assert type(clone.likelihood) is type(meta.likelihood) and clone.metric_names() == meta.metric_names()
