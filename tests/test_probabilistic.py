@@ -210,8 +210,8 @@ def test_bmaml_chaser_loss_holds_the_leader_constant():
     grads, logs, _ = meta.compute_meta_gradients(episodes)
     with tf.GradientTape(persistent=True) as tape:
         chaser, leader = chaser_and_leader(meta, episode, 2, 2)
-        held = tf.add_n([tf.reduce_sum((c - tf.stop_gradient(l)) ** 2) for c, l in zip(chaser, leader)])
-        through = tf.add_n([tf.reduce_sum((c - l) ** 2) for c, l in zip(chaser, leader)])
+        held = tf.add_n([tf.reduce_sum((c - tf.stop_gradient(t)) ** 2) for c, t in zip(chaser, leader)])
+        through = tf.add_n([tf.reduce_sum((c - t) ** 2) for c, t in zip(chaser, leader)])
     assert float(logs["loss"]) == pytest.approx(float(held), rel=1e-12)
     for name, objective in (("held", held), ("through", through)):
         expected = tape.gradient(objective, meta.meta_variables, unconnected_gradients="zero")
@@ -227,8 +227,8 @@ def test_bmaml_meta_gradient_of_one_particle_matches_finite_differences():
     episode = {k: v[0] for k, v in episodes.items()}
     grads, _, _ = meta.compute_meta_gradients(episodes)
     _, leader = chaser_and_leader(meta, episode, 2, 1)
-    distance = lambda: sum(float(tf.reduce_sum((c - l) ** 2))  # noqa: E731
-                           for c, l in zip(chaser_and_leader(meta, episode, 2, 0)[0], leader))
+    distance = lambda: sum(float(tf.reduce_sum((c - t) ** 2))  # noqa: E731
+                           for c, t in zip(chaser_and_leader(meta, episode, 2, 0)[0], leader))
     rng = np.random.default_rng(4)
     theta = values(meta.meta_variables)
     direction = [rng.normal(size=t.shape) for t in theta]
