@@ -15,7 +15,9 @@ override the workload's algorithm (MAML by default; iMAML solves the inner probl
   python benchmarks/meta_step.py --workloads b --modes map_fn --xla off --algorithms maml,imaml \
       --inner_steps 1,5,10,20 --tasks 4 --steps 3 --warmup 1 --remat off,on
 
-`--remat on` recomputes inner steps in the backward pass (`rematerialize_inner_steps=True`).
+`--remat on` recomputes inner steps in the backward pass (`rematerialize_inner_steps=True`). `--algorithms
+emaml,bmaml` time EMAML and BMAML with `--particles` particles (10; BMAML with SVGD's step size 1e-3) on the same
+workload; their FLOPs are not counted (NaN).
 
 `--xla auto` is what `compile()` does without the argument; `--threads INTRA,INTER` sets TensorFlow's thread
 pools (default: TensorFlow's own). Each line also carries the analytic FLOPs of the meta-step
@@ -132,6 +134,11 @@ def build(args):
                   task_parallelism=args.mode, rematerialize_inner_steps=args.rematerialize == "on")
     if args.algorithm == "imaml":
         meta = tfmeta.IMAML(learner, cg_steps=5, **common)
+    elif args.algorithm == "emaml":
+        meta = tfmeta.EMAML(learner, num_particles=args.particles, first_order=config["first_order"], **common)
+    elif args.algorithm == "bmaml":
+        common["update_rule"] = tfmeta.Svgd(1e-3)
+        meta = tfmeta.BMAML(learner, num_particles=args.particles, first_order=config["first_order"], **common)
     else:
         meta = tfmeta.MAML(learner, first_order=config["first_order"], **common)
     meta.compile(keras.optimizers.Adam(1e-3), jit_compile="auto" if args.xla == "auto" else args.xla == "on")
@@ -172,7 +179,7 @@ def run_one(args):
     else:
         support, query = config["ways"] * config["shots"], config["ways"] * config["queries"]
     flops = meta_step_flops(layer_flops(learner), config["tasks"], support, query, config["steps"],
-                            config["first_order"])
+                            config["first_order"]) if args.algorithm in ("maml", "imaml") else float("nan")
     print(json.dumps({
         "workload": args.workload, "name": config["name"], "algorithm": args.algorithm,
         "inner_steps": config["steps"], "tasks": config["tasks"], "task_parallelism": args.mode, "xla": args.xla,
@@ -183,7 +190,7 @@ def run_one(args):
         "peak_tensor_gb": tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**30,
         "times_s": [round(float(t), 6) for t in times], "gflop": flops / 1e9,
         "gflops": flops / 1e9 / float(np.median(times)), "xla_resolved": bool(meta.jit_compile),
-        "task_mapping": meta.task_mapping,
+        "task_mapping": meta.task_mapping, "particles": getattr(meta, "num_particles", None),
         "others_cpu_frac": float(np.median(others)), "cpus": os.cpu_count(),
         "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
                     tf.config.threading.get_inter_op_parallelism_threads()],
@@ -199,7 +206,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--algorithms", default="maml", help="maml (as the workload says) or imaml")
+    parser.add_argument("--algorithms", default="maml", help="maml (as the workload says), imaml, emaml or bmaml")
+    parser.add_argument("--particles", type=int, default=10, help="EMAML's and BMAML's particles")
     parser.add_argument("--inner_steps", default="", help="override the workloads' inner steps (a list)")
     parser.add_argument("--tasks", type=int, default=0, help="override the tasks per meta-batch")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
@@ -223,7 +231,7 @@ def main():
         command = [sys.executable, __file__, f"--workload={workload}", f"--mode={mode}", f"--xla={xla}",
                    f"--algorithm={algorithm}", f"--steps={args.steps}", f"--warmup={args.warmup}",
                    f"--seed={args.seed}", f"--tasks={args.tasks}", f"--threads={args.threads}",
-                   f"--rematerialize={remat}"]
+                   f"--rematerialize={remat}", f"--particles={args.particles}"]
         if inner_steps:
             command.append(f"--inner_steps={inner_steps}")
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import tfmeta
@@ -37,3 +38,30 @@ def test_streams_are_deterministic_and_resumable():
         np.testing.assert_array_equal(a["support_x"], b["support_x"])
     assert not np.allclose(first[0]["support_x"], first[1]["support_x"])
     assert not np.allclose(first[0]["support_x"], other["support_x"])
+
+
+def test_sine_frequency_and_amplitude_scaled_noise():
+    tasks = tfmeta.tasks.SineTasks(50, 50, frequency_range=(0.5, 2.0), phase_range=(0.0, 2 * np.pi), noise_scale=0.01)
+    episodes, parameters = tasks.sample_with_parameters(tf.constant([3, 0], tf.int64), 400)
+    frequency = parameters["frequency"].numpy()
+    assert frequency.min() >= 0.5 and frequency.max() <= 2.0 and frequency.std() > 0.3
+    clean = tasks.function(parameters, episodes["support_x"])
+    residual = (episodes["support_y"] - clean).numpy()[..., 0] / (0.01 * parameters["amplitude"].numpy()[:, None])
+    assert residual.mean() == pytest.approx(0.0, abs=0.01) and residual.std() == pytest.approx(1.0, rel=0.02)
+    noiseless = tfmeta.tasks.SineTasks(10)  # the default keeps the MAML paper's tasks, draw for draw
+    same = noiseless.sample(tf.constant([3, 0], tf.int64), 4)
+    np.testing.assert_array_equal(same["support_y"], tfmeta.tasks.SineTasks.function(
+        noiseless.sample_with_parameters(tf.constant([3, 0], tf.int64), 4)[1], same["support_x"]))
+
+
+def test_finite_tasks_draw_batches_from_one_fixed_set():
+    finite = tfmeta.tasks.finite_tasks(tfmeta.tasks.SineTasks(5), num_tasks=20, seed=7)
+    seen = set()
+    for batch in finite.dataset(8, seed=0, num_batches=10):
+        keys = {tuple(np.round(x, 6)) for x in batch["support_x"].numpy()[..., 0]}
+        assert len(keys) == 8  # without replacement within a batch
+        seen |= keys
+    pool = {tuple(np.round(x, 6)) for x in finite.tasks["support_x"].numpy()[..., 0]}
+    assert seen <= pool and len(pool) == 20 and len(seen) > 8
+    with pytest.raises(ValueError, match=r"cannot be drawn without replacement from a finite set of 20"):
+        finite.sample(tf.constant([0, 0], tf.int64), 21)

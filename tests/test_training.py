@@ -78,3 +78,17 @@ def test_family_configs_build_their_method_and_learn(config, tmp_path):
     assert results["meta_steps"] == 600 and results["eval"]["loss"]["mean"][1] == pytest.approx(trained.mean())
     gain, ci = evaluation.mean_confidence_interval(untrained - trained)
     assert gain - ci > 0.1 * untrained.mean(), (gain, ci, untrained.mean())
+
+
+@pytest.mark.parametrize("config, ratio", [("maml_sine.gin", 0.95), ("emaml_sine.gin", 0.97), ("bmaml_sine.gin", 0.8)])
+def test_probabilistic_sine_configs_learn_and_report_calibration(config, ratio, tmp_path):
+    """BMAML's sinusoid protocol: each method lowers the post-adaptation MSE of its (ensemble) prediction in 600
+    meta-steps, and the evaluation reports the predictive NLL and the coverage of the 50% and 90% intervals."""
+    exp = experiment(os.path.join("probabilistic", config))
+    untrained = exp.evaluate(exp.build())
+    trained = exp.train(str(tmp_path))["eval"]
+    assert trained["mean_squared_error"]["mean"][-1] < ratio * untrained["mean_squared_error"]["mean"][-1]
+    assert trained["num_tasks"] == 200
+    for name in ("nll", "coverage_50", "coverage_90"):
+        assert len(trained[name]["ci95"]) == len(trained["loss"]["mean"])
+    assert 0 <= trained["coverage_50"]["mean"][-1] <= trained["coverage_90"]["mean"][-1] <= 1

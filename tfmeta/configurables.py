@@ -25,7 +25,7 @@ for _data in (tfmeta.data.omniglot_tasks, tfmeta.data.FewShotTasks, tfmeta.data.
     gin.external_configurable(_data, module="tfmeta.data")
 for _tasks in (tfmeta.tasks.SineTasks, tfmeta.tasks.SurfaceTasks, tfmeta.tasks.surface_loss,
                tfmeta.tasks.ContinualSineTasks, tfmeta.tasks.SineFamilies, tfmeta.tasks.MixtureFamilies,
-               tfmeta.tasks.goal_tasks):
+               tfmeta.tasks.goal_tasks, tfmeta.tasks.finite_tasks):
     gin.external_configurable(_tasks, module="tfmeta.tasks")
 for _optimizer in (keras.optimizers.Adam, keras.optimizers.AdamW, keras.optimizers.SGD, keras.optimizers.RMSprop):
     gin.external_configurable(_optimizer, module="keras.optimizers")

@@ -156,12 +156,12 @@ class EpisodicLearner(keras.Model):
         """The task loss averaged over examples."""
         return tf.reduce_mean(self.task_loss(y_true, y_pred))
 
-    def metric_values(self, y_true, y_pred, predictive=None) -> dict[str, tf.Tensor]:
-        """The task metrics of predictions `y_pred` and, with a likelihood, its scores of the predictive
-        distribution (`predictive`, by default `self.predictive(y_pred)`)."""
+    def metric_values(self, y_true, y_pred, predictive=None, scores: bool = True) -> dict[str, tf.Tensor]:
+        """The task metrics of predictions `y_pred` and, with a likelihood and `scores`, its scores of the
+        predictive distribution (`predictive`, by default `self.predictive(y_pred)`)."""
         point = self.point_prediction(y_pred)
         values = {n: tf.reduce_mean(tf.cast(fn(y_true, point), self._log_dtype)) for n, fn in self.task_metrics.items()}
-        if self.likelihood is not None:
+        if self.likelihood is not None and scores:
             predictive = self.predictive(y_pred) if predictive is None else predictive
             scores = self.likelihood.scores(predictive, y_true)
             values.update({n: tf.cast(v, self._log_dtype) for n, v in scores.items()})

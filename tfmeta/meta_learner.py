@@ -189,7 +189,7 @@ class MetaLearner(EpisodicLearner):
         algorithm, the evaluation and `adapt` go through this hook and `inner_objective`."""
         loss, predictions, state = self.task_objective(fast, slow, state, episode["query_x"], episode["query_y"],
                                                        training=training, step=step)
-        return loss, self.metric_values(episode["query_y"], predictions), state
+        return loss, self.metric_values(episode["query_y"], predictions, scores=not training), state
 
     def adapt_episode(
         self, fast, slow, state, episode: dict, steps, *, training: bool, first_order: bool = False,
@@ -272,8 +272,10 @@ class MetaLearner(EpisodicLearner):
         raise NotImplementedError
 
     def train_log_names(self) -> list[str]:
-        """The logs `task_gradients` returns: the loss and the task metrics after adaptation."""
-        return ["loss", *self.metric_names()]
+        """The logs `task_gradients` returns: the loss and the task metrics after adaptation (without a
+        likelihood's scores, which evaluation reports: their predictive CDFs cost a meta-step more than they tell)."""
+        scores = set(self.likelihood.score_names()) if self.likelihood is not None else set()
+        return ["loss", *[n for n in self.metric_names() if n not in scores]]
 
     # ----------------------------------------------------------------------------------- meta-batches
 

@@ -137,7 +137,7 @@ class BMAML(EMAML):
         if stddev is not None:
             stddev = tf.reshape(stddev, [-1] + [1] * (predictions.shape.rank - 1))
         predictive = self.likelihood.predictive(predictions, stddev)
-        return loss, self.metric_values(episode["query_y"], predictions, predictive=predictive), state
+        return loss, self.metric_values(episode["query_y"], predictions, predictive, scores=not training), state
 
     def task_gradients(self, episode, state, seed):
         both = {"support_x": tf.concat([episode["support_x"], episode["query_x"]], axis=0),

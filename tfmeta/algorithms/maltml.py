@@ -140,7 +140,7 @@ class MALTML(MetaLearner):
                 objective += loss / goals
                 metrics.append(goal_logs)
         grads = tape.gradient(objective, self.meta_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        logs = {n: tf.add_n([m[n] for m in metrics]) / goals for n in self.metric_names()}
+        logs = {n: tf.add_n([m[n] for m in metrics]) / goals for n in metrics[0]}
         return grads, {"loss": objective, **logs}, state
 
     def _first_order_gradients(self, episode, state, seed, goal_seeds):

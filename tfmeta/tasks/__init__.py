@@ -1,10 +1,11 @@
 """Task distributions."""
 
-from tfmeta.tasks.base import TaskDistribution
+from tfmeta.tasks.base import FiniteTasks, TaskDistribution, finite_tasks
 from tfmeta.tasks.continual_sine import ContinualSineTasks
 from tfmeta.tasks.families import MixtureFamilies, SineFamilies, TaskFamilies, goal_tasks
 from tfmeta.tasks.sine import SineTasks
 from tfmeta.tasks.surfaces import SurfaceTasks, surface_loss
 
-__all__ = ["ContinualSineTasks", "MixtureFamilies", "SineFamilies", "SineTasks", "SurfaceTasks", "TaskDistribution",
+__all__ = ["ContinualSineTasks", "FiniteTasks", "finite_tasks",
+           "MixtureFamilies", "SineFamilies", "SineTasks", "SurfaceTasks", "TaskDistribution",
            "TaskFamilies", "goal_tasks", "surface_loss"]

@@ -39,3 +39,30 @@ class TaskDistribution(abc.ABC):
             deterministic=True,
         )
         return batches.prefetch(tf.data.AUTOTUNE)
+
+
+class FiniteTasks(TaskDistribution):
+    """A finite set of tasks (episodes with a leading task axis), fixed once: each batch is `num_tasks` of them
+    drawn without replacement from the batch's seed."""
+
+    def __init__(self, tasks: dict):
+        counts = {k: int(v.shape[0]) for k, v in tasks.items()}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"the arrays of a finite set of tasks must hold the same number of tasks; got {counts}.")
+        self.tasks = tasks
+        self.count = next(iter(counts.values()))
+
+    def sample(self, seed, num_tasks):
+        if num_tasks > self.count:
+            raise ValueError(f"a batch of {num_tasks} tasks cannot be drawn without replacement from a finite set of "
+                             f"{self.count}.")
+        chosen = tf.math.top_k(tf.random.stateless_uniform([self.count], seed), num_tasks).indices
+        return {k: tf.gather(v, chosen) for k, v in self.tasks.items()}
+
+
+def finite_tasks(tasks: TaskDistribution, num_tasks: int, seed: int = 0) -> FiniteTasks:
+    """`num_tasks` episodes of `tasks` drawn once with `seed` (their points too), as a finite set to meta-train on:
+    BMAML's small-set regime (100 or 1,000 sinusoids). Evaluate on `tasks` itself with another seed."""
+    checks.integer(num_tasks, "num_tasks", minimum=1, owner="finite_tasks")
+    return FiniteTasks(tasks.sample(tf.constant([seed, 0], tf.int64), num_tasks))
+

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from tfmeta.episodes import FAMILY_KEYS, GOAL_KEYS, SUPERVISED_KEYS  # noqa: F401  (re-exported)
 from tfmeta import checks
-from tfmeta.tasks.base import TaskDistribution
+from tfmeta.tasks.base import FiniteTasks, TaskDistribution
 from tfmeta.tasks.sine import SineTasks, _check_range
 
 TASK_KEYS = SUPERVISED_KEYS
@@ -142,7 +142,7 @@ class MixtureFamilies(TaskFamilies):
         if not isinstance(family, dict) or not all(k in family for k in TASK_KEYS):
             raise ValueError(f"`families[{index}]` must be a TaskDistribution or a dict with keys {TASK_KEYS}; "
                              f"got {type(family).__name__}.")
-        tasks = _FiniteTasks({k: tf.convert_to_tensor(family[k]) for k in TASK_KEYS})
+        tasks = FiniteTasks({k: tf.convert_to_tensor(family[k]) for k in TASK_KEYS})
         needed = self.num_tasks + self.num_goal_tasks
         if tasks.count < needed:
             raise ValueError(f"`families[{index}]` has {tasks.count} tasks, fewer than the num_tasks + num_goal_tasks "
@@ -169,17 +169,3 @@ class MixtureFamilies(TaskFamilies):
         return {**{k: v[:, :split] for k, v in tasks.items()},
                 **{f"goal_{k}": v[:, split:] for k, v in tasks.items()}}
 
-
-class _FiniteTasks(TaskDistribution):
-    """A finite set of tasks, sampled without replacement."""
-
-    def __init__(self, tasks: dict):
-        counts = {k: int(v.shape[0]) for k, v in tasks.items()}
-        if len(set(counts.values())) != 1:
-            raise ValueError(f"the arrays of a finite family must hold the same number of tasks; got {counts}.")
-        self.tasks = tasks
-        self.count = counts["support_x"]
-
-    def sample(self, seed, num_tasks):
-        chosen = tf.math.top_k(tf.random.stateless_uniform([self.count], seed), num_tasks).indices
-        return {k: tf.gather(v, chosen) for k, v in self.tasks.items()}

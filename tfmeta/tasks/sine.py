@@ -19,10 +19,13 @@ def _check_range(value, argument: str) -> tuple[float, float]:
 
 
 class SineTasks(TaskDistribution):
-    """Tasks y = A·sin(x − φ) with A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5] (the MAML paper's settings).
+    """Tasks y = A·sin(ω·x − φ) + ε with A ~ U[0.1, 5], φ ~ U[0, π], ω = 1, x ~ U[−5, 5] and no noise by default
+    (the MAML paper's settings).
 
     Each episode has `num_support` (K) support points and `num_query` query points (default K), all drawn
-    independently from the input range.
+    independently from the input range. `frequency_range` draws ω per task; the observation noise ε is Gaussian
+    with standard deviation `noise_stddev + noise_scale · A` (BMAML's protocol: ω ~ U[0.5, 2], φ ~ U[0, 2π] and
+    noise_scale = 0.01), on support and query targets alike.
     """
 
     def __init__(
@@ -32,6 +35,9 @@ class SineTasks(TaskDistribution):
         amplitude_range: tuple[float, float] = (0.1, 5.0),
         phase_range: tuple[float, float] = (0.0, math.pi),
         input_range: tuple[float, float] = (-5.0, 5.0),
+        frequency_range: tuple[float, float] = (1.0, 1.0),
+        noise_stddev: float = 0.0,
+        noise_scale: float = 0.0,
     ):
         num_query = num_support if num_query is None else num_query
         for name, value in (("num_support", num_support), ("num_query", num_query)):
@@ -41,19 +47,28 @@ class SineTasks(TaskDistribution):
         self.amplitude_range = _check_range(amplitude_range, "amplitude_range")
         self.phase_range = _check_range(phase_range, "phase_range")
         self.input_range = _check_range(input_range, "input_range")
+        self.frequency_range = _check_range(frequency_range, "frequency_range")
+        for name, value in (("noise_stddev", noise_stddev), ("noise_scale", noise_scale)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"SineTasks `{name}` must be finite and >= 0; got {value!r}.")
+        self.noise_stddev, self.noise_scale = float(noise_stddev), float(noise_scale)
 
     def sample_parameters(self, seed: tf.Tensor, num_tasks: int) -> dict[str, tf.Tensor]:
-        """Amplitudes and phases of `num_tasks` tasks, each of shape [num_tasks]."""
+        """Amplitudes, phases and frequencies of `num_tasks` tasks, each of shape [num_tasks]."""
         amplitude_seed, phase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        frequency_seed = tf.random.experimental.stateless_fold_in(seed, 3)  # leaves the other streams as they were
         return {
             "amplitude": tf.random.stateless_uniform([num_tasks], amplitude_seed, *self.amplitude_range),
             "phase": tf.random.stateless_uniform([num_tasks], phase_seed, *self.phase_range),
+            "frequency": tf.random.stateless_uniform([num_tasks], frequency_seed, *self.frequency_range),
         }
 
     @staticmethod
     def function(parameters: dict[str, tf.Tensor], x: tf.Tensor) -> tf.Tensor:
-        """The targets of each task at inputs `x` of shape [tasks, points, 1]."""
-        return parameters["amplitude"][:, None, None] * tf.sin(x - parameters["phase"][:, None, None])
+        """The noise-free targets of each task at inputs `x` of shape [tasks, points, 1]."""
+        frequency = parameters.get("frequency")
+        wx = x if frequency is None else frequency[:, None, None] * x
+        return parameters["amplitude"][:, None, None] * tf.sin(wx - parameters["phase"][:, None, None])
 
     def sample(self, seed, num_tasks):
         return self.sample_with_parameters(seed, num_tasks)[0]
@@ -66,6 +81,9 @@ class SineTasks(TaskDistribution):
             [num_tasks, self.num_support + self.num_query, 1], input_seed, *self.input_range
         )
         y = self.function(parameters, x)
+        if self.noise_stddev or self.noise_scale:
+            stddev = self.noise_stddev + self.noise_scale * parameters["amplitude"][:, None, None]
+            y += stddev * tf.random.stateless_normal(tf.shape(y), tf.random.experimental.stateless_fold_in(seed, 4))
         k = self.num_support
         episodes = {"support_x": x[:, :k], "support_y": y[:, :k], "query_x": x[:, k:], "query_y": y[:, k:]}
         return episodes, parameters

@@ -13,11 +13,12 @@ from tfmeta.update_rules.base import UpdateRule
 def median_bandwidth(squared_distances: tf.Tensor) -> tf.Tensor:
     """BMAML's bandwidth h = med² / log M: the median of the M×M matrix of squared distances between particles
     (its zero diagonal included, the two middle values averaged, as the official code does), over log M; held
-    constant for differentiation."""
-    from tensorflow_probability import stats
-
+    constant for differentiation. The median is read from a sort of the M² values: `tfp.stats.percentile` gives
+    the same value, slower under `tf.vectorized_map` (docs/performance.md)."""
     particles = squared_distances.shape[0]
-    median = stats.percentile(squared_distances, 50.0, interpolation="midpoint")
+    values = tf.sort(tf.reshape(squared_distances, [-1]))
+    count = particles * particles
+    median = (values[(count - 1) // 2] + values[count // 2]) / 2
     return tf.stop_gradient(median / math.log(particles))
 
 
@@ -49,20 +50,24 @@ class Svgd(UpdateRule):
 
     def update(self, grads, state, params, step, **extra):
         particles = params[0].shape[0]
-        flat = lambda tensors: tf.concat([tf.reshape(t, [particles, -1]) for t in tensors], axis=1)  # noqa: E731
-        theta, score = flat(params), -flat(grads)  # score: ∇ log p
         if particles == 1:
-            phi = score
-        else:
-            squared_distances = tf.reduce_sum(tf.square(theta[:, None] - theta[None]), axis=2)
-            bandwidth = median_bandwidth(squared_distances)
-            kernel = tf.exp(-squared_distances / bandwidth)  # symmetric
-            repulsion = (2.0 / bandwidth) * (theta * tf.reduce_sum(kernel, axis=1, keepdims=True)
-                                             - tf.matmul(kernel, theta))
-            phi = (tf.matmul(kernel, score) + repulsion) / particles
-        phi = self.learning_rate * phi
-        sizes = [math.prod(p.shape[1:]) for p in params]
-        return [tf.reshape(u, p.shape) for u, p in zip(tf.split(phi, sizes, axis=1), params)], state
+            return [-self.learning_rate * g for g in grads], state
+        # Per variable, without flattening the particles into one [M, D] matrix (its concatenation and split cost
+        # more than the kernel in a second-order meta-step): squared distances from the Gram matrix.
+        flat = [tf.reshape(p, [particles, -1]) for p in params]
+        squared_norms = tf.add_n([tf.reduce_sum(tf.square(f), axis=1) for f in flat])
+        gram = tf.add_n([tf.matmul(f, f, transpose_b=True) for f in flat])
+        squared_distances = tf.maximum(squared_norms[:, None] + squared_norms[None] - 2.0 * gram, 0.0)
+        bandwidth = median_bandwidth(squared_distances)
+        kernel = tf.exp(-squared_distances / bandwidth)  # symmetric
+        row_sums = tf.reduce_sum(kernel, axis=1)
+        updates = []
+        for p, g in zip(params, grads):
+            rows = tf.reshape(row_sums, [particles] + [1] * (p.shape.rank - 1))
+            drive = -tf.tensordot(kernel, g, axes=1)  # Σ_j k(θ_j, θ_i) ∇ log p(θ_j)
+            repulsion = (2.0 / bandwidth) * (p * rows - tf.tensordot(kernel, p, axes=1))
+            updates.append(self.learning_rate * (drive + repulsion) / particles)
+        return updates, state
 
     def get_config(self) -> dict:
         return {**super().get_config(), "learning_rate": self.learning_rate}
