@@ -303,3 +303,15 @@ def test_probabilistic_learners_round_trip_their_config():
         clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(meta))
         assert clone.get_config() == meta.get_config()
         assert type(clone.likelihood) is type(meta.likelihood) and clone.metric_names() == meta.metric_names()
+
+
+def test_an_ensemble_called_predicts_its_mean_at_the_initial_particles(tmp_path):
+    meta = tfmeta.EMAML(small_mlp(), num_particles=3)
+    x = np.random.default_rng(5).normal(size=(9, 2))
+    outputs = [meta.learner.stateless_call([p[m] for p in meta.particles], [], x)[0] for m in range(3)]
+    np.testing.assert_allclose(meta(x), np.mean(outputs, axis=0), rtol=1e-6)  # Keras casts inputs to float32
+    from tfmeta import plotting
+
+    plotting.plot_sine_adaptation(tfmeta.BMAML(tfmeta.models.mlp((1,), (8,), 1), num_particles=2),
+                                  tfmeta.tasks.SineTasks(5), str(tmp_path / "tasks.png"), seed=0, num_tasks=2)
+    assert (tmp_path / "tasks.png").stat().st_size > 10_000

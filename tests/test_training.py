@@ -84,7 +84,7 @@ def test_family_configs_build_their_method_and_learn(config, tmp_path):
 def test_probabilistic_sine_configs_learn_and_report_calibration(config, ratio, tmp_path):
     """BMAML's sinusoid protocol: each method lowers the post-adaptation MSE of its (ensemble) prediction in 600
     meta-steps, and the evaluation reports the predictive NLL and the coverage of the 50% and 90% intervals."""
-    exp = experiment(os.path.join("probabilistic", config))
+    exp = experiment(os.path.join("probabilistic", config), "eval/SineTasks.num_query = 20")
     untrained = exp.evaluate(exp.build())
     trained = exp.train(str(tmp_path))["eval"]
     assert trained["mean_squared_error"]["mean"][-1] < ratio * untrained["mean_squared_error"]["mean"][-1]

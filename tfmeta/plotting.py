@@ -48,18 +48,32 @@ def plot_adaptation_curve(curve: dict, path: str, label: str = "query loss") -> 
 def plot_sine_adaptation(meta_learner, tasks, path: str, seed: int, steps: Sequence[int] = (1, 10),
                          num_tasks: int = 4) -> None:
     """A few held-out sine tasks: true curve, support points, predictions before and after adaptation
-    (as in Figure 2 of the MAML paper)."""
+    (as in Figure 2 of the MAML paper). A learner whose adapted model predicts a distribution (EMAML, BMAML) is
+    drawn as its predictive mean with a band of two standard deviations after the last of `steps`, and its
+    particles' functions in grey."""
     episodes, parameters = tasks.sample_with_parameters(tf.constant([seed, 0], tf.int64), num_tasks)
     grid = np.linspace(*tasks.input_range, 200, dtype=np.float32)[:, None]
     truth = tasks.function(parameters, tf.constant(np.broadcast_to(grid, (num_tasks, *grid.shape)))).numpy()
-    before = meta_learner.learner(grid, training=False).numpy()
+    before = np.asarray(meta_learner(grid, training=False))
     with figure(path, 1, num_tasks, figsize=(4 * num_tasks, 3.2), squeeze=False) as (_, axes):
         for i, ax in enumerate(axes[0]):
             ax.plot(grid, truth[i], "k-", label="ground truth")
             ax.plot(grid, before, ":", label="before adaptation")
             for k in steps:
-                adapted = meta_learner.adapt(episodes["support_x"][i], episodes["support_y"][i], steps=k)
-                ax.plot(grid, adapted(grid, training=False).numpy(), "--", label=f"after {k} step{'s' * (k != 1)}")
+                adapted = meta_learner.adapt(episodes["support_x"][i], episodes["support_y"][i], steps=k,
+                                             **({"return_samples": True} if hasattr(meta_learner, "particles") else {}))
+                prediction = adapted(grid, training=False)
+                label = f"after {k} step{'s' * (k != 1)}"
+                if not isinstance(prediction, dict):
+                    ax.plot(grid, np.asarray(prediction), "--", label=label)
+                    continue
+                mean, stddev = np.asarray(prediction["mean"])[:, 0], np.asarray(prediction["stddev"])[:, 0]
+                line = ax.plot(grid[:, 0], mean, "--", label=f"{label} (mean ± 2 sd)")[0]
+                if k == steps[-1]:
+                    ax.fill_between(grid[:, 0], mean - 2 * stddev, mean + 2 * stddev, color=line.get_color(),
+                                    alpha=0.2)
+                    ax.plot(grid[:, 0], np.asarray(prediction["samples"])[:, :, 0], color="grey", lw=0.5,
+                            alpha=0.5)
             ax.plot(episodes["support_x"][i], episodes["support_y"][i], "^", color="tab:purple", label="support")
             ax.set_xlabel("x")
         axes[0][0].legend(fontsize=7)

@@ -103,6 +103,13 @@ class EMAML(MAML):
 
     # ------------------------------------------------------------------------------------------ particles
 
+    def call(self, inputs, training=False):
+        """The ensemble's point prediction at the meta-learned initial particles (the learner's own weights are
+        only particle 0's initial values)."""
+        fast, slow = self.read_params()
+        outputs, _ = self._stateless_call(fast, slow, self.read_state(), inputs, training, None)
+        return self.point_prediction(outputs)
+
     def extra_particle_shapes(self) -> list[tuple]:
         """The shapes, without the particle axis, of per-particle meta-parameters beyond the learner's (BMAML's
         log-precisions): adapted with the fast parameters and appended to them. Known before they are created."""
