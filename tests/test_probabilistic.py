@@ -315,3 +315,41 @@ def test_an_ensemble_called_predicts_its_mean_at_the_initial_particles(tmp_path)
     plotting.plot_sine_adaptation(tfmeta.BMAML(tfmeta.models.mlp((1,), (8,), 1), num_particles=2),
                                   tfmeta.tasks.SineTasks(5), str(tmp_path / "tasks.png"), seed=0, num_tasks=2)
     assert (tmp_path / "tasks.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("algorithm", ["MAML", "EMAML"])
+def test_predict_tasks_agree_with_adapt_and_calibration_report_pools_them(algorithm, tmp_path):
+    from conftest import classification_episodes
+
+    from tfmeta import calibration, evaluation
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    learner = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(), keras.layers.Dense(8, "relu"),
+                                keras.layers.Dense(5)])
+    kwargs = {"num_particles": 3} if algorithm == "EMAML" else {}
+    meta = getattr(tfmeta, algorithm)(learner, loss=loss, update_rule=tfmeta.Sgd(0.5), eval_inner_steps=2,
+                                      likelihood=likelihoods.Categorical(), **kwargs)
+    episodes = classification_episodes(tasks=2, ways=5, shots=1, queries=15, dtype="float32")
+    predicted = meta.predict_tasks(episodes)
+    assert predicted["probabilities"].shape == (2, 75, 5)
+    for task in range(2):
+        model = meta.adapt(episodes["support_x"][task], episodes["support_y"][task])
+        outputs = model.predict(episodes["query_x"][task], verbose=0)
+        probabilities = outputs["probabilities"] if isinstance(outputs, dict) else tf.nn.softmax(outputs).numpy()
+        np.testing.assert_allclose(predicted["probabilities"][task], probabilities, rtol=1e-5, atol=1e-7)
+
+    class Fixed(tfmeta.tasks.TaskDistribution):
+        def sample(self, seed, num_tasks):
+            return {k: v[:num_tasks] for k, v in episodes.items()}
+
+    report = evaluation.calibration_report(meta, Fixed(), num_tasks=2, batch_size=2, num_resamples=50)
+    probabilities = predicted["probabilities"].numpy().astype(np.float64)
+    probabilities /= probabilities.sum(-1, keepdims=True)
+    expected = calibration.expected_calibration_error(probabilities, episodes["query_y"].numpy())
+    assert report["ece"] == pytest.approx(expected, rel=1e-6)
+    assert report["ece_ci95"][0] <= report["ece"] <= report["ece_ci95"][1]
+    assert report["accuracy"] == pytest.approx(np.mean(probabilities.argmax(-1) == episodes["query_y"].numpy()))
+    from tfmeta import plotting
+
+    plotting.plot_reliability(report, str(tmp_path / "reliability.png"), label=algorithm)
+    assert (tmp_path / "reliability.png").stat().st_size > 10_000

@@ -74,6 +74,44 @@ def adaptation_curve(
     return result
 
 
+def calibration_report(
+    meta_learner: EpisodicLearner,
+    tasks: TaskDistribution,
+    num_tasks: int = 600,
+    steps: Optional[int] = None,
+    seed: int = 1,
+    batch_size: int = 100,
+    num_bins: int = 15,
+    num_resamples: int = 1000,
+) -> dict:
+    """A classifier's calibration on `num_tasks` held-out tasks (drawn as `adaptation_curve` draws them) after
+    `steps` inner steps: the expected calibration error of the predicted class over `num_bins` bins, pooling the
+    queries of all tasks, with its 95% percentile-bootstrap interval over tasks (`num_resamples`), the reliability
+    bins and the accuracy. Needs a meta-learner with a categorical likelihood (`predict_tasks`)."""
+    from tfmeta import calibration
+
+    if meta_learner.likelihood is None or not meta_learner.likelihood.classifies:
+        raise ValueError("calibration_report needs a classifier with a categorical likelihood (`likelihood=` of the "
+                         "meta-learner).")
+    batch_size = min(batch_size, num_tasks)
+    batches = tasks.dataset(batch_size, seed=seed, num_batches=math.ceil(num_tasks / batch_size))
+    predict = tf.function(lambda e: meta_learner.predict_tasks(e, steps=steps))
+    probabilities, labels = [], []
+    for episodes in batches:
+        probabilities.append(predict(episodes)["probabilities"].numpy())
+        labels.append(np.reshape(episodes["query_y"].numpy(), probabilities[-1].shape[:2]))
+    probabilities = np.concatenate(probabilities)[:num_tasks].astype(np.float64)
+    probabilities /= probabilities.sum(-1, keepdims=True)  # float32 rounding
+    labels = np.concatenate(labels)[:num_tasks]
+    ece, low, high = calibration.bootstrap_interval(
+        lambda p, y: calibration.expected_calibration_error(p, y, num_bins), [probabilities, labels],
+        num_resamples=num_resamples, seed=seed)
+    bins = calibration.reliability(probabilities, labels, num_bins)
+    accuracy = float(np.mean(probabilities.argmax(-1) == labels))
+    return {"num_tasks": num_tasks, "seed": seed, "num_bins": num_bins, "ece": ece, "ece_ci95": [low, high],
+            "accuracy": accuracy, "reliability": {k: np.asarray(v).tolist() for k, v in bins.items()}}
+
+
 def strict(value: Any, path: str = "", non_finite: Optional[list] = None) -> tuple[Any, list[str]]:
     """`value` (nested dicts, lists, numbers) with every non-finite number replaced by None, and the names of the
     fields that held one (e.g. "eval.loss.mean"), each once: JSON has no NaN or Infinity."""

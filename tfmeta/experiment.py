@@ -349,13 +349,21 @@ class Experiment:
 
     def evaluate(self, meta_learner: EpisodicLearner) -> dict:
         """The adaptation curve on the held-out tasks (see `evaluation.adaptation_curve`), with a progress line
-        per batch of tasks unless `verbose` is 0."""
+        per batch of tasks unless `verbose` is 0; for a classifier with a categorical likelihood also its
+        calibration after `eval_steps` steps ("calibration": `evaluation.calibration_report`, pooled ECE with a
+        bootstrap interval and reliability bins)."""
         try:
-            return evaluation.adaptation_curve(
+            curve = evaluation.adaptation_curve(
                 meta_learner, self.eval_tasks, num_tasks=self.eval_num_tasks, steps=self.eval_steps,
                 seed=self.eval_seed, batch_size=self.eval_batch_size,
                 at_steps=sorted({*range(0, self.eval_steps, self.eval_every), self.eval_steps}),
                 progress=self.verbose != 0)
+            likelihood = getattr(meta_learner, "likelihood", None)
+            if likelihood is not None and likelihood.classifies and hasattr(meta_learner, "predict_tasks"):
+                curve["calibration"] = evaluation.calibration_report(
+                    meta_learner, self.eval_tasks, num_tasks=self.eval_num_tasks, steps=self.eval_steps,
+                    seed=self.eval_seed, batch_size=self.eval_batch_size)
+            return curve
         except tf.errors.InvalidArgumentError as error:
             message = check_failure(error)
             if message is None:

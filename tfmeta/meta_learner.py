@@ -189,7 +189,14 @@ class MetaLearner(EpisodicLearner):
         algorithm, the evaluation and `adapt` go through this hook and `inner_objective`."""
         loss, predictions, state = self.task_objective(fast, slow, state, episode["query_x"], episode["query_y"],
                                                        training=training, step=step)
-        return loss, self.metric_values(episode["query_y"], predictions, scores=not training), state
+        scored = self.likelihood is not None and not training
+        predictive = self.adapted_predictive(fast, predictions) if scored else None
+        return loss, self.metric_values(episode["query_y"], predictions, predictive, scores=not training), state
+
+    def adapted_predictive(self, fast, outputs):
+        """The predictive distribution of the targets given the outputs of the learner at fast parameters `fast`:
+        `predictive(outputs)`, unless the parameters carry their own noise (BMAML's particles)."""
+        return self.predictive(outputs)
 
     def adapt_episode(
         self, fast, slow, state, episode: dict, steps, *, training: bool, first_order: bool = False,
@@ -359,6 +366,29 @@ class MetaLearner(EpisodicLearner):
             return self.task_curve(fast, slow, state, episode, steps, at_steps)
 
         signature = {n: tf.TensorSpec([len(at_steps)], self._log_dtype) for n in ["loss", *self.metric_names()]}
+        return self.map_tasks(one_task, episodes, signature)
+
+    def predict_tasks(self, episodes: dict, steps: Optional[int] = None) -> dict:
+        """Per task, the likelihood's summary of the predictive distribution of the query targets after `steps`
+        inner steps (default `eval_inner_steps`, inference mode, as `evaluate` adapts): "probabilities" and
+        "classes" [tasks, queries, ...], or "mean" and "stddev". What calibration statistics pooled over episodes
+        read (`tfmeta.evaluation.calibration_report`)."""
+        if self.likelihood is None:
+            raise ValueError(f"predict_tasks needs the predictive distribution of a likelihood: build {self.name} "
+                             "with `likelihood=` (tfmeta.likelihoods).")
+        episodes = self.check_episodes(episodes)
+        steps = checks.integer(self.eval_inner_steps if steps is None else steps, "steps")
+        state = self.read_state()
+
+        def one_task(index, episode):
+            fast, slow = self.read_params()
+            adaptation = self.adapt_episode(fast, slow, state, episode, steps, training=False, check_finite=False)
+            outputs, _ = self.forward(adaptation.params, slow, state, episode["query_x"], training=False, step=steps)
+            return self.likelihood.summary(self.adapted_predictive(adaptation.params, outputs))
+
+        one = {k: tf.TensorSpec(v.shape[1:], v.dtype) for k, v in episodes.items()}
+        traced = tf.function(lambda e: one_task(tf.constant(0), e), autograph=False).get_concrete_function(one)
+        signature = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), traced.structured_outputs)
         return self.map_tasks(one_task, episodes, signature)
 
     def curve_points(self, steps: Optional[int], at_steps: Optional[Sequence[int]]) -> tuple[int, tuple]:

@@ -45,6 +45,22 @@ def plot_adaptation_curve(curve: dict, path: str, label: str = "query loss") -> 
         ax.grid(alpha=0.3)
 
 
+def plot_reliability(report: dict, path: str, label: str = "") -> None:
+    """A reliability diagram from `evaluation.calibration_report`: accuracy against confidence per bin, the
+    diagonal of perfect calibration, and the ECE with its 95% bootstrap interval in the title."""
+    bins = report["reliability"]
+    edges, accuracy = np.asarray(bins["edges"]), np.asarray(bins["accuracy"], dtype=float)
+    centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+    with figure(path, figsize=(4, 4)) as (_, ax):
+        ax.bar(centres, np.nan_to_num(accuracy), width=width, edgecolor="k", alpha=0.7, label="accuracy")
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+        ax.set_xlabel("confidence (predicted class)")
+        ax.set_ylabel("accuracy")
+        low, high = report["ece_ci95"]
+        ax.set_title(f"{label} ECE {100 * report['ece']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]".strip(), fontsize=9)
+        ax.legend(fontsize=7)
+
+
 def plot_sine_adaptation(meta_learner, tasks, path: str, seed: int, steps: Sequence[int] = (1, 10),
                          num_tasks: int = 4) -> None:
     """A few held-out sine tasks: true curve, support points, predictions before and after adaptation

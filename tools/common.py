@@ -85,3 +85,8 @@ def print_curve(curve: dict) -> None:
         where = "adapted (no inner steps)" if steps[-1] == 0 else f"{steps[i]:2d} inner steps"
         values = ", ".join(f"{n} {curve[n]['mean'][i]:.4f} ± {curve[n]['ci95'][i]:.4f}" for n in names)
         print(f"  {where}: {values}")
+    if "calibration" in curve:
+        report = curve["calibration"]
+        low, high = report["ece_ci95"]
+        print(f"  calibration after {steps[-1]} inner steps: ECE {report['ece']:.4f} (95% bootstrap interval "
+              f"{low:.4f}-{high:.4f}, {report['num_bins']} bins), accuracy {report['accuracy']:.4f}")

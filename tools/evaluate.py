@@ -29,6 +29,9 @@ def main(argv):
         raise FloatingPointError(f"the evaluation is not finite ({', '.join(non_finite)}): eval.json lists the "
                                  "fields under 'non_finite', with null values.")
     plotting.plot_adaptation_curve(curve, os.path.join(FLAGS.model_dir, "eval_curve.png"))
+    if "calibration" in curve:
+        plotting.plot_reliability(curve["calibration"], os.path.join(FLAGS.model_dir, "eval_reliability.png"),
+                                  label=type(meta_learner).__name__)
     if isinstance(experiment.eval_tasks, SineTasks):
         plotting.plot_sine_adaptation(
             meta_learner, experiment.eval_tasks, os.path.join(FLAGS.model_dir, "eval_tasks.png"),

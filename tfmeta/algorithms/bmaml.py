@@ -130,14 +130,12 @@ class BMAML(EMAML):
         x, y = self.support_examples(episode, step)
         return self.negative_log_posterior(fast, slow, state, x, y, training)
 
-    def outer_objective(self, fast, slow, state, episode, *, training, step=None, seed=None, start=None):
-        loss, predictions, state = self.task_objective(fast, slow, state, episode["query_x"], episode["query_y"],
-                                                       training=training, step=step)
+    def adapted_predictive(self, fast, outputs):
+        """The mixture of the particles' N(f_m, 1/γ_m) (or their categoricals)."""
         stddev = self.particle_stddev(fast)
         if stddev is not None:
-            stddev = tf.reshape(stddev, [-1] + [1] * (predictions.shape.rank - 1))
-        predictive = self.likelihood.predictive(predictions, stddev)
-        return loss, self.metric_values(episode["query_y"], predictions, predictive, scores=not training), state
+            stddev = tf.reshape(stddev, [-1] + [1] * (outputs.shape.rank - 1))
+        return self.likelihood.predictive(outputs, stddev)
 
     def task_gradients(self, episode, state, seed):
         both = {"support_x": tf.concat([episode["support_x"], episode["query_x"]], axis=0),
