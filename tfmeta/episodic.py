@@ -41,6 +41,14 @@ def resolve_metric(metric: Metric) -> tuple[str, Callable]:
     return metric, fn
 
 
+def vectorizable(learner: keras.Model) -> bool:
+    """Whether `tf.vectorized_map` turns copies of `learner` into batched kernels: dense layers and activations
+    only (`VECTORIZABLE_LAYERS`), without state."""
+    dense = all(isinstance(layer, VECTORIZABLE_LAYERS) or layer is learner
+                for layer in learner._flatten_layers(include_self=True))
+    return dense and not learner.non_trainable_variables
+
+
 def specs(tensors) -> list[tf.TensorSpec]:
     """The `tf.TensorSpec`s of `tensors` (for `tf.map_fn` signatures)."""
     return [tf.TensorSpec(t.shape, t.dtype) for t in tensors]
@@ -230,10 +238,7 @@ class EpisodicLearner(keras.Model):
         """`task_parallelism` with "auto" resolved for this algorithm and learner."""
         if self.task_parallelism != "auto":
             return self.task_parallelism
-        dense = all(isinstance(layer, VECTORIZABLE_LAYERS) or layer is self.learner
-                    for layer in self.learner._flatten_layers(include_self=True))
-        dense = dense and not self.learner.non_trainable_variables
-        return "vectorized_map" if self.vectorizes_dense_learners and dense else "map_fn"
+        return "vectorized_map" if self.vectorizes_dense_learners and vectorizable(self.learner) else "map_fn"
 
     @staticmethod
     def task_count(episodes: dict) -> tuple[Optional[int], tf.Tensor]:

@@ -19,7 +19,7 @@ from tfmeta import adapted as adapted_lib
 from tfmeta import checks, likelihoods, losses
 from tfmeta import partition as partition_lib
 from tfmeta.algorithms.maml import MAML
-from tfmeta.episodic import VECTORIZABLE_LAYERS
+from tfmeta.episodic import vectorizable
 from tfmeta.inner_loop import at_step
 from tfmeta.layers import batch_statistics_layers
 from tfmeta.registry import register
@@ -136,9 +136,7 @@ class EMAML(MAML):
         """`particle_parallelism` with "auto" resolved for the learner."""
         if self.particle_parallelism != "auto":
             return self.particle_parallelism
-        dense = all(isinstance(layer, VECTORIZABLE_LAYERS) or layer is self.learner
-                    for layer in self.learner._flatten_layers(include_self=True))
-        return "vectorized_map" if dense and not self.learner.non_trainable_variables else "unrolled"
+        return "vectorized_map" if vectorizable(self.learner) else "unrolled"
 
     def _stateless_call(self, fast, slow, state, x, training, step, return_losses=False):
         fast = fast[:len(fast) - len(self.extra_particle_shapes())]
