@@ -300,3 +300,15 @@ def test_adapt_with_the_support_sets_batch_statistics_predicts_each_example_alon
         meta.adapt(t["support_x"], t["support_y"], batch_norm="query")
     with pytest.raises(ValueError, match="takes arrays or tensors, not a .*Dataset"):
         transductive.predict(tf.data.Dataset.from_tensor_slices(t["query_x"]).batch(8))
+
+
+@pytest.mark.parametrize("algorithm", ["EMAML", "BMAML"])
+def test_particle_learners_serve_their_ensemble_mean(algorithm, tmp_path):
+    meta = getattr(tfmeta, algorithm)(tfmeta.models.mlp(hidden_units=(16, 16)), num_particles=3, eval_inner_steps=2)
+    export.export_meta_learner(meta, str(tmp_path / "sine"))
+    episode = sine_request(3, 5)
+    inputs = {k: episode[k] for k in ("support_x", "support_y", "query_x")}
+    answer = serve(tmp_path, [(str(tmp_path / "sine"), "serving_default", inputs)])[0]
+    expected = meta.adapt(episode["support_x"], episode["support_y"]).predict(episode["query_x"], verbose=0)
+    assert answer["predictions"].shape == expected["mean"].shape == (9, 1)
+    np.testing.assert_allclose(answer["predictions"], expected["mean"], rtol=1e-5, atol=1e-5)

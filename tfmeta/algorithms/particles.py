@@ -190,6 +190,11 @@ class EMAML(MAML):
                                         training=False)
         return self.predictive_model(adaptation.params, slow, state, return_samples)
 
+    def serve_from(self, fast, slow, state, request, steps):
+        """The served outputs: the ensemble's point prediction (the predictive mean, or the logits of the averaged
+        class probabilities), as `adapt(...).predict` gives its "mean" or "probabilities"."""
+        return self.point_prediction(super().serve_from(fast, slow, state, request, steps))
+
     def predictive_model(self, fast, slow, state, return_samples: bool) -> keras.Model:
         """A `PredictiveModel` of adapted particle parameters `fast`."""
         n = len(fast) - len(self.extra_particle_shapes())
