@@ -353,3 +353,152 @@ def test_predict_tasks_agree_with_adapt_and_calibration_report_pools_them(algori
 
     plotting.plot_reliability(report, str(tmp_path / "reliability.png"), label=algorithm)
     assert (tmp_path / "reliability.png").stat().st_size > 10_000
+
+
+def platipus(samples=3, **kwargs):
+    return tfmeta.PLATIPUS(small_mlp(), num_samples=samples, update_rule=tfmeta.Sgd(0.3), **kwargs)
+
+
+def test_platipus_distributions_follow_its_algorithms_and_tfp():
+    """The prior is N(μ − γ_p ∇L(μ, support), σ²) and the inference distribution N(μ − γ_q ∇L(μ, query), v²);
+    KL(q ‖ p) equals the closed form of two diagonal Gaussians."""
+    meta = platipus()
+    rng = np.random.default_rng(6)
+    for variable in meta.log_prior_stddev + meta.log_inference_stddev:
+        variable.assign(rng.normal(-2.0, 0.3, size=variable.shape))
+    meta.step_sizes.assign([0.05, 0.2])
+    episode = {k: v[0] for k, v in random_episodes(tasks=1).items()}
+    mean, slow = meta.read_params()
+    for split, distributions, step, log_stddev in (
+            ("support", meta.prior, 0.05, meta.log_prior_stddev),
+            ("query", meta.inference, 0.2, meta.log_inference_stddev)):
+        x, y = episode[f"{split}_x"], episode[f"{split}_y"]
+        with tf.GradientTape() as tape:
+            tape.watch(mean)
+            loss = tf.reduce_mean((meta.learner.stateless_call(mean, [], x)[0] - y) ** 2)
+        grads = tape.gradient(loss, mean)
+        for d, m, g, s in zip(distributions(mean, slow, [], x, y), mean, grads, log_stddev):
+            np.testing.assert_allclose(d.mean(), m - step * g, rtol=1e-12)
+            np.testing.assert_allclose(d.stddev(), np.exp(s.numpy()), rtol=1e-12)
+    q = meta.inference(mean, slow, [], episode["query_x"], episode["query_y"])
+    p = meta.prior(mean, slow, [], episode["support_x"], episode["support_y"])
+    kl = sum(float(tf.reduce_sum(likelihoods.tfd().kl_divergence(a, b))) for a, b in zip(q, p))
+    closed = sum(np.sum(np.log(b.stddev() / a.stddev()) + (a.stddev() ** 2 + (a.mean() - b.mean()) ** 2)
+                        / (2 * b.stddev() ** 2) - 0.5) for a, b in zip(q, p))
+    assert kl == pytest.approx(closed, rel=1e-10) and kl > 0
+
+
+def platipus_objective(meta, episode, seed):
+    """Algorithm 1's objective for one task, written out: the query loss of the adapted samples plus KL(q ‖ p)."""
+    mean, slow = meta.read_params()
+    prior = meta.prior(mean, slow, [], episode["support_x"], episode["support_y"], first_order=False)
+    inference = meta.inference(mean, slow, [], episode["query_x"], episode["query_y"], first_order=False)
+    samples = meta.sample(inference, seed)
+    adapted = tfmeta.MetaLearner.adapt_episode(meta, samples, slow, [], episode, meta.inner_steps, training=True)
+    loss = meta.task_objective(adapted.params, slow, [], episode["query_x"], episode["query_y"], True)[0]
+    kl = tf.add_n([tf.reduce_sum(likelihoods.tfd().kl_divergence(a, b)) for a, b in zip(inference, prior)])
+    return float(loss + meta.kl_weight * kl)
+
+
+def test_platipus_meta_gradient_matches_finite_differences():
+    """The second-order meta-gradient through the prior's and the inference network's gradient steps, the
+    reparameterised samples and the inner loop (float64; one task, its seed held fixed)."""
+    meta = platipus(inner_steps=2, kl_weight=0.5)
+    rng = np.random.default_rng(7)
+    for variable in meta.log_prior_stddev + meta.log_inference_stddev:
+        variable.assign(rng.normal(-1.5, 0.3, size=variable.shape))
+    episodes = random_episodes(tasks=1)
+    episode = {k: v[0] for k, v in episodes.items()}
+    seed = tf.constant([3, 4])
+    grads, logs, _ = meta.task_gradients(episode, [], seed)
+    assert float(logs["loss"]) == pytest.approx(platipus_objective(meta, episode, seed), rel=1e-12)
+    theta = values(meta.meta_variables)
+    eps = 1e-6
+    for _ in range(2):
+        direction = [rng.normal(size=t.shape) for t in theta]
+        sides = []
+        for sign in (1, -1):
+            for v, t, d in zip(meta.meta_variables, theta, direction):
+                v.assign(t + sign * eps * d)
+            sides.append(platipus_objective(meta, episode, seed))
+        for v, t in zip(meta.meta_variables, theta):
+            v.assign(t)
+        analytic = sum(float(np.sum(np.array(g) * d)) for g, d in zip(grads, direction))
+        assert analytic == pytest.approx((sides[0] - sides[1]) / (2 * eps), rel=1e-6)
+    names = [v.name for v in meta.meta_variables]
+    for name in ("log_prior_stddev", "log_inference_stddev", "step_sizes"):  # each gets a meta-gradient
+        assert any(np.abs(g).max() > 0 for g, n in zip(grads, names) if n.startswith(name)), name
+
+
+def test_platipus_samples_are_reproducible_and_differ_across_tasks_and_samples():
+    meta = platipus(samples=4)
+    episodes = random_episodes(tasks=2, query=75)
+    mean, slow = meta.read_params()
+    draws = [meta.adapt_episode(mean, slow, [], {k: v[t] for k, v in episodes.items()}, 0, training=False).params
+             for t in (0, 1, 0)]
+    np.testing.assert_array_equal(draws[0][0], draws[2][0])  # the same task: the same samples
+    noise = [(d[0] - p.mean()) / p.stddev() for d, p in (  # different tasks: different draws of the noise
+        (draws[t], meta.prior(mean, slow, [], episodes["support_x"][t], episodes["support_y"][t])[0]) for t in (0, 1))]
+    assert not np.allclose(noise[0], noise[1])
+    assert not np.allclose(draws[0][0][0], draws[0][0][1])
+    other = platipus(samples=4, seed=1)
+    for variable, value in zip(other.meta_variables, values(meta.meta_variables)):
+        variable.assign(value)
+    episode = {k: v[0] for k, v in episodes.items()}
+    assert not np.allclose(other.adapt_episode(mean, slow, [], episode, 0, training=False).params[0], draws[0][0])
+    # Training draws from the inference distribution with the task's seed: reproducible, and seed-dependent.
+    first, second, third = (meta.task_gradients(episode, [], tf.constant(s))[1]["loss"]
+                            for s in ([1, 2], [1, 2], [2, 2]))
+    assert float(first) == float(second) != float(third)
+
+
+def test_platipus_evaluate_adapt_predict_and_serving_agree_at_75_queries(tmp_path):
+    from test_export import serve
+
+    from tfmeta import export
+
+    meta = tfmeta.PLATIPUS(small_mlp(dtype="float32"), num_samples=4, metrics=["mean_squared_error"],
+                           eval_inner_steps=2, likelihood=likelihoods.Normal(0.5), update_rule=tfmeta.Sgd(0.1))
+    meta.log_prior_stddev[0].assign(np.full(meta.log_prior_stddev[0].shape, -1.0))
+    episodes = random_episodes(tasks=1, query=75, dtype="float32")
+    results = meta.evaluate_tasks(episodes)
+    model = meta.adapt(episodes["support_x"][0], episodes["support_y"][0], return_samples=True)
+    predicted = model.predict(episodes["query_x"][0], verbose=0)
+    assert predicted["samples"].shape == (75, 4, 1)
+    assert np.std(predicted["samples"], axis=1).mean() > 1e-3  # the samples differ
+    mse = np.mean((predicted["mean"] - episodes["query_y"][0].numpy()) ** 2)
+    assert float(results["mean_squared_error"][0, -1]) == pytest.approx(mse, rel=1e-5)
+    export.export_meta_learner(meta, str(tmp_path / "platipus"))
+    request = {k: episodes[k][0].numpy() for k in ("support_x", "support_y", "query_x")}
+    served, = serve(tmp_path, [(str(tmp_path / "platipus"), "serving_default", request)])
+    np.testing.assert_allclose(served["predictions"], predicted["mean"], rtol=1e-5, atol=1e-6)
+
+
+def test_platipus_arguments_and_config():
+    with pytest.raises(ValueError, match=r"PLATIPUS `num_samples` must be an integer >= 1"):
+        platipus(samples=0)
+    with pytest.raises(ValueError, match=r"`kl_weight` must be a finite number >= 0"):
+        platipus(kl_weight=-1.0)
+    with pytest.raises(ValueError, match=r"`initial_stddev` must be positive"):
+        platipus(initial_stddev=0.0)
+    with pytest.raises(ValueError, match=r"PLATIPUS meta-trains with its own objective.*query_step_weights"):
+        platipus(inner_steps=2, query_step_weights=[0.5, 0.5])
+    meta = platipus(kl_weight=0.1, initial_stddev=0.05, seed=3)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(meta))
+    assert clone.get_config() == meta.get_config() and clone.num_samples == 3
+    np.testing.assert_allclose(np.exp(clone.log_prior_stddev[0].numpy()), 0.05, rtol=1e-6)
+
+
+def test_warm_start_loads_a_runs_learner_and_names_a_mismatch(tmp_path):
+    from tfmeta.experiment import warm_start
+
+    maml = tfmeta.MAML(small_mlp())
+    maml.compile(keras.optimizers.Adam())
+    tf.train.Checkpoint(meta_learner=maml).save(str(tmp_path / "checkpoints" / "ckpt"))
+    learner = warm_start(small_mlp(), str(tmp_path))
+    for a, b in zip(learner.weights, maml.learner.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        warm_start(small_mlp(), str(tmp_path / "nothing"))
+    with pytest.raises(ValueError):
+        warm_start(tfmeta.models.mlp(input_shape=(2,), hidden_units=(4,), outputs=1, dtype="float64"), str(tmp_path))

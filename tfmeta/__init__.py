@@ -9,7 +9,8 @@ import importlib
 
 from tfmeta import data, distribute, episodes, layers, likelihoods, metric, models, tasks, warp
 from tfmeta.adapted import TransductiveModel
-from tfmeta.algorithms import BMAML, EMAML, IMAML, MALTML, MAML, ContinualWarpGrad, Leap, Reptile, WarpGrad
+from tfmeta.algorithms import (BMAML, EMAML, IMAML, MALTML, MAML, PLATIPUS, ContinualWarpGrad, Leap, Reptile,
+                               WarpGrad)
 from tfmeta.episodic import EpisodicLearner
 from tfmeta.inner_loop import Adaptation, inner_loop, inner_step
 from tfmeta.meta_learner import MetaLearner
@@ -34,6 +35,7 @@ def __getattr__(name: str):
 __all__ = [
     "BMAML",
     "EMAML",
+    "PLATIPUS",
     "Svgd",
     "IMAML",
     "likelihoods",

@@ -23,7 +23,7 @@ for _data in (tfmeta.data.omniglot_tasks, tfmeta.data.FewShotTasks, tfmeta.data.
               tfmeta.data.omniglot_alphabet_tasks, tfmeta.data.GroupTasks, tfmeta.data.omniglot_families,
               tfmeta.data.AffineFamilies):
     gin.external_configurable(_data, module="tfmeta.data")
-for _tasks in (tfmeta.tasks.SineTasks, tfmeta.tasks.SurfaceTasks, tfmeta.tasks.surface_loss,
+for _tasks in (tfmeta.tasks.SineTasks, tfmeta.tasks.SineLineTasks, tfmeta.tasks.SurfaceTasks, tfmeta.tasks.surface_loss,
                tfmeta.tasks.ContinualSineTasks, tfmeta.tasks.SineFamilies, tfmeta.tasks.MixtureFamilies,
                tfmeta.tasks.goal_tasks, tfmeta.tasks.finite_tasks):
     gin.external_configurable(_tasks, module="tfmeta.tasks")

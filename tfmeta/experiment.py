@@ -397,3 +397,21 @@ def summarize(curve: dict) -> dict:
     """An adaptation curve without its per-task values."""
     drop = lambda entry: {k: v for k, v in entry.items() if k != "per_task"}  # noqa: E731
     return {name: drop(entry) if isinstance(entry, dict) else entry for name, entry in curve.items()}
+
+
+@gin.configurable
+def warm_start(learner: keras.Model, model_dir: str) -> keras.Model:
+    """`learner` carrying the learner weights of the last checkpoint of the `Experiment` run in `model_dir` (e.g.
+    MAML's meta-learned initialisation, to start PLATIPUS from): the two learners must have the same architecture.
+    In gin: `PLATIPUS.learner = @warm_start()`, `warm_start.learner = @mlp()`, `warm_start.model_dir = "..."`."""
+    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    if path is None:
+        raise FileNotFoundError(f"warm_start: no checkpoint in {os.path.join(model_dir, 'checkpoints')} (`model_dir` "
+                                "must be the directory of a tfmeta run, e.g. tools/train.py's --model_dir).")
+    status = tf.train.Checkpoint(meta_learner=tf.train.Checkpoint(learner=learner)).read(path)
+    try:
+        status.assert_existing_objects_matched().expect_partial()  # (the run's optimizer and the rest stay unread)
+    except AssertionError as error:
+        raise ValueError(f"warm_start: the learner of {path} does not match learner '{learner.name}': "
+                         f"{error}") from None
+    return learner

@@ -1,4 +1,5 @@
-"""Ensembles of MAML (EMAML; Yoon et al., 2018, the baseline of the Bayesian MAML paper): M learners, the
+"""Meta-learners that adapt several models of the learner at once (`ParticleLearner`), and the first of them:
+ensembles of MAML (EMAML; Yoon et al., 2018, the baseline of the Bayesian MAML paper), M learners, the
 "particles", each independently initialised and adapted by MAML's inner loop, predicting with their mixture.
 
 The particles' parameters are stacked on a leading axis [M, ...]: the update rule sees the stacked fast parameters
@@ -47,21 +48,18 @@ def particle_call(learner: keras.Model, trainable: list, state: list, x, trainin
     return tf.nest.map_structure(lambda *xs: tf.stack(xs), *results)
 
 
-@register
-class EMAML(MAML):
-    """Ensemble of MAML: `num_particles` independently initialised learners, each adapted by MAML's inner loop.
-
-    The inner loop minimises the sum of the particles' support losses, so that each particle takes its own MAML
-    step; the meta-objective is the mean of their query losses (the official BMAML code's EMAML sums them: with
-    Adam the two differ only in the scale epsilon is compared with). The query metrics score the ensemble's point
-    prediction (the mean prediction, or the averaged class probabilities) and the likelihood's scores its mixture.
-    The particles hold M times the learner's parameters: say so beside a comparison with MAML.
+class ParticleLearner(MAML):
+    """The base of meta-learners that adapt M models of the learner at once (the "particles": an ensemble's
+    members, a posterior's samples), their parameters stacked on a leading axis [M, ...]: the update rule sees the
+    stacked fast parameters, every forward pass runs the M models as one batched call (`particle_parallelism`), the
+    inner loop minimises the sum of their support losses (so each takes its own step), the query loss is their
+    mean, the metrics score the point prediction (the mean, or the averaged class probabilities) and the
+    likelihood's scores the uniform mixture. Subclasses say where the M starting points come from (`read_params`,
+    or `adapt_episode` for starting points drawn per task).
 
     Args:
-      learner: the architecture of every particle; its weights are particle 0's initial values, and the others
-        come from `keras.models.clone_model` (fresh draws of the initialisers: unseeded initialisers, or every
-        particle starts the same and the ensemble is M copies of MAML, which is refused).
-      num_particles: M >= 1 (M = 1 is MAML).
+      learner: the architecture of every particle.
+      num_particles: M >= 1.
       likelihood: the particles' likelihood (`tfmeta.likelihoods`); default: the loss's (a categorical for
         cross-entropies, the heteroscedastic Gaussian for "gaussian_nll", else Normal(1.0): state the level).
       particle_parallelism: "vectorized_map" (`tf.vectorized_map`: one batched call of the M particles),
@@ -80,35 +78,6 @@ class EMAML(MAML):
             likelihood = likelihoods.for_loss(losses.get(kwargs.get("loss", "mse")))
         super().__init__(learner, likelihood=likelihood, **kwargs)
         self.particle_parallelism = particle_parallelism
-        self.particles = self._initial_particles(learner)
-
-    def _initial_particles(self, learner: keras.Model) -> list[keras.Variable]:
-        particles = [learner.trainable_variables]
-        try:
-            particles += [keras.models.clone_model(learner).trainable_variables for _ in range(self.num_particles - 1)]
-        except (TypeError, ValueError) as error:
-            raise ValueError(
-                f"{type(self).__name__} initialises its particles as copies of learner '{learner.name}' made by "
-                "keras.models.clone_model, which rebuilds a subclassed model from its get_config(): give its "
-                f"__init__ **kwargs for Keras' own arguments (and a get_config for its own). It failed with: {error}"
-            ) from None
-        stacked = _stack([[tf.convert_to_tensor(v) for v in variables] for variables in particles])
-        if self.num_particles > 1 and all(bool(tf.reduce_all(s[0] == s[1])) for s in stacked):
-            raise ValueError(f"the particles of {type(self).__name__} start identical: learner '{learner.name}' "
-                             "draws the same initial weights in every copy (seeded initialisers); give it unseeded "
-                             "initialisers, so that the particles are independently initialised.")
-        return [self.add_weight(shape=value.shape, dtype=variable.dtype, initializer=lambda shape, dtype, v=value: v,
-                                name=f"particles_{variable.name}")
-                for variable, value in zip(learner.trainable_variables, stacked)]
-
-    # ------------------------------------------------------------------------------------------ particles
-
-    def call(self, inputs, training=False):
-        """The ensemble's point prediction at the meta-learned initial particles (the learner's own weights are
-        only particle 0's initial values)."""
-        fast, slow = self.read_params()
-        outputs, _ = self._stateless_call(fast, slow, self.read_state(), inputs, training, None)
-        return self.point_prediction(outputs)
 
     def extra_particle_shapes(self) -> list[tuple]:
         """The shapes, without the particle axis, of per-particle meta-parameters beyond the learner's (BMAML's
@@ -119,17 +88,9 @@ class EMAML(MAML):
         """The variables of `extra_particle_shapes`, each [M, ...]."""
         return []
 
-    @property
-    def meta_variables(self) -> list[keras.Variable]:
-        return self.particles + self.extra_particle_variables() + self.update_rule.trainable_variables
-
     def fast_shapes(self, fast_variables):
         shapes = [tuple(v.shape) for v in fast_variables] + self.extra_particle_shapes()
         return [(self.num_particles, *shape) for shape in shapes]
-
-    def read_params(self):
-        fast, slow = partition_lib.split([tf.convert_to_tensor(v) for v in self.particles], self.fast_mask)
-        return fast + [tf.convert_to_tensor(v) for v in self.extra_particle_variables()], slow
 
     @property
     def particle_mapping(self) -> str:
@@ -151,9 +112,9 @@ class EMAML(MAML):
     def task_objective(self, fast, slow, state, x, y, training: bool, step=None):
         """The mean over particles of their task objectives; the outputs are the particles' [M, examples, ...]."""
         outputs, state, extra_losses = self._stateless_call(fast, slow, state, x, training, step, return_losses=True)
-        targets = tf.broadcast_to(y, tf.concat([[self.num_particles], tf.shape(y)], 0))
-        per_example = self.task_loss(targets, outputs)
-        loss = tf.reduce_mean(tf.reshape(per_example, [self.num_particles, -1]), axis=1)
+        particles = tf.shape(outputs)[:1]
+        per_example = self.task_loss(tf.broadcast_to(y, tf.concat([particles, tf.shape(y)], 0)), outputs)
+        loss = tf.reduce_mean(tf.reshape(per_example, tf.concat([particles, [-1]], 0)), axis=1)
         if extra_losses:
             loss += tf.cast(tf.add_n(extra_losses), loss.dtype)
         return tf.reduce_mean(loss), outputs, state
@@ -162,7 +123,7 @@ class EMAML(MAML):
         """The sum over particles of their support objectives: the gradient of particle m is that of its own."""
         loss, state = super().inner_objective(fast, slow, state, episode, step, training=training, seed=seed,
                                               start=start)
-        return loss * self.num_particles, state
+        return loss * tf.cast(tf.shape(fast[0])[0], loss.dtype), state
 
     def predictive(self, outputs):
         return self.likelihood.predictive(outputs)
@@ -210,6 +171,63 @@ class EMAML(MAML):
     def get_config(self) -> dict:
         return {**super().get_config(), "num_particles": self.num_particles,
                 "particle_parallelism": self.particle_parallelism}
+
+
+@register
+class EMAML(ParticleLearner):
+    """Ensemble of MAML: `num_particles` independently initialised learners, each adapted by MAML's inner loop.
+
+    The inner loop minimises the sum of the particles' support losses, so that each particle takes its own MAML
+    step; the meta-objective is the mean of their query losses (the official BMAML code's EMAML sums them: with
+    Adam the two differ only in the scale epsilon is compared with). The query metrics score the ensemble's point
+    prediction (the mean prediction, or the averaged class probabilities) and the likelihood's scores its mixture.
+    The particles hold M times the learner's parameters: say so beside a comparison with MAML.
+
+    Args:
+      learner: the architecture of every particle; its weights are particle 0's initial values, and the others
+        come from `keras.models.clone_model` (fresh draws of the initialisers: unseeded initialisers, or every
+        particle starts the same and the ensemble is M copies of MAML, which is refused).
+      num_particles: M >= 1 (M = 1 is MAML).
+      **kwargs: see `ParticleLearner` (`likelihood`, `particle_parallelism`) and `MAML`.
+    """
+
+    def __init__(self, learner: keras.Model, num_particles: int = 5, **kwargs):
+        super().__init__(learner, num_particles=num_particles, **kwargs)
+        self.particles = self._initial_particles(learner)
+
+    def _initial_particles(self, learner: keras.Model) -> list[keras.Variable]:
+        particles = [learner.trainable_variables]
+        try:
+            particles += [keras.models.clone_model(learner).trainable_variables for _ in range(self.num_particles - 1)]
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"{type(self).__name__} initialises its particles as copies of learner '{learner.name}' made by "
+                "keras.models.clone_model, which rebuilds a subclassed model from its get_config(): give its "
+                f"__init__ **kwargs for Keras' own arguments (and a get_config for its own). It failed with: {error}"
+            ) from None
+        stacked = _stack([[tf.convert_to_tensor(v) for v in variables] for variables in particles])
+        if self.num_particles > 1 and all(bool(tf.reduce_all(s[0] == s[1])) for s in stacked):
+            raise ValueError(f"the particles of {type(self).__name__} start identical: learner '{learner.name}' "
+                             "draws the same initial weights in every copy (seeded initialisers); give it unseeded "
+                             "initialisers, so that the particles are independently initialised.")
+        return [self.add_weight(shape=value.shape, dtype=variable.dtype, initializer=lambda shape, dtype, v=value: v,
+                                name=f"particles_{variable.name}")
+                for variable, value in zip(learner.trainable_variables, stacked)]
+
+    def call(self, inputs, training=False):
+        """The ensemble's point prediction at the meta-learned initial particles (the learner's own weights are
+        only particle 0's initial values)."""
+        fast, slow = self.read_params()
+        outputs, _ = self._stateless_call(fast, slow, self.read_state(), inputs, training, None)
+        return self.point_prediction(outputs)
+
+    @property
+    def meta_variables(self) -> list[keras.Variable]:
+        return self.particles + self.extra_particle_variables() + self.update_rule.trainable_variables
+
+    def read_params(self):
+        fast, slow = partition_lib.split([tf.convert_to_tensor(v) for v in self.particles], self.fast_mask)
+        return fast + [tf.convert_to_tensor(v) for v in self.extra_particle_variables()], slow
 
 
 class PredictiveModel(keras.Model):

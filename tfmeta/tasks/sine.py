@@ -87,3 +87,40 @@ class SineTasks(TaskDistribution):
         k = self.num_support
         episodes = {"support_x": x[:, :k], "support_y": y[:, :k], "query_x": x[:, k:], "query_y": y[:, k:]}
         return episodes, parameters
+
+
+class SineLineTasks(SineTasks):
+    """PLATIPUS' ambiguous regression (Finn, Xu & Levine, 2018, Section 6.1, as the public re-implementations
+    set it): each task is, with probability `line_probability`, a line y = a·x + b with slope a and intercept b
+    ~ U[−3, 3], else a sine A·sin(x − φ) with A ~ U[0.1, 5] and φ ~ U[0, π]; x ~ U[−5, 5]; Gaussian observation
+    noise of standard deviation 0.3 on support and query targets; 5 support points, from which a sine and a line
+    are often both plausible.
+
+    Args: as `SineTasks`, plus `slope_range`, `intercept_range` and `line_probability`.
+    """
+
+    def __init__(self, num_support: int = 5, num_query: Optional[int] = None, noise_stddev: float = 0.3,
+                 slope_range: tuple[float, float] = (-3.0, 3.0), intercept_range: tuple[float, float] = (-3.0, 3.0),
+                 line_probability: float = 0.5, **kwargs):
+        super().__init__(num_support=num_support, num_query=num_query, noise_stddev=noise_stddev, **kwargs)
+        self.slope_range = _check_range(slope_range, "slope_range")
+        self.intercept_range = _check_range(intercept_range, "intercept_range")
+        if not 0 <= line_probability <= 1:
+            raise ValueError(f"SineLineTasks `line_probability` must lie in [0, 1]; got {line_probability!r}.")
+        self.line_probability = float(line_probability)
+
+    def sample_parameters(self, seed, num_tasks):
+        """`SineTasks`' parameters, plus each task's slope, intercept and whether it is a line ("line", 0 or 1)."""
+        parameters = super().sample_parameters(seed, num_tasks)
+        slope_seed, intercept_seed, kind_seed = tf.unstack(
+            tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(seed, 5), 3))
+        parameters["slope"] = tf.random.stateless_uniform([num_tasks], slope_seed, *self.slope_range)
+        parameters["intercept"] = tf.random.stateless_uniform([num_tasks], intercept_seed, *self.intercept_range)
+        parameters["line"] = tf.cast(tf.random.stateless_uniform([num_tasks], kind_seed) < self.line_probability,
+                                     tf.float32)
+        return parameters
+
+    @staticmethod
+    def function(parameters, x):
+        line = parameters["slope"][:, None, None] * x + parameters["intercept"][:, None, None]
+        return tf.where(parameters["line"][:, None, None] > 0, line, SineTasks.function(parameters, x))
