@@ -452,13 +452,15 @@ def test_platipus_samples_are_reproducible_and_differ_across_tasks_and_samples()
     assert float(first) == float(second) != float(third)
 
 
-def test_platipus_evaluate_adapt_predict_and_serving_agree_at_75_queries(tmp_path):
+@pytest.mark.parametrize("algorithm", ["PLATIPUS", "ABML"])
+def test_sampling_learners_evaluate_adapt_predict_and_serve_alike_at_75_queries(algorithm, tmp_path):
     from test_export import serve
 
     from tfmeta import export
 
-    meta = tfmeta.PLATIPUS(small_mlp(dtype="float32"), num_samples=4, metrics=["mean_squared_error"],
-                           eval_inner_steps=2, likelihood=likelihoods.Normal(0.5), update_rule=tfmeta.Sgd(0.1))
+    meta = getattr(tfmeta, algorithm)(small_mlp(dtype="float32"), num_samples=4, metrics=["mean_squared_error"],
+                                      eval_inner_steps=2, likelihood=likelihoods.Normal(0.5),
+                                      update_rule=tfmeta.Sgd(0.1))
     meta.log_prior_stddev[0].assign(np.full(meta.log_prior_stddev[0].shape, -1.0))
     episodes = random_episodes(tasks=1, query=75, dtype="float32")
     results = meta.evaluate_tasks(episodes)
@@ -468,9 +470,9 @@ def test_platipus_evaluate_adapt_predict_and_serving_agree_at_75_queries(tmp_pat
     assert np.std(predicted["samples"], axis=1).mean() > 1e-3  # the samples differ
     mse = np.mean((predicted["mean"] - episodes["query_y"][0].numpy()) ** 2)
     assert float(results["mean_squared_error"][0, -1]) == pytest.approx(mse, rel=1e-5)
-    export.export_meta_learner(meta, str(tmp_path / "platipus"))
+    export.export_meta_learner(meta, str(tmp_path / "model"))
     request = {k: episodes[k][0].numpy() for k in ("support_x", "support_y", "query_x")}
-    served, = serve(tmp_path, [(str(tmp_path / "platipus"), "serving_default", request)])
+    served, = serve(tmp_path, [(str(tmp_path / "model"), "serving_default", request)])
     np.testing.assert_allclose(served["predictions"], predicted["mean"], rtol=1e-5, atol=1e-6)
 
 
@@ -502,3 +504,104 @@ def test_warm_start_loads_a_runs_learner_and_names_a_mismatch(tmp_path):
         warm_start(small_mlp(), str(tmp_path / "nothing"))
     with pytest.raises(ValueError):
         warm_start(tfmeta.models.mlp(input_shape=(2,), hidden_units=(4,), outputs=1, dtype="float64"), str(tmp_path))
+
+
+def abml(samples=3, **kwargs):
+    return tfmeta.ABML(small_mlp(), num_samples=samples, update_rule=tfmeta.Sgd(0.3), **kwargs)
+
+
+def randomise_stddevs(meta, seed):
+    rng = np.random.default_rng(seed)
+    for variable in meta.log_prior_stddev:
+        variable.assign(rng.normal(-1.5, 0.3, size=variable.shape))
+
+
+def test_abml_kl_and_hyperprior_equal_closed_forms():
+    meta = abml(hyperprior_concentration=2.0, hyperprior_rate=0.5)
+    randomise_stddevs(meta, 8)
+    mean, _ = meta.read_params()
+    prior = meta.prior_params(mean)
+    rng = np.random.default_rng(9)
+    posterior = [p + rng.normal(scale=0.1, size=p.shape) for p in prior]
+    n = len(mean)
+    closed = sum(np.sum(sp - sq + (np.exp(2 * sq) + (mq - mp) ** 2) / (2 * np.exp(2 * sp)) - 0.5)
+                 for mq, sq, mp, sp in zip(posterior[:n], posterior[n:], values(prior[:n]), values(prior[n:])))
+    assert float(meta.kl(posterior, prior)) == pytest.approx(closed, rel=1e-10)
+    tau = [np.exp(-2 * s) for s in values(prior[n:])]
+    log_gamma = sum(np.sum(2.0 * np.log(0.5) - math.lgamma(2.0) + np.log(t) - 0.5 * t) for t in tau)
+    log_normal = sum(np.sum(-0.5 * m**2 - 0.5 * math.log(2 * math.pi)) for m in values(mean))
+    assert float(meta.negative_log_hyperprior(prior)) == pytest.approx(-(log_gamma + log_normal), rel=1e-10)
+
+
+def abml_objective(meta, episode, seed):
+    """ABML's meta-objective for one task, written out from its definition."""
+    mean, slow = meta.read_params()
+    prior = meta.prior_params(mean)
+    tfd = likelihoods.tfd()
+    params, n = list(prior), len(mean)
+    for step in range(meta.inner_steps):
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            noise_seed = tf.random.experimental.stateless_fold_in(seed, step)
+            draws = [tfd.Normal(m, tf.exp(s)).sample(meta.num_samples, seed=tf.random.experimental.stateless_fold_in(
+                noise_seed, i)) for i, (m, s) in enumerate(zip(params[:n], params[n:]))]
+            outputs = tf.stack([meta.learner.stateless_call([d[k] for d in draws], [], episode["support_x"])[0]
+                                for k in range(meta.num_samples)])
+            elbo = tf.reduce_mean((outputs - episode["support_y"]) ** 2) + meta.kl_weight * meta.kl(params, prior) / 5
+        params = [p - 0.3 * g for p, g in zip(params, tape.gradient(elbo, params))]
+    draws = meta.predictive_samples(params, seed)
+    nll = lambda x, y: float(tf.reduce_mean((tf.stack([meta.learner.stateless_call(  # noqa: E731
+        [d[k] for d in draws], [], x)[0] for k in range(meta.num_samples)]) - y) ** 2))
+    return ((7 * nll(episode["query_x"], episode["query_y"]) + 5 * nll(episode["support_x"], episode["support_y"])
+             + meta.kl_weight * float(meta.kl(params, prior))
+             + meta.hyperprior_weight * float(meta.negative_log_hyperprior(prior))) / 12)
+
+
+def test_abml_meta_gradient_through_the_elbo_steps_matches_finite_differences():
+    meta = abml(inner_steps=2, kl_weight=0.7, hyperprior_weight=0.01)
+    randomise_stddevs(meta, 10)
+    episode = {k: v[0] for k, v in random_episodes(tasks=1).items()}  # 5 support and 7 query points
+    seed = tf.constant([5, 6])
+    grads, logs, _ = meta.task_gradients(episode, [], seed)
+    assert float(logs["loss"]) == pytest.approx(abml_objective(meta, episode, seed), rel=1e-10)
+    rng, theta, eps = np.random.default_rng(11), values(meta.meta_variables), 1e-6
+    for _ in range(2):
+        direction = [rng.normal(size=t.shape) for t in theta]
+        sides = []
+        for sign in (1, -1):
+            for v, t, d in zip(meta.meta_variables, theta, direction):
+                v.assign(t + sign * eps * d)
+            sides.append(float(meta.task_gradients(episode, [], seed)[1]["loss"]))
+        for v, t in zip(meta.meta_variables, theta):
+            v.assign(t)
+        analytic = sum(float(np.sum(np.array(g) * d)) for g, d in zip(grads, direction))
+        assert analytic == pytest.approx((sides[0] - sides[1]) / (2 * eps), rel=1e-6)
+    assert all(np.abs(g).max() > 0 for g in grads)  # the means and every prior stddev get a meta-gradient
+
+
+def test_abml_posterior_starts_at_the_prior_and_its_samples_are_reproducible():
+    meta = abml(samples=4)
+    randomise_stddevs(meta, 12)
+    episodes = random_episodes(tasks=2)
+    mean, slow = meta.read_params()
+    episode = {k: v[0] for k, v in episodes.items()}
+    fitted = meta.posterior(mean, slow, [], episode, 0, training=False, seed=tf.constant([1, 1]))
+    for a, b in zip(fitted.params, meta.prior_params(mean)):
+        np.testing.assert_array_equal(a, b)
+    draws = [meta.adapt_episode(mean, slow, [], {k: v[t] for k, v in episodes.items()}, steps, training=False).params
+             for t, steps in ((0, 1), (1, 1), (0, 1), (0, 0), (1, 0))]
+    np.testing.assert_array_equal(draws[0][0], draws[2][0])
+    assert not np.allclose(draws[0][0], draws[1][0]) and not np.allclose(draws[0][0][0], draws[0][0][1])
+    assert not np.allclose(draws[3][0], draws[4][0])  # the same prior: the tasks' noise differs
+
+
+def test_abml_arguments_and_config():
+    with pytest.raises(ValueError, match=r"ABML `num_samples` must be an integer >= 1"):
+        abml(samples=0)
+    with pytest.raises(ValueError, match=r"ABML `kl_weight` must be a finite number >= 0"):
+        abml(kl_weight=float("nan"))
+    with pytest.raises(ValueError, match=r"ABML `hyperprior_rate` must be positive"):
+        abml(hyperprior_rate=0.0)
+    meta = abml(kl_weight=0.1, hyperprior_weight=0.0, seed=2)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(meta))
+    assert clone.get_config() == meta.get_config() and clone.num_samples == 3

@@ -9,7 +9,7 @@ import importlib
 
 from tfmeta import data, distribute, episodes, layers, likelihoods, metric, models, tasks, warp
 from tfmeta.adapted import TransductiveModel
-from tfmeta.algorithms import (BMAML, EMAML, IMAML, MALTML, MAML, PLATIPUS, ContinualWarpGrad, Leap, Reptile,
+from tfmeta.algorithms import (ABML, BMAML, EMAML, IMAML, MALTML, MAML, PLATIPUS, ContinualWarpGrad, Leap, Reptile,
                                WarpGrad)
 from tfmeta.episodic import EpisodicLearner
 from tfmeta.inner_loop import Adaptation, inner_loop, inner_step
@@ -33,6 +33,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ABML",
     "BMAML",
     "EMAML",
     "PLATIPUS",

@@ -5,6 +5,7 @@ Meta-Curvature, MT-Nets, ANIL, BOIL, T-Nets) are MAML with an update rule (`tfme
 `tfmeta.Partition` or a layer (`tfmeta.layers`); `gin_configs/` holds one config per method.
 """
 
+from tfmeta.algorithms.abml import ABML
 from tfmeta.algorithms.bmaml import BMAML
 from tfmeta.algorithms.continual import ContinualWarpGrad
 from tfmeta.algorithms.imaml import IMAML
@@ -15,5 +16,5 @@ from tfmeta.algorithms.platipus import PLATIPUS
 from tfmeta.algorithms.reptile import Reptile
 from tfmeta.algorithms.warpgrad import Leap, WarpGrad
 
-__all__ = ["BMAML", "EMAML", "ParticleLearner", "PLATIPUS", "PredictiveModel", "ContinualWarpGrad", "IMAML",
+__all__ = ["ABML", "BMAML", "EMAML", "ParticleLearner", "PLATIPUS", "PredictiveModel", "ContinualWarpGrad", "IMAML",
            "MALTML", "MAML", "Leap", "Reptile", "WarpGrad"]

@@ -99,7 +99,8 @@ class MAML(MetaLearner):
             for weight, step, params in weighted:
                 loss, logs, state = self.outer_objective(params, slow, state, episode, training=True, step=step,
                                                          seed=seed, start=fast)
-                objective += tf.cast(weight, loss.dtype) * loss
+                weight = tf.cast(weight, loss.dtype) if tf.is_tensor(weight) else tf.constant(weight, loss.dtype)
+                objective += weight * loss  # (tf.cast of a Python float would round it to float32 first)
         grads = tape.gradient(objective, self.meta_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return grads, {"loss": objective, **logs}, state
 

@@ -48,6 +48,24 @@ def particle_call(learner: keras.Model, trainable: list, state: list, x, trainin
     return tf.nest.map_structure(lambda *xs: tf.stack(xs), *results)
 
 
+def content_seed(seed: tf.Tensor, tensors) -> tf.Tensor:
+    """`seed` (a stateless seed, shape [2]) folded with a hash of the values of `tensors`: the same data give the
+    same seed wherever they are seen (evaluation, `adapt`, serving), different data a different one."""
+    hashed = tf.constant(0, tf.int64)
+    for tensor in tensors:
+        bits = tf.reshape(tf.bitcast(tf.cast(tensor, tf.float32), tf.int32), [-1])
+        weights = tf.range(1, tf.size(bits, out_type=tf.int64) + 1) * 2654435761 % 2147483629 + 1
+        hashed = (hashed * 31 + tf.reduce_sum(tf.cast(bits, tf.int64) * weights)) % 2147483629
+    return tf.random.experimental.stateless_fold_in(seed, hashed)
+
+
+def draw(distributions, num_samples: int, seed: tf.Tensor) -> list[tf.Tensor]:
+    """`num_samples` reparameterised draws of each of `distributions` (per-weight TFP distributions), stacked
+    [num_samples, ...]: the stateless `seed` folded with the weight's index, so every weight draws its own noise."""
+    return [d.sample(num_samples, seed=tf.random.experimental.stateless_fold_in(seed, i))
+            for i, d in enumerate(distributions)]
+
+
 class ParticleLearner(MAML):
     """The base of meta-learners that adapt M models of the learner at once (the "particles": an ensemble's
     members, a posterior's samples), their parameters stacked on a leading axis [M, ...]: the update rule sees the

@@ -10,19 +10,8 @@ import keras
 import tensorflow as tf
 
 from tfmeta import checks, likelihoods
-from tfmeta.algorithms.particles import ParticleLearner
+from tfmeta.algorithms.particles import ParticleLearner, content_seed, draw
 from tfmeta.registry import register
-
-
-def content_seed(seed: tf.Tensor, tensors) -> tf.Tensor:
-    """`seed` (a stateless seed, shape [2]) folded with a hash of the values of `tensors`: the same data give the
-    same seed wherever they are seen (evaluation, `adapt`, serving), different data a different one."""
-    hashed = tf.constant(0, tf.int64)
-    for tensor in tensors:
-        bits = tf.reshape(tf.bitcast(tf.cast(tensor, tf.float32), tf.int32), [-1])
-        weights = tf.range(1, tf.size(bits, out_type=tf.int64) + 1) * 2654435761 % 2147483629 + 1
-        hashed = (hashed * 31 + tf.reduce_sum(tf.cast(bits, tf.int64) * weights)) % 2147483629
-    return tf.random.experimental.stateless_fold_in(seed, hashed)
 
 
 @register
@@ -119,8 +108,7 @@ class PLATIPUS(ParticleLearner):
 
     def sample(self, distributions, seed: tf.Tensor) -> list[tf.Tensor]:
         """`num_samples` reparameterised draws of each weight's distribution, stacked [num_samples, ...]."""
-        return [d.sample(self.num_samples, seed=tf.random.experimental.stateless_fold_in(seed, i))
-                for i, d in enumerate(distributions)]
+        return draw(distributions, self.num_samples, seed)
 
     # ------------------------------------------------------------------------------------------ the loops
 
@@ -148,7 +136,7 @@ class PLATIPUS(ParticleLearner):
             loss, logs, state = self.outer_objective(adaptation.params, slow, adaptation.state, episode,
                                                      training=True, step=self.inner_steps, seed=seed, start=samples)
             kl = tf.add_n([tf.reduce_sum(likelihoods.tfd().kl_divergence(q, p)) for q, p in zip(inference, prior)])
-            objective = loss + tf.cast(self.kl_weight, loss.dtype) * kl
+            objective = loss + tf.constant(self.kl_weight, loss.dtype) * kl
         grads = tape.gradient(objective, self.meta_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return grads, {**logs, "loss": objective}, state
 
