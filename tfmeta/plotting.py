@@ -77,7 +77,7 @@ def plot_sine_adaptation(meta_learner, tasks, path: str, seed: int, steps: Seque
             ax.plot(grid, before, ":", label="before adaptation")
             for k in steps:
                 adapted = meta_learner.adapt(episodes["support_x"][i], episodes["support_y"][i], steps=k,
-                                             **({"return_samples": True} if hasattr(meta_learner, "particles") else {}))
+                                             **_samples_kwargs(meta_learner))
                 prediction = adapted(grid, training=False)
                 label = f"after {k} step{'s' * (k != 1)}"
                 if not isinstance(prediction, dict):
@@ -93,3 +93,41 @@ def plot_sine_adaptation(meta_learner, tasks, path: str, seed: int, steps: Seque
             ax.plot(episodes["support_x"][i], episodes["support_y"][i], "^", color="tab:purple", label="support")
             ax.set_xlabel("x")
         axes[0][0].legend(fontsize=7)
+
+
+def _samples_kwargs(meta_learner) -> dict:
+    from tfmeta.algorithms import ParticleLearner
+
+    return {"return_samples": True} if isinstance(meta_learner, ParticleLearner) else {}
+
+
+def plot_sampled_functions(methods: dict, tasks, path: str, seed: int, num_tasks: int = 4,
+                           stddevs: dict | None = None) -> None:
+    """Rows of methods, columns of the same held-out tasks: the true function, the support points, each sampled
+    adapted function (the particles or posterior samples, grey) and the predictive mean with a band of two
+    standard deviations (compare the regression figures of the PLATIPUS paper). `methods` maps a label to a
+    meta-learner; a point estimate (MAML) is drawn with the band of its fixed noise level, `stddevs[label]`."""
+    episodes, parameters = tasks.sample_with_parameters(tf.constant([seed, 0], tf.int64), num_tasks)
+    grid = np.linspace(*tasks.input_range, 200, dtype=np.float32)[:, None]
+    truth = tasks.function(parameters, tf.constant(np.broadcast_to(grid, (num_tasks, *grid.shape)))).numpy()
+    rows = len(methods)
+    with figure(path, rows, num_tasks, figsize=(3.2 * num_tasks, 2.6 * rows), squeeze=False, sharey=True) as (
+            _, axes):
+        for row, (label, meta_learner) in enumerate(methods.items()):
+            for i, ax in enumerate(axes[row]):
+                adapted = meta_learner.adapt(episodes["support_x"][i], episodes["support_y"][i],
+                                             **_samples_kwargs(meta_learner))
+                prediction = adapted(grid, training=False)
+                if isinstance(prediction, dict):
+                    mean, stddev = np.asarray(prediction["mean"])[:, 0], np.asarray(prediction["stddev"])[:, 0]
+                    ax.plot(grid[:, 0], np.asarray(prediction["samples"])[:, :, 0], color="grey", lw=0.6, alpha=0.6)
+                else:
+                    mean = np.asarray(prediction)[:, 0]
+                    stddev = np.full_like(mean, (stddevs or {}).get(label, 0.0))
+                ax.plot(grid[:, 0], truth[i][:, 0], "k-", lw=1.2)
+                ax.plot(grid[:, 0], mean, "-", color="tab:blue", lw=1.2)
+                ax.fill_between(grid[:, 0], mean - 2 * stddev, mean + 2 * stddev, color="tab:blue", alpha=0.15)
+                ax.plot(episodes["support_x"][i], episodes["support_y"][i], "^", color="tab:purple")
+                kind = "line" if parameters.get("line") is not None and float(parameters["line"][i]) else "sine"
+                ax.set_title(f"{label}: task {i + 1} ({kind})", fontsize=8)
+                ax.set_ylim(-7, 7)
