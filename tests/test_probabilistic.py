@@ -2,6 +2,7 @@
 against hand computations, TFP's closed forms and finite differences (float64)."""
 
 import math
+import subprocess
 
 import keras
 import numpy as np
@@ -393,7 +394,7 @@ def platipus_objective(meta, episode, seed):
     mean, slow = meta.read_params()
     prior = meta.prior(mean, slow, [], episode["support_x"], episode["support_y"], first_order=False)
     inference = meta.inference(mean, slow, [], episode["query_x"], episode["query_y"], first_order=False)
-    samples = meta.sample(inference, seed)
+    samples = meta.draw(inference, seed)
     adapted = tfmeta.MetaLearner.adapt_episode(meta, samples, slow, [], episode, meta.inner_steps, training=True)
     loss = meta.task_objective(adapted.params, slow, [], episode["query_x"], episode["query_y"], True)[0]
     kl = tf.add_n([tf.reduce_sum(likelihoods.tfd().kl_divergence(a, b)) for a, b in zip(inference, prior)])
@@ -472,8 +473,31 @@ def test_sampling_learners_evaluate_adapt_predict_and_serve_alike_at_75_queries(
     assert float(results["mean_squared_error"][0, -1]) == pytest.approx(mse, rel=1e-5)
     export.export_meta_learner(meta, str(tmp_path / "model"))
     request = {k: episodes[k][0].numpy() for k in ("support_x", "support_y", "query_x")}
-    served, = serve(tmp_path, [(str(tmp_path / "model"), "serving_default", request)])
+    model_dir = str(tmp_path / "model")
+    samples = lambda n, seed: {**request, "num_samples": np.int32(n), "seed": np.int32(seed)}  # noqa: E731
+    served, same, other_seed, more, refused = serve(tmp_path, [
+        (model_dir, "serving_default", request), (model_dir, "serving_with_samples", samples(4, 0)),
+        (model_dir, "serving_with_samples", samples(4, 1)), (model_dir, "serving_with_samples", samples(50, 0)),
+        (model_dir, "serving_with_samples", samples(0, 0))])
     np.testing.assert_allclose(served["predictions"], predicted["mean"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(served["stddev"], predicted["stddev"], rtol=1e-5, atol=1e-6)
+    for key in ("predictions", "stddev"):  # the learner's own count and seed, as a request's inputs
+        np.testing.assert_allclose(same[key], served[key], rtol=1e-6, atol=1e-7)
+        assert not np.allclose(other_seed[key], served[key]) and not np.allclose(more[key], served[key])
+    with meta.sampling(50, 0):  # the same 50 samples in memory
+        np.testing.assert_allclose(more["stddev"], meta.adapt(request["support_x"], request["support_y"]).predict(
+            request["query_x"], verbose=0)["stddev"], rtol=1e-5, atol=1e-6)
+    assert "num_samples must be >= 1; got 0" in refused
+    if algorithm == "PLATIPUS":  # the TF1/C++ loader (TF Serving's) restores the variables too
+        run = subprocess.run(["saved_model_cli", "run", "--dir", model_dir, "--tag_set", "serve",
+                              "--signature_def", "serving_with_samples", "--input_exprs",
+                              "support_x=[[0.,1.],[1.,0.]];support_y=[[0.],[0.8]];query_x=[[0.5,0.5]];"
+                              "num_samples=8;seed=3"], check=True, capture_output=True, text=True, timeout=300).stdout
+        with meta.sampling(8, 3):
+            expected = meta.adapt(np.array([[0.0, 1.0], [1.0, 0.0]], np.float32), np.array([[0.0], [0.8]], np.float32)
+                                  ).predict(np.array([[0.5, 0.5]], np.float32), verbose=0)
+        value = float(run.split("Result for output key stddev:")[1].split("Result")[0].strip().strip("[]"))
+        assert value == pytest.approx(float(expected["stddev"][0, 0]), rel=1e-4)
 
 
 def test_platipus_arguments_and_config():

@@ -231,6 +231,11 @@ class EpisodicLearner(keras.Model):
         gives them; `steps` is the inner steps (an int or an int tensor) for learners that take them."""
         raise NotImplementedError
 
+    def serve_predictive(self, request: dict, steps) -> dict:
+        """The likelihood's summary of the predictive distribution of the request's query targets ("mean" and
+        "stddev", or "probabilities" and "classes"), as `serve` adapts: what a learner with a likelihood serves."""
+        return self.likelihood.summary(self.predictive(self.serve(request, steps)))
+
     # -------------------------------------------------------------------------------------- utilities
 
     @property

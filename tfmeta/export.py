@@ -6,7 +6,14 @@ learners as plain Keras models.
 the meta-learner learned runs inside the graph: its inner loop with its (learned) update rule for gradient-based
 meta-learners, the support-set classifier (prototypes, ...) for metric learners, meta-finetuning on the request's
 family of tasks (`family_support_x`, ...) then finetuning for MALTML. The support-set size may vary per request.
-`serving_with_steps` also takes `inner_steps`, overriding the step count fixed at export.
+`serving_with_steps` also takes `inner_steps`, overriding the step count fixed at export. A learner with a
+likelihood (`tfmeta.likelihoods`) serves its predictive distribution: `predictions` (the predictive mean) and
+`stddev` for regression; `probabilities` (averaged over particles or samples), `logits` (their logs) and
+`classes` for classification. Learners that draw their models per task (`SamplingLearner`: PLATIPUS, ABML) also
+get `serving_with_samples`, which takes `num_samples` and `seed` (int32 scalars): a request draws that many
+samples from that seed (folded with the support set's hash, so that the same request gets the same answer);
+`serving_default` draws the learner's own `num_samples` from its `seed`, as `evaluate` and `adapt` do. (It needs
+`particle_parallelism` "vectorized_map", where the number of samples may be a tensor.)
 
 The signatures declare unknown shapes and check every request at run time (TensorFlow does not enforce a
 signature's shapes on the tensors a loaded SavedModel is called with): ranks and sizes, support sets of equal
@@ -31,6 +38,7 @@ import tensorflow as tf
 
 from tfmeta import checks
 from tfmeta import losses
+from tfmeta.algorithms.particles import SamplingLearner
 from tfmeta.data.classes import ImagePreprocessing
 from tfmeta.episodic import EpisodicLearner
 from tfmeta.tasks.families import TASK_KEYS
@@ -120,6 +128,11 @@ class _Adaptation:
             return {k: tf.identity(v) for k, v in checked.items()}
 
     def run(self, request: dict, steps):
+        if self.meta_learner.likelihood is not None:
+            summary = self.meta_learner.serve_predictive(self.check(request), steps)
+            if self.classifier:
+                return {"logits": tf.math.log(summary["probabilities"]), **summary}
+            return {"predictions": summary["mean"], "stddev": summary["stddev"]}
         outputs = self.meta_learner.serve(self.check(request), steps)
         if self.classifier:
             return {"logits": outputs, "classes": tf.argmax(outputs, axis=-1, output_type=tf.int32)}
@@ -200,6 +213,18 @@ def export_meta_learner(meta_learner: EpisodicLearner, export_dir: str, steps: O
     if meta_learner.serves_inner_steps:
         steps_spec = tf.TensorSpec([], tf.int32, name="inner_steps")
         endpoints["serving_with_steps"] = (adapt_with_steps, [*inputs(image_dtype), steps_spec])
+    if isinstance(meta_learner, SamplingLearner) and meta_learner.particle_mapping == "vectorized_map":
+
+        def adapt_with_samples(*request):
+            *request, num_samples, seed = request
+            ok = num_samples >= 1
+            num_samples = _require({"n": num_samples}, ok, "num_samples must be >= 1; got {}", num_samples)["n"]
+            with meta_learner.sampling(num_samples, seed):
+                return module.run(dict(zip(names, request)), module.steps)
+
+        endpoints["serving_with_samples"] = (adapt_with_samples, [
+            *inputs(image_dtype), tf.TensorSpec([], tf.int32, name="num_samples"),
+            tf.TensorSpec([], tf.int32, name="seed")])
     functions = {name: archive.add_endpoint(name, fn, input_signature=signature)
                  for name, (fn, signature) in endpoints.items()}
     archive.write_out(export_dir, verbose=False)

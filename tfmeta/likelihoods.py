@@ -99,7 +99,8 @@ class Categorical(Likelihood):
         return tfd().Categorical(logits=self.point(samples))
 
     def point(self, samples):
-        return tf.reduce_logsumexp(tf.nn.log_softmax(samples), axis=0) - math.log(samples.shape[0])
+        models = tf.cast(tf.shape(samples)[0], samples.dtype)  # (known only at run time when serving draws it)
+        return tf.reduce_logsumexp(tf.nn.log_softmax(samples), axis=0) - tf.math.log(models)
 
     def summary(self, predictive):
         probabilities = predictive.probs_parameter()

@@ -382,14 +382,19 @@ class MetaLearner(EpisodicLearner):
 
         def one_task(index, episode):
             fast, slow = self.read_params()
-            adaptation = self.adapt_episode(fast, slow, state, episode, steps, training=False, check_finite=False)
-            outputs, _ = self.forward(adaptation.params, slow, state, episode["query_x"], training=False, step=steps)
-            return self.likelihood.summary(self.adapted_predictive(adaptation.params, outputs))
+            return self.predictive_summary(fast, slow, state, episode, steps, check_finite=False)
 
         one = {k: tf.TensorSpec(v.shape[1:], v.dtype) for k, v in episodes.items()}
         traced = tf.function(lambda e: one_task(tf.constant(0), e), autograph=False).get_concrete_function(one)
         signature = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), traced.structured_outputs)
         return self.map_tasks(one_task, episodes, signature)
+
+    def predictive_summary(self, fast, slow, state, episode: dict, steps, check_finite: bool = True) -> dict:
+        """The likelihood's summary of the predictive distribution of one task's query targets after `steps` inner
+        steps from the fast parameters `fast` (inference mode)."""
+        adaptation = self.adapt_episode(fast, slow, state, episode, steps, training=False, check_finite=check_finite)
+        outputs, _ = self.forward(adaptation.params, slow, state, episode["query_x"], training=False, step=steps)
+        return self.likelihood.summary(self.adapted_predictive(adaptation.params, outputs))
 
     def curve_points(self, steps: Optional[int], at_steps: Optional[Sequence[int]]) -> tuple[int, tuple]:
         """`evaluate_tasks`' inner steps (default `eval_inner_steps`) and the steps to report (default: before and
@@ -485,6 +490,11 @@ class MetaLearner(EpisodicLearner):
     def serve(self, request: dict, steps) -> tf.Tensor:
         fast, slow = self.read_params()
         return self.serve_from(fast, slow, self.read_state(), request, steps)
+
+    def serve_predictive(self, request: dict, steps) -> dict:
+        fast, slow = self.read_params()
+        episode = {k: request[k] for k in ("support_x", "support_y", "query_x")}
+        return self.predictive_summary(fast, slow, self.read_state(), episode, steps)
 
     def serve_from(self, fast, slow, state, request: dict, steps) -> tf.Tensor:
         """`serve` from the fast parameters `fast`: the inner loop on the request's support set, then the query

@@ -11,10 +11,10 @@ from tfmeta.algorithms.continual import ContinualWarpGrad
 from tfmeta.algorithms.imaml import IMAML
 from tfmeta.algorithms.maltml import MALTML
 from tfmeta.algorithms.maml import MAML
-from tfmeta.algorithms.particles import EMAML, ParticleLearner, PredictiveModel
+from tfmeta.algorithms.particles import EMAML, ParticleLearner, PredictiveModel, SamplingLearner
 from tfmeta.algorithms.platipus import PLATIPUS
 from tfmeta.algorithms.reptile import Reptile
 from tfmeta.algorithms.warpgrad import Leap, WarpGrad
 
-__all__ = ["ABML", "BMAML", "EMAML", "ParticleLearner", "PLATIPUS", "PredictiveModel", "ContinualWarpGrad", "IMAML",
-           "MALTML", "MAML", "Leap", "Reptile", "WarpGrad"]
+__all__ = ["ABML", "BMAML", "EMAML", "ParticleLearner", "PLATIPUS", "PredictiveModel", "SamplingLearner",
+           "ContinualWarpGrad", "IMAML", "MALTML", "MAML", "Leap", "Reptile", "WarpGrad"]

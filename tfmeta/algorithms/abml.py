@@ -10,8 +10,8 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from tfmeta import checks, likelihoods
-from tfmeta.algorithms.particles import ParticleLearner, content_seed, draw
+from tfmeta import likelihoods
+from tfmeta.algorithms.particles import SamplingLearner
 from tfmeta.inner_loop import Adaptation, inner_loop
 from tfmeta.registry import register
 
@@ -25,7 +25,7 @@ def _non_negative(value, argument: str) -> float:
 
 
 @register
-class ABML(ParticleLearner):
+class ABML(SamplingLearner):
     """ABML: the meta-parameters θ = (μ, σ) are a diagonal Gaussian prior p(w | θ) = N(μ, σ²) over the learner's
     fast weights (μ: the learner's weights), with the hyperprior μ ~ N(0, 1), σ⁻² ~ Gamma(1, 0.01).
 
@@ -39,8 +39,8 @@ class ABML(ParticleLearner):
     the likelihood of both sets under the adapted posterior, as the explicit ABML of Zhang et al.'s code
     (zhangyilang/iBaML `src/abml.py`, whose defaults are a KL weight of 1e-2 per class and a hyperprior weight of
     the KL's divided by the 40,000 meta-iterations: with `kl_weight` = 1 the objective is an ELBO per point).
-    Predictions are the mixture over `num_samples` draws of the adapted posterior, drawn (as PLATIPUS draws) from
-    `seed` folded with the support set's hash, so that `evaluate`, `adapt` and serving agree.
+    Predictions are the mixture over `num_samples` draws of the adapted posterior (reproducibly:
+    `SamplingLearner`).
 
     Args:
       learner: the architecture; its weights are μ's initial values.
@@ -49,20 +49,14 @@ class ABML(ParticleLearner):
       initial_stddev: σ's initial value (e^-4 ≈ 0.018 in cnguyen10/few_shot_meta_learning; e^-5 in iBaML).
       hyperprior_concentration, hyperprior_rate: the Gamma hyperprior on the prior precisions σ⁻².
       seed: the seed of evaluation's samples.
-      **kwargs: see `ParticleLearner` (`likelihood`, `particle_parallelism`) and `MAML` (`update_rule`: the
-        posterior's inner-loop rule, on (λ_μ, log λ_σ); `inner_steps`; `first_order`).
+      **kwargs: see `SamplingLearner`, `ParticleLearner` (`likelihood`, `particle_parallelism`) and `MAML`
+        (`update_rule`: the posterior's inner-loop rule, on (λ_μ, log λ_σ); `inner_steps`; `first_order`).
     """
-
-    takes_support_streams = False
-    vectorizes_dense_learners = False  # tf.vectorized_map has no converter for the stateless samplers
 
     def __init__(self, learner: keras.Model, num_samples: int = 5, kl_weight: float = 1.0,
                  hyperprior_weight: float = 2.5e-5, initial_stddev: float = 0.02,
                  hyperprior_concentration: float = 1.0, hyperprior_rate: float = 0.01, seed: int = 0,
                  likelihood: Optional[likelihoods.Likelihood] = None, **kwargs):
-        refused = [k for k in ("query_step_weights", "multi_step_loss_annealing", "first_order_steps") if kwargs.get(k)]
-        if refused:
-            raise ValueError(f"ABML meta-trains with its own objective: MAML's {', '.join(refused)} do not apply.")
         self.kl_weight = _non_negative(kl_weight, "kl_weight")
         self.hyperprior_weight = _non_negative(hyperprior_weight, "hyperprior_weight")
         for name, value in (("initial_stddev", initial_stddev), ("hyperprior_concentration", hyperprior_concentration),
@@ -71,17 +65,11 @@ class ABML(ParticleLearner):
                 raise ValueError(f"ABML `{name}` must be positive and finite; got {value!r}.")
         self.initial_stddev = float(initial_stddev)
         self.hyperprior_concentration, self.hyperprior_rate = float(hyperprior_concentration), float(hyperprior_rate)
-        self.seed = int(seed)
-        super().__init__(learner, num_particles=checks.integer(num_samples, "num_samples", minimum=1, owner="ABML"),
-                         likelihood=likelihood, **kwargs)
+        super().__init__(learner, num_samples=num_samples, seed=seed, likelihood=likelihood, **kwargs)
         fast, _ = self.partitioned_variables()
         self.log_prior_stddev = [
             self.add_weight(shape=v.shape, dtype=v.dtype, name=f"log_prior_stddev_{v.name}",
                             initializer=keras.initializers.Constant(math.log(self.initial_stddev))) for v in fast]
-
-    @property
-    def num_samples(self) -> int:
-        return self.num_particles
 
     @property
     def meta_variables(self) -> list[keras.Variable]:
@@ -129,7 +117,7 @@ class ABML(ParticleLearner):
 
         def objective(params, state, step):
             step_seed = tf.random.experimental.stateless_fold_in(seed, step)
-            samples = draw(self.gaussians(params), self.num_samples, step_seed)
+            samples = self.draw(self.gaussians(params), step_seed)
             nll, _, state = self.task_objective(samples, slow, state, x, y, training=training)
             return nll + tf.constant(self.kl_weight, nll.dtype) * self.kl(params, start) / points, state
 
@@ -139,15 +127,15 @@ class ABML(ParticleLearner):
 
     def predictive_samples(self, params, seed) -> list[tf.Tensor]:
         """The `num_samples` weight draws of variational parameters `params` that predict."""
-        return draw(self.gaussians(params), self.num_samples, tf.random.experimental.stateless_fold_in(seed, _SAMPLES))
+        return self.draw(self.gaussians(params), tf.random.experimental.stateless_fold_in(seed, _SAMPLES))
 
     def adapt_episode(self, fast, slow, state, episode, steps, *, training, first_order=False, keep_trajectory=False,
                       seed=None, check_finite=True):
         """The posterior fitted to the support set, as `num_samples` weight draws (stacked fast parameters; the
         trajectory's points are draws, with the same noise, of the posterior after each step). `fast` is μ;
-        without a `seed`, `seed` folded with the support set's hash."""
+        without a `seed`, the draws are from `evaluation_seed`."""
         if seed is None:
-            seed = content_seed(tf.constant([self.seed, 0], tf.int32), [episode["support_x"], episode["support_y"]])
+            seed = self.evaluation_seed(episode)
         fitted = self.posterior(fast, slow, state, episode, steps, training=training, first_order=first_order,
                                 keep_trajectory=keep_trajectory, seed=seed, check_finite=check_finite)
         trajectory = (None if fitted.trajectory is None
@@ -175,8 +163,6 @@ class ABML(ParticleLearner):
         return grads, {**logs, "loss": objective}, state
 
     def get_config(self) -> dict:
-        config = super().get_config()
-        config["num_samples"] = config.pop("num_particles")
-        return {**config, "kl_weight": self.kl_weight, "hyperprior_weight": self.hyperprior_weight,
+        return {**super().get_config(), "kl_weight": self.kl_weight, "hyperprior_weight": self.hyperprior_weight,
                 "initial_stddev": self.initial_stddev, "hyperprior_concentration": self.hyperprior_concentration,
-                "hyperprior_rate": self.hyperprior_rate, "seed": self.seed}
+                "hyperprior_rate": self.hyperprior_rate}

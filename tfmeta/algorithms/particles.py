@@ -59,7 +59,7 @@ def content_seed(seed: tf.Tensor, tensors) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(seed, hashed)
 
 
-def draw(distributions, num_samples: int, seed: tf.Tensor) -> list[tf.Tensor]:
+def draw(distributions, num_samples, seed: tf.Tensor) -> list[tf.Tensor]:
     """`num_samples` reparameterised draws of each of `distributions` (per-weight TFP distributions), stacked
     [num_samples, ...]: the stateless `seed` folded with the weight's index, so every weight draws its own noise."""
     return [d.sample(num_samples, seed=tf.random.experimental.stateless_fold_in(seed, i))
@@ -189,6 +189,64 @@ class ParticleLearner(MAML):
     def get_config(self) -> dict:
         return {**super().get_config(), "num_particles": self.num_particles,
                 "particle_parallelism": self.particle_parallelism}
+
+
+class SamplingLearner(ParticleLearner):
+    """The base of learners whose models are samples, drawn per task, of a distribution over the learner's weights
+    (PLATIPUS' prior, ABML's posterior). Meta-training draws `num_samples` from the task's stateless seed;
+    evaluation, `adapt` and serving from `seed` folded with a hash of the support set, so that the three give the
+    same samples for the same task and different tasks different ones. `sampling(num_samples, seed)` draws
+    another number of samples from another seed (a serving signature's inputs: either may be a tensor).
+
+    Args:
+      num_samples: the samples per task (>= 1).
+      seed: the seed of evaluation's samples.
+      **kwargs: see `ParticleLearner` and `MAML` (MAML++'s multi-step and annealing options do not apply: the
+        subclasses meta-train with their own objectives).
+    """
+
+    takes_support_streams = False
+    vectorizes_dense_learners = False  # tf.vectorized_map has no converter for the stateless samplers
+
+    def __init__(self, learner: keras.Model, num_samples: int = 5, seed: int = 0, **kwargs):
+        name = type(self).__name__
+        refused = [k for k in ("query_step_weights", "multi_step_loss_annealing", "first_order_steps") if kwargs.get(k)]
+        if refused:
+            raise ValueError(f"{name} meta-trains with its own objective: MAML's {', '.join(refused)} do not apply.")
+        super().__init__(learner, num_particles=checks.integer(num_samples, "num_samples", minimum=1, owner=name),
+                         **kwargs)
+        self.seed = int(seed)
+        object.__setattr__(self, "_sampling", None)  # (num_samples, seed) of `sampling`; not tracked by Keras
+
+    @property
+    def num_samples(self) -> int:
+        return self.num_particles
+
+    @contextlib.contextmanager
+    def sampling(self, num_samples, seed):
+        """Within the block, adaptation outside meta-training draws `num_samples` from `seed` (ints or int
+        tensors) instead of `num_samples` from the learner's `seed`."""
+        previous = self._sampling
+        object.__setattr__(self, "_sampling", (num_samples, seed))
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_sampling", previous)
+
+    def draw(self, distributions, seed: tf.Tensor) -> list[tf.Tensor]:
+        """Reparameterised draws of each weight's distribution (`draw`), as many as the sampling in force says."""
+        return draw(distributions, self.num_samples if self._sampling is None else self._sampling[0], seed)
+
+    def evaluation_seed(self, episode: dict) -> tf.Tensor:
+        """The seed of a task's samples outside meta-training: the learner's (or `sampling`'s) seed folded with
+        the hash of the support set."""
+        base = self.seed if self._sampling is None else self._sampling[1]
+        return content_seed(tf.stack([tf.cast(base, tf.int32), 0]), [episode["support_x"], episode["support_y"]])
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config["num_samples"] = config.pop("num_particles")
+        return {**config, "seed": self.seed}
 
 
 @register

@@ -9,13 +9,13 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from tfmeta import checks, likelihoods
-from tfmeta.algorithms.particles import ParticleLearner, content_seed, draw
+from tfmeta import likelihoods
+from tfmeta.algorithms.particles import SamplingLearner
 from tfmeta.registry import register
 
 
 @register
-class PLATIPUS(ParticleLearner):
+class PLATIPUS(SamplingLearner):
     """PLATIPUS, as its Algorithms 1 (meta-training) and 2 (inference).
 
     The meta-parameters are the mean μ of the initial weights (the learner's weights), their prior standard
@@ -28,9 +28,8 @@ class PLATIPUS(ParticleLearner):
     adapts. `num_samples` samples (stacked, as `ParticleLearner` stacks particles) give as many adapted models,
     whose mixture is the predictive distribution.
 
-    Sampling is reproducible: meta-training draws from the task's stateless seed; evaluation, `adapt` and serving
-    from `seed` folded with a hash of the support set, so that the three give the same samples for the same task
-    (and different tasks different samples). Only the partition's fast weights are random; the others are μ's.
+    Sampling is reproducible (see `SamplingLearner`). Only the partition's fast weights are random; the others are
+    μ's.
 
     The re-implementations report that PLATIPUS is hard to train from scratch (exploding regression losses) and
     start μ from MAML's meta-learned weights: pass a learner that carries them (`tfmeta.experiment.warm_start`).
@@ -42,30 +41,22 @@ class PLATIPUS(ParticleLearner):
       initial_stddev: the initial σ and v (re-implementations start them at e^-4 ≈ 0.018 or 0.02).
       initial_step_size: the initial γ_p and γ_q (0.01 in the re-implementations).
       seed: the seed of evaluation's samples (folded with the support set's hash).
-      **kwargs: see `ParticleLearner` (`likelihood`, `particle_parallelism`) and `MAML` (`update_rule`: α's rule,
+      **kwargs: see `SamplingLearner`, `ParticleLearner` (`likelihood`, `particle_parallelism`) and `MAML`
+        (`update_rule`: α's rule,
         `inner_steps`, `first_order`, which also treats the gradients of the γ steps as constants).
     """
-
-    takes_support_streams = False
-    vectorizes_dense_learners = False  # tf.vectorized_map has no converter for the stateless samplers
 
     def __init__(self, learner: keras.Model, num_samples: int = 5, kl_weight: float = 1.0,
                  initial_stddev: float = 0.02, initial_step_size: float = 0.01, seed: int = 0,
                  likelihood: Optional[likelihoods.Likelihood] = None, **kwargs):
-        refused = [k for k in ("query_step_weights", "multi_step_loss_annealing", "first_order_steps") if kwargs.get(k)]
-        if refused:
-            raise ValueError(f"PLATIPUS meta-trains with its own objective: MAML's {', '.join(refused)} do not apply.")
         if not (isinstance(kl_weight, (int, float)) and math.isfinite(kl_weight) and kl_weight >= 0):
             raise ValueError(f"PLATIPUS `kl_weight` must be a finite number >= 0; got {kl_weight!r}.")
         if not (isinstance(initial_stddev, (int, float)) and math.isfinite(initial_stddev) and initial_stddev > 0):
             raise ValueError(f"PLATIPUS `initial_stddev` must be positive and finite; got {initial_stddev!r}.")
-        super().__init__(learner, num_particles=checks.integer(num_samples, "num_samples", minimum=1,
-                                                               owner="PLATIPUS"),
-                         likelihood=likelihood, **kwargs)
+        super().__init__(learner, num_samples=num_samples, seed=seed, likelihood=likelihood, **kwargs)
         self.kl_weight = float(kl_weight)
         self.initial_stddev = float(initial_stddev)
         self.initial_step_size = float(initial_step_size)
-        self.seed = int(seed)
         fast, _ = self.partitioned_variables()
         log_stddev = keras.initializers.Constant(math.log(self.initial_stddev))
         self.log_prior_stddev, self.log_inference_stddev = (
@@ -73,10 +64,6 @@ class PLATIPUS(ParticleLearner):
              for v in fast] for kind in ("log_prior_stddev", "log_inference_stddev"))
         self.step_sizes = self.add_weight(shape=(2,), dtype=self._log_dtype, name="step_sizes",
                                           initializer=keras.initializers.Constant(self.initial_step_size))
-
-    @property
-    def num_samples(self) -> int:
-        return self.num_particles
 
     @property
     def meta_variables(self) -> list[keras.Variable]:
@@ -106,20 +93,16 @@ class PLATIPUS(ParticleLearner):
         means = self.shifted_mean(mean, slow, state, x, y, self.step_sizes[1], training, first_order)
         return [likelihoods.tfd().Normal(m, tf.exp(s)) for m, s in zip(means, self.log_inference_stddev)]
 
-    def sample(self, distributions, seed: tf.Tensor) -> list[tf.Tensor]:
-        """`num_samples` reparameterised draws of each weight's distribution, stacked [num_samples, ...]."""
-        return draw(distributions, self.num_samples, seed)
-
     # ------------------------------------------------------------------------------------------ the loops
 
     def adapt_episode(self, fast, slow, state, episode, steps, *, training, first_order=False, keep_trajectory=False,
                       seed=None, check_finite=True):
         """Algorithm 2: samples θ from the prior given the support set, then runs the inner loop from the samples.
-        `fast` is μ; without a `seed`, the samples are drawn from `seed` folded with the support set's hash."""
+        `fast` is μ; without a `seed`, the samples are drawn from `evaluation_seed`."""
         x, y = episode["support_x"], episode["support_y"]
         if seed is None:
-            seed = content_seed(tf.constant([self.seed, 0], tf.int32), [x, y])
-        samples = self.sample(self.prior(fast, slow, state, x, y, training), seed)
+            seed = self.evaluation_seed(episode)
+        samples = self.draw(self.prior(fast, slow, state, x, y, training), seed)
         return super().adapt_episode(samples, slow, state, episode, steps, training=training, first_order=first_order,
                                      keep_trajectory=keep_trajectory, seed=seed, check_finite=check_finite)
 
@@ -130,7 +113,7 @@ class PLATIPUS(ParticleLearner):
             prior = self.prior(mean, slow, state, episode["support_x"], episode["support_y"], True, self.first_order)
             inference = self.inference(mean, slow, state, episode["query_x"], episode["query_y"], True,
                                        self.first_order)
-            samples = self.sample(inference, seed)
+            samples = self.draw(inference, seed)
             adaptation = super().adapt_episode(samples, slow, state, episode, self.inner_steps, training=True,
                                                first_order=self.first_order, seed=seed)
             loss, logs, state = self.outer_objective(adaptation.params, slow, adaptation.state, episode,
@@ -141,7 +124,5 @@ class PLATIPUS(ParticleLearner):
         return grads, {**logs, "loss": objective}, state
 
     def get_config(self) -> dict:
-        config = super().get_config()
-        config["num_samples"] = config.pop("num_particles")
-        return {**config, "kl_weight": self.kl_weight, "initial_stddev": self.initial_stddev,
-                "initial_step_size": self.initial_step_size, "seed": self.seed}
+        return {**super().get_config(), "kl_weight": self.kl_weight, "initial_stddev": self.initial_stddev,
+                "initial_step_size": self.initial_step_size}
