@@ -350,6 +350,8 @@ def test_predict_tasks_agree_with_adapt_and_calibration_report_pools_them(algori
     assert report["ece"] == pytest.approx(expected, rel=1e-6)
     assert report["ece_ci95"][0] <= report["ece"] <= report["ece_ci95"][1]
     assert report["accuracy"] == pytest.approx(np.mean(probabilities.argmax(-1) == episodes["query_y"].numpy()))
+    # 5-way confidences are >= 0.2: the lowest bins are empty, which JSON writes as null, not as a non-finite result
+    assert report["reliability"]["accuracy"][0] is None and evaluation.strict(report)[1] == []
     from tfmeta import plotting
 
     plotting.plot_reliability(report, str(tmp_path / "reliability.png"), label=algorithm)

@@ -92,3 +92,27 @@ def test_probabilistic_sine_configs_learn_and_report_calibration(config, ratio, 
     for name in ("nll", "coverage_50", "coverage_90"):
         assert len(trained[name]["ci95"]) == len(trained["loss"]["mean"])
     assert 0 <= trained["coverage_50"]["mean"][-1] <= trained["coverage_90"]["mean"][-1] <= 1
+
+
+PROBABILISTIC_CONFIGS = {  # config: (meta-learner, the settings its comments state)
+    "maml_ambiguous.gin": (tfmeta.MAML, lambda m: m.inner_steps == 5 and m.likelihood.stddev == 0.3),
+    "platipus_ambiguous.gin": (tfmeta.PLATIPUS, lambda m: m.num_samples == 5 and m.kl_weight == 0.1),
+    "bmaml_ambiguous.gin": (tfmeta.BMAML, lambda m: m.num_particles == 5 and m.inner_steps == 5),
+    "abml_ambiguous.gin": (tfmeta.ABML, lambda m: m.kl_weight == 0.18 and m.likelihood.stddev == 0.3),
+    "omniglot_5w1s.gin": (tfmeta.MAML, lambda m: isinstance(m.likelihood, tfmeta.likelihoods.Categorical)),
+    "emaml_omniglot_5w1s.gin": (tfmeta.EMAML, lambda m: m.num_particles == 5 and m.eval_inner_steps == 10),
+    "bmaml_omniglot_5w1s.gin": (tfmeta.BMAML, lambda m: m.update_rule.learning_rate == 0.08),
+    "platipus_omniglot_5w1s.gin": (tfmeta.PLATIPUS, lambda m: m.num_samples == 5 and m.kl_weight == 0.1),
+    "abml_omniglot_5w1s.gin": (tfmeta.ABML, lambda m: m.kl_weight == 0.002 and m.hyperprior_weight == 5e-8),
+}
+
+
+@pytest.mark.parametrize("config", sorted(PROBABILISTIC_CONFIGS))
+def test_probabilistic_configs_build_what_they_state(config, request):
+    """The ambiguous-regression and Omniglot configs of the probabilistic learners build their meta-learner with
+    the settings their comments give (the Omniglot ones need the archives)."""
+    if "omniglot" in config:
+        request.getfixturevalue("omniglot_dir")  # skips without the archives
+    cls, stated = PROBABILISTIC_CONFIGS[config]
+    meta = experiment(os.path.join("probabilistic", config)).build()
+    assert type(meta) is cls and stated(meta)

@@ -109,7 +109,13 @@ def calibration_report(
     bins = calibration.reliability(probabilities, labels, num_bins)
     accuracy = float(np.mean(probabilities.argmax(-1) == labels))
     return {"num_tasks": num_tasks, "seed": seed, "num_bins": num_bins, "ece": ece, "ece_ci95": [low, high],
-            "accuracy": accuracy, "reliability": {k: np.asarray(v).tolist() for k, v in bins.items()}}
+            "accuracy": accuracy, "reliability": {k: _empty_as_none(v) for k, v in bins.items()}}
+
+
+def _empty_as_none(values) -> list:
+    """A reliability column as a list, an empty bin's NaN as None: JSON's null for "no queries", which is not a
+    non-finite result (5-way predictions, whose confidence is at least 0.2, leave the lowest bins empty)."""
+    return [None if isinstance(v, float) and math.isnan(v) else v for v in np.asarray(values).tolist()]
 
 
 def strict(value: Any, path: str = "", non_finite: Optional[list] = None) -> tuple[Any, list[str]]:
