@@ -42,8 +42,8 @@ class PLATIPUS(SamplingLearner):
       initial_step_size: the initial γ_p and γ_q (0.01 in the re-implementations).
       seed: the seed of evaluation's samples (folded with the support set's hash).
       **kwargs: see `SamplingLearner`, `ParticleLearner` (`likelihood`, `particle_parallelism`) and `MAML`
-        (`update_rule`: α's rule,
-        `inner_steps`, `first_order`, which also treats the gradients of the γ steps as constants).
+        (`update_rule`: α's rule; `inner_steps`; `first_order`, which also treats the gradients of the γ steps as
+        constants).
     """
 
     def __init__(self, learner: keras.Model, num_samples: int = 5, kl_weight: float = 1.0,
