@@ -12,12 +12,12 @@ probabilistic meta-learners (`tfmeta.algorithms.EMAML`, `BMAML`, ...) adapt and 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import keras
 import tensorflow as tf
 
+from tfmeta import checks
 from tfmeta.registry import register
 
 COVERAGE_LEVELS = (0.5, 0.9)
@@ -152,9 +152,7 @@ class Normal(_Gaussian):
     it; state the level beside the numbers."""
 
     def __init__(self, stddev: float = 1.0):
-        if not (isinstance(stddev, (int, float)) and math.isfinite(stddev) and stddev > 0):
-            raise ValueError(f"Normal `stddev` must be positive and finite; got {stddev!r}.")
-        self.stddev = float(stddev)
+        self.stddev = checks.number(stddev, "stddev", positive=True, owner="Normal")
 
     def mean_and_stddev(self, outputs, stddev=None):
         if stddev is None:

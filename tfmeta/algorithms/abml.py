@@ -10,18 +10,12 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from tfmeta import likelihoods
+from tfmeta import checks, likelihoods
 from tfmeta.algorithms.particles import SamplingLearner
 from tfmeta.inner_loop import Adaptation, inner_loop
 from tfmeta.registry import register
 
 _SAMPLES = 1_000_003  # the seed stream of the samples that predict (the inner steps' streams are their indices)
-
-
-def _non_negative(value, argument: str) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"ABML `{argument}` must be a finite number >= 0; got {value!r}.")
-    return float(value)
 
 
 @register
@@ -57,14 +51,12 @@ class ABML(SamplingLearner):
                  hyperprior_weight: float = 2.5e-5, initial_stddev: float = 0.02,
                  hyperprior_concentration: float = 1.0, hyperprior_rate: float = 0.01, seed: int = 0,
                  likelihood: Optional[likelihoods.Likelihood] = None, **kwargs):
-        self.kl_weight = _non_negative(kl_weight, "kl_weight")
-        self.hyperprior_weight = _non_negative(hyperprior_weight, "hyperprior_weight")
-        for name, value in (("initial_stddev", initial_stddev), ("hyperprior_concentration", hyperprior_concentration),
-                            ("hyperprior_rate", hyperprior_rate)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"ABML `{name}` must be positive and finite; got {value!r}.")
-        self.initial_stddev = float(initial_stddev)
-        self.hyperprior_concentration, self.hyperprior_rate = float(hyperprior_concentration), float(hyperprior_rate)
+        self.kl_weight = checks.number(kl_weight, "kl_weight", owner="ABML")
+        self.hyperprior_weight = checks.number(hyperprior_weight, "hyperprior_weight", owner="ABML")
+        self.initial_stddev, self.hyperprior_concentration, self.hyperprior_rate = (
+            checks.number(value, name, positive=True, owner="ABML") for name, value in (
+                ("initial_stddev", initial_stddev), ("hyperprior_concentration", hyperprior_concentration),
+                ("hyperprior_rate", hyperprior_rate)))
         super().__init__(learner, num_samples=num_samples, seed=seed, likelihood=likelihood, **kwargs)
         fast, _ = self.partitioned_variables()
         self.log_prior_stddev = [

@@ -17,9 +17,7 @@ from tfmeta.update_rules.svgd import Svgd
 
 
 def _positive(value, argument: str) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"BMAML `{argument}` must be positive and finite; got {value!r}.")
-    return float(value)
+    return checks.number(value, argument, positive=True, owner="BMAML")
 
 
 @register

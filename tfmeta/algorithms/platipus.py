@@ -9,7 +9,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from tfmeta import likelihoods
+from tfmeta import checks, likelihoods
 from tfmeta.algorithms.particles import SamplingLearner
 from tfmeta.registry import register
 
@@ -49,14 +49,10 @@ class PLATIPUS(SamplingLearner):
     def __init__(self, learner: keras.Model, num_samples: int = 5, kl_weight: float = 1.0,
                  initial_stddev: float = 0.02, initial_step_size: float = 0.01, seed: int = 0,
                  likelihood: Optional[likelihoods.Likelihood] = None, **kwargs):
-        if not (isinstance(kl_weight, (int, float)) and math.isfinite(kl_weight) and kl_weight >= 0):
-            raise ValueError(f"PLATIPUS `kl_weight` must be a finite number >= 0; got {kl_weight!r}.")
-        if not (isinstance(initial_stddev, (int, float)) and math.isfinite(initial_stddev) and initial_stddev > 0):
-            raise ValueError(f"PLATIPUS `initial_stddev` must be positive and finite; got {initial_stddev!r}.")
+        self.kl_weight = checks.number(kl_weight, "kl_weight", owner="PLATIPUS")
+        self.initial_stddev = checks.number(initial_stddev, "initial_stddev", positive=True, owner="PLATIPUS")
+        self.initial_step_size = checks.number(initial_step_size, "initial_step_size", owner="PLATIPUS")
         super().__init__(learner, num_samples=num_samples, seed=seed, likelihood=likelihood, **kwargs)
-        self.kl_weight = float(kl_weight)
-        self.initial_stddev = float(initial_stddev)
-        self.initial_step_size = float(initial_step_size)
         fast, _ = self.partitioned_variables()
         log_stddev = keras.initializers.Constant(math.log(self.initial_stddev))
         self.log_prior_stddev, self.log_inference_stddev = (
