@@ -306,6 +306,7 @@ class EMAML(ParticleLearner):
         return fast + [tf.convert_to_tensor(v) for v in self.extra_particle_variables()], slow
 
 
+@keras.saving.register_keras_serializable(package="tfmeta")
 class PredictiveModel(keras.Model):
     """Several adapted copies of a learner (particles, or samples of a posterior; parameters stacked on a leading
     axis) that predict their predictive distribution: its mean and standard deviation (regression) or its class
@@ -324,7 +325,7 @@ class PredictiveModel(keras.Model):
     def __init__(self, learner: keras.Model, trainable: Sequence, state: Sequence, likelihood,
                  return_samples: bool = False, sample_stddev=None, mapping: str = "unrolled", **kwargs):
         super().__init__(**kwargs)
-        self.template = learner
+        self.learner = learner
         self.likelihood = likelihoods.get(likelihood)
         self.return_samples = bool(return_samples)
         self.mapping = mapping
@@ -338,7 +339,7 @@ class PredictiveModel(keras.Model):
         self.built = True
 
     def call(self, inputs, training=None):
-        samples, _ = particle_call(self.template, [tf.convert_to_tensor(p) for p in self.sample_params],
+        samples, _ = particle_call(self.learner, [tf.convert_to_tensor(p) for p in self.sample_params],
                                    [tf.convert_to_tensor(s) for s in self.shared_state], inputs, False, self.mapping)
         stddev = None
         if self.sample_stddev is not None:
@@ -353,3 +354,24 @@ class PredictiveModel(keras.Model):
         if self.transductive:
             batch_size = adapted_lib._examples(x)  # the whole input is one batch
         return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
+
+    def get_config(self) -> dict:
+        """The architecture, the likelihood and the shapes of the models' parameters; their values are the
+        model's weights, which `model.save` writes and `keras.models.load_model` restores."""
+        spec = lambda variables: [[list(v.shape), str(v.dtype)] for v in variables]  # noqa: E731
+        return {**super().get_config(), "learner": keras.saving.serialize_keras_object(self.learner),
+                "likelihood": keras.saving.serialize_keras_object(self.likelihood),
+                "return_samples": self.return_samples, "mapping": self.mapping,
+                "trainable": spec(self.sample_params), "state": spec(self.shared_state),
+                "sample_stddev": None if self.sample_stddev is None else spec([self.sample_stddev])[0]}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        config = dict(config)
+        zeros = lambda entry: tf.zeros(entry[0], entry[1])  # noqa: E731  (placeholders that load_model overwrites)
+        config["learner"] = keras.saving.deserialize_keras_object(config["learner"])
+        config["likelihood"] = likelihoods.get(config["likelihood"])
+        config["trainable"] = [zeros(e) for e in config["trainable"]]
+        config["state"] = [zeros(e) for e in config["state"]]
+        config["sample_stddev"] = None if config["sample_stddev"] is None else zeros(config["sample_stddev"])
+        return cls(**config)
