@@ -17,8 +17,8 @@ from tfmeta.meta_learner import MetaLearner
 from tfmeta.metric import MatchingNetwork, MetricLearner, PrototypicalNetwork, RelationNetwork
 from tfmeta.partition import Partition
 from tfmeta.registry import register
-from tfmeta.update_rules import (LSLR, Chain, ClipByGlobalNorm, InnerAdam, LearnedSgd, MetaCurvature, MetaSGD,
-                                 MTNetMask, Sgd, Svgd, UpdateRule)
+from tfmeta.update_rules import (LSLR, Chain, ClipByGlobalNorm, CoordinatewiseLSTM, InnerAdam, LearnedSgd,
+                                 MetaCurvature, MetaSGD, MTNetMask, Sgd, Svgd, UpdateRule)
 
 __version__ = "0.1.0"
 # Imported on first use: `tfmeta.export`, `tfmeta.evaluation`, `tfmeta.calibration` (TensorFlow Probability) and
@@ -46,6 +46,7 @@ __all__ = [
     "WarpGrad",
     "warp",
     "LSLR",
+    "CoordinatewiseLSTM",
     "MAML",
     "LearnedSgd",
     "MTNetMask",

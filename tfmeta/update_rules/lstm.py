@@ -1,0 +1,108 @@
+"""Learned update rules: the coordinatewise LSTM optimizer (Andrychowicz et al., 2016, "Learning to learn by
+gradient descent by gradient descent")."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+from tfmeta import checks
+from tfmeta.registry import register
+from tfmeta.update_rules.base import Shapes, UpdateRule
+
+PREPROCESSING = ("none", "log_sign")
+GROUPS = ("shared", "by_rank")
+
+
+def log_and_sign(grads: tf.Tensor, k: float) -> tf.Tensor:
+    """The gradient preprocessing of Andrychowicz et al. (2016, Appendix A), as their code writes it: per
+    coordinate (clip(log(|g| + ε)/k, −1, ·), clip(g·e^k, −1, 1)), i.e. (log|g|/k, sign g) for |g| ≥ e^−k and
+    (−1, e^k·g) below, with ε the float32 machine epsilon. `grads` [n, 1] → [n, 2]."""
+    eps = tf.constant(1.1920929e-07, grads.dtype)
+    magnitude = tf.maximum(tf.math.log(tf.abs(grads) + eps) / k, -1.0)
+    sign = tf.clip_by_value(grads * tf.exp(tf.constant(k, grads.dtype)), -1.0, 1.0)
+    return tf.concat([magnitude, sign], axis=-1)
+
+
+@register
+class CoordinatewiseLSTM(UpdateRule):
+    """A recurrent network that maps each coordinate's gradient to its update, with weights shared across
+    coordinates and a recurrent state per coordinate: `hidden_units` LSTM layers (Keras `LSTMCell`s), then a
+    linear output times `output_scale`.
+
+    The reference code's settings (deepmind/learning-to-learn `util.py`): two layers of 20 units; quadratics: no
+    preprocessing and output scale 1; MNIST and CIFAR: `log_sign` preprocessing with k = 5 and output scale 0.01
+    (the paper's text gives p = 10: the code's k = 5 is what its results were run with).
+
+    Args:
+      hidden_units: the LSTM layers' sizes.
+      preprocessing: "none" (the raw gradient) or "log_sign" (`log_and_sign` with `k`).
+      k: the preprocessing's constant.
+      output_scale: the factor on the network's output (the update).
+      groups: "shared" (one network for all parameters) or "by_rank" (one network per rank of parameter, e.g.
+        convolution kernels, dense kernels and biases each their own, as the reference code's per-group nets).
+    """
+
+    def __init__(self, hidden_units: Sequence[int] = (20, 20), preprocessing: str = "none", k: float = 5.0,
+                 output_scale: float = 1.0, groups: str = "shared", **kwargs):
+        super().__init__(**kwargs)
+        if preprocessing not in PREPROCESSING:
+            raise ValueError(f"CoordinatewiseLSTM `preprocessing` must be one of {PREPROCESSING}; got "
+                             f"{preprocessing!r}.")
+        if groups not in GROUPS:
+            raise ValueError(f"CoordinatewiseLSTM `groups` must be one of {GROUPS}; got {groups!r}.")
+        self.hidden_units = [checks.integer(u, "hidden_units", minimum=1, owner="CoordinatewiseLSTM")
+                             for u in hidden_units]
+        if not self.hidden_units:
+            raise ValueError("CoordinatewiseLSTM needs at least one LSTM layer in `hidden_units`.")
+        self.preprocessing = preprocessing
+        self.k = checks.number(k, "k", positive=True, owner="CoordinatewiseLSTM")
+        self.output_scale = checks.number(output_scale, "output_scale", owner="CoordinatewiseLSTM")
+        self.groups = groups
+
+    def group_of(self, shape: Sequence[int]) -> str:
+        """The network a parameter of this shape is updated by."""
+        return "shared" if self.groups == "shared" else f"rank_{len(shape)}"
+
+    def build(self, param_shapes: Shapes) -> None:
+        features = 2 if self.preprocessing == "log_sign" else 1
+        self.networks = {}
+        for group in sorted({self.group_of(s) for s in param_shapes}):
+            cells = [keras.layers.LSTMCell(units, dtype=self.dtype_policy, name=f"{group}_lstm_{i}")
+                     for i, units in enumerate(self.hidden_units)]
+            for cell, inputs in zip(cells, [features, *self.hidden_units[:-1]]):
+                cell.build((None, inputs))
+            head = keras.layers.Dense(1, dtype=self.dtype_policy, name=f"{group}_output")
+            head.build((None, self.hidden_units[-1]))
+            self.networks[group] = (cells, head)
+        self._tracked = [layer for cells, head in self.networks.values() for layer in (*cells, head)]
+        super().build(param_shapes)
+
+    def init_state(self, params, *, training=True, seed=None):
+        """Per parameter and layer, the (h, c) state of every coordinate: zeros [coordinates, units]."""
+        return tuple(tuple((tf.zeros([tf.size(p), u], p.dtype), tf.zeros([tf.size(p), u], p.dtype))
+                           for u in self.hidden_units) for p in params)
+
+    def update(self, grads, state, params, step, **extra):
+        updates, new_state = [], []
+        for g, p, layers in zip(grads, params, state):
+            if isinstance(g, tf.IndexedSlices):
+                g = tf.convert_to_tensor(g)
+            cells, head = self.networks[self.group_of(p.shape)]
+            x = tf.reshape(g, [-1, 1])
+            if self.preprocessing == "log_sign":
+                x = log_and_sign(x, self.k)
+            layer_states = []
+            for cell, (h, c) in zip(cells, layers):
+                x, (h, c) = cell(x, [h, c])
+                layer_states.append((h, c))
+            updates.append(tf.reshape(head(x) * tf.constant(self.output_scale, g.dtype), tf.shape(p)))
+            new_state.append(tuple(layer_states))
+        return updates, tuple(new_state)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "hidden_units": self.hidden_units, "preprocessing": self.preprocessing,
+                "k": self.k, "output_scale": self.output_scale, "groups": self.groups}
+
