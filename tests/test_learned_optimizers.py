@@ -82,3 +82,76 @@ def test_coordinatewise_lstm_groups_arguments_and_config():
         tfmeta.CoordinatewiseLSTM(hidden_units=(20, 0))
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(rule))
     assert clone.get_config() == rule.get_config()
+
+
+def trainer(rule=None, unroll=2, horizon=4, **kwargs):
+    from tfmeta.optimizers import OptimizerTraining, Quadratics
+
+    rule = rule or tfmeta.CoordinatewiseLSTM(hidden_units=(4,), dtype="float64")
+    model = OptimizerTraining(rule, Quadratics(num_problems=3, dims=2, dtype="float64"), unroll=unroll,
+                              horizon=horizon, **kwargs)
+    model.compile(keras.optimizers.Adam(1e-2))
+    return model
+
+
+def test_truncated_training_carries_the_optimizee_and_state_across_steps_and_restarts_after_the_horizon():
+    model = trainer()
+    constants, params, state = model.fresh_problem(tf.constant(0, tf.int64))
+    _, _, expected, expected_state = model.unrolled(params, state, constants, tf.constant(0, tf.int64), 0)
+    model.fit(model.dataset(), steps_per_epoch=1, verbose=0)
+    np.testing.assert_allclose(model.param_variables[0], expected[0], rtol=1e-12)  # carried, not reset
+    np.testing.assert_allclose(model.state_variables[0], tf.nest.flatten(expected_state)[0], rtol=1e-12)
+    assert int(model.position) == 2 and int(model.problem) == 0
+    model.fit(model.dataset(), steps_per_epoch=1, verbose=0)  # the horizon (4 steps) ends: problem 1 starts
+    constants, params, _ = model.fresh_problem(tf.constant(1, tf.int64))
+    assert int(model.position) == 0 and int(model.problem) == 1
+    np.testing.assert_array_equal(model.param_variables[0], params[0])
+    np.testing.assert_array_equal(model.constant_variables["w"], constants["w"])
+    assert not np.allclose(constants["w"], model.fresh_problem(tf.constant(0, tf.int64))[0]["w"])
+
+
+def test_training_resumes_from_a_checkpoint_in_the_middle_of_a_horizon(tmp_path):
+    straight = trainer(horizon=6)
+    resumed = trainer(horizon=6)
+    for a, b in zip(resumed.rule.weights, straight.rule.weights):
+        a.assign(b)
+    straight.fit(straight.dataset(), steps_per_epoch=5, verbose=0)
+    resumed.fit(resumed.dataset(), steps_per_epoch=2, verbose=0)  # stops after 4 of the 6 steps of problem 0
+    assert int(resumed.position) == 4
+    path = tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).save(str(tmp_path / "ckpt"))
+    fresh = trainer(horizon=6)
+    fresh.optimizer.build(fresh.rule.trainable_variables)
+    tf.train.Checkpoint(model=fresh, optimizer=fresh.optimizer).restore(path).assert_consumed()
+    fresh.fit(fresh.dataset(), steps_per_epoch=3, verbose=0)
+    assert int(fresh.problem) == int(straight.problem) == 1
+    for a, b in zip(fresh.weights, straight.weights):
+        np.testing.assert_allclose(a, b, rtol=1e-10, err_msg=a.path)
+
+
+@pytest.mark.parametrize("second_order", [True, False])
+def test_meta_gradient_of_an_unroll_with_and_without_the_second_order_terms(second_order):
+    """With `second_order=True` the meta-gradient of an unroll equals finite differences of its meta-loss; without,
+    the optimizee's gradients are held constant, and it differs from them."""
+    model = trainer(unroll=3, horizon=6, second_order=second_order)
+    constants, params, state = model.fresh_problem(tf.constant(0, tf.int64))
+    variables = model.rule.trainable_variables
+    meta = lambda: model.unrolled(params, state, constants, tf.constant(0, tf.int64), 0)[0]  # noqa: E731
+    with tf.GradientTape() as tape:
+        loss = meta()
+    grads = tape.gradient(loss, variables)
+    rng = np.random.default_rng(0)
+    direction = [rng.normal(size=v.shape) for v in variables]
+    values = [v.numpy() for v in variables]
+    sides = []
+    for sign in (1, -1):
+        for v, t, d in zip(variables, values, direction):
+            v.assign(t + sign * 1e-6 * d)
+        sides.append(float(meta()))
+    for v, t in zip(variables, values):
+        v.assign(t)
+    analytic = sum(float(np.sum(g.numpy() * d)) for g, d in zip(grads, direction))
+    numeric = (sides[0] - sides[1]) / 2e-6
+    if second_order:
+        assert analytic == pytest.approx(numeric, rel=1e-6)
+    else:
+        assert abs(analytic - numeric) > 1e-6 * abs(numeric)

@@ -77,7 +77,8 @@ class CoordinatewiseLSTM(UpdateRule):
             head = keras.layers.Dense(1, dtype=self.dtype_policy, name=f"{group}_output")
             head.build((None, self.hidden_units[-1]))
             self.networks[group] = (cells, head)
-        self._tracked = [layer for cells, head in self.networks.values() for layer in (*cells, head)]
+            for layer in (*cells, head):  # direct attributes: what TensorFlow checkpoints follow
+                setattr(self, layer.name, layer)
         super().build(param_shapes)
 
     def init_state(self, params, *, training=True, seed=None):
