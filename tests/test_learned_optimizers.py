@@ -155,3 +155,78 @@ def test_meta_gradient_of_an_unroll_with_and_without_the_second_order_terms(seco
         assert analytic == pytest.approx(numeric, rel=1e-6)
     else:
         assert abs(analytic - numeric) > 1e-6 * abs(numeric)
+
+
+def trained_rule(dtype="float32"):
+    rule = tfmeta.CoordinatewiseLSTM(hidden_units=(4, 3), preprocessing="log_sign", output_scale=0.1, dtype=dtype)
+    rule.check_params([(2, 3)])
+    rng = np.random.default_rng(3)
+    for w in rule.weights:
+        w.assign(rng.normal(scale=0.5, size=w.shape))
+    return rule
+
+
+def regression_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)])
+
+
+def test_learned_optimizer_applies_the_rule_with_its_state_per_coordinate():
+    """`fit` with LearnedOptimizer takes the rule's own steps: each variable moves by learning_rate times the rule's
+    update of its gradient, the LSTM state carried from step to step."""
+    from tfmeta.optimizers import LearnedOptimizer
+
+    rule = trained_rule()
+    model = regression_model()
+    x, y = np.random.default_rng(4).normal(size=(16, 3)), np.random.default_rng(5).normal(size=(16, 1))
+    params = [tf.convert_to_tensor(v) for v in model.trainable_variables]
+    state = rule.init_state(params)
+    for _ in range(3):  # the same steps, functionally
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            loss = tf.reduce_mean((model.stateless_call(params, [], x)[0] - y) ** 2)
+        updates, state = rule.update(tape.gradient(loss, params), state, params, 0)
+        params = [p + 0.5 * u for p, u in zip(params, updates)]
+    model.compile(optimizer=LearnedOptimizer(rule, learning_rate=0.5), loss="mse")
+    model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    for variable, expected in zip(model.trainable_variables, params):
+        np.testing.assert_allclose(variable, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_learned_optimizer_saves_reloads_and_resumes_with_its_state(tmp_path):
+    from tfmeta.optimizers import LearnedOptimizer, load_rule, save_rule
+
+    save_rule(trained_rule(), str(tmp_path / "rule.json"))
+    x, y = np.random.default_rng(4).normal(size=(16, 3)), np.random.default_rng(5).normal(size=(16, 1))
+    straight, stopped = regression_model(), regression_model()
+    for model in (straight, stopped):
+        model.compile(optimizer=LearnedOptimizer(str(tmp_path / "rule.json")), loss="mse")
+    straight.fit(x, y, batch_size=8, epochs=4, shuffle=False, verbose=0)
+    stopped.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    stopped.save(tmp_path / "model.keras")
+    resumed = keras.models.load_model(tmp_path / "model.keras")
+    assert isinstance(resumed.optimizer, LearnedOptimizer) and len(resumed.optimizer.variables) == 2 + 4 * 4
+    resumed.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    for a, b in zip(resumed.trainable_variables, straight.trainable_variables):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(load_rule(str(tmp_path / "rule.json")).weights, trained_rule().weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_learned_optimizer_densifies_sparse_gradients_and_names_untrained_groups():
+    from tfmeta.optimizers import LearnedOptimizer
+
+    model = keras.Sequential([keras.Input((2,), dtype="int32"), keras.layers.Embedding(5, 3),
+                              keras.layers.Flatten(), keras.layers.Dense(1)])
+    model.compile(optimizer=LearnedOptimizer(trained_rule()), loss="mse")
+    before = model.layers[0].embeddings.numpy()
+    model.fit(np.array([[0, 1], [1, 2]]), np.ones((2, 1)), verbose=0)
+    assert not np.allclose(model.layers[0].embeddings.numpy()[:3], before[:3])
+    rule = tfmeta.CoordinatewiseLSTM(groups="by_rank")
+    rule.check_params([(2, 3)])  # rank 2 only: no network for the biases
+    dense = regression_model()
+    dense.compile(optimizer=LearnedOptimizer(rule), loss="mse")
+    with pytest.raises(ValueError, match=r"needs the rule's network 'rank_1', which it was not meta-trained with"):
+        dense.fit(np.zeros((2, 3)), np.zeros((2, 1)), verbose=0)
+    with pytest.raises(TypeError, match=r"must be a built \(meta-trained\) tfmeta.CoordinatewiseLSTM"):
+        LearnedOptimizer(tfmeta.CoordinatewiseLSTM())
