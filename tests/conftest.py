@@ -66,6 +66,16 @@ def omniglot_dir():
     return OMNIGLOT
 
 
+@pytest.fixture
+def mnist_file():
+    """The 5,000-digit MNIST copy; skips the test when it is absent."""
+    path = os.path.join(os.environ["TFMETA_DATA_DIR"], "mnist5k", "mnist_5k.csv.gz")
+    if not os.path.exists(path):
+        pytest.skip(f"MNIST copy not found at {path} (set TFMETA_DATA_DIR to the directory holding "
+                    "mnist5k/mnist_5k.csv.gz)")
+    return path
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "faults: slow fault-injection runs (random SIGKILLs, a multi-worker kill), "
                                        "outside the default suite; run with `-m faults` (.ci/run does)")

@@ -230,3 +230,21 @@ def test_learned_optimizer_densifies_sparse_gradients_and_names_untrained_groups
         dense.fit(np.zeros((2, 3)), np.zeros((2, 1)), verbose=0)
     with pytest.raises(TypeError, match=r"must be a built \(meta-trained\) tfmeta.CoordinatewiseLSTM"):
         LearnedOptimizer(tfmeta.CoordinatewiseLSTM())
+
+
+def test_mnist_split_is_fixed_and_disjoint_and_the_mlp_problem_draws_its_minibatches_from_seeds(mnist_file):
+    from tfmeta.data.mnist import mnist5k
+    from tfmeta.optimizers import MnistMLP
+
+    splits = {s: mnist5k(s, mnist_file) for s in ("train", "validation", "test")}
+    assert [len(x) for x, _ in splits.values()] == [3000, 1000, 1000]
+    keys = {s: {row.tobytes() for row in x} for s, (x, _) in splits.items()}
+    assert not keys["train"] & keys["test"] and not keys["validation"] & keys["test"]
+    np.testing.assert_array_equal(mnist5k("test", mnist_file)[1], splits["test"][1])  # the same split every time
+    problem = MnistMLP(hidden_units=(40, 20), split="validation")
+    params = problem.initial_params({}, tf.constant([1, 2]))
+    assert [tuple(p.shape) for p in params] == [(784, 40), (40,), (40, 20), (20,), (20, 10), (10,)]
+    losses = [float(problem.loss(params, {}, tf.constant(s))) for s in ([3, 4], [3, 4], [5, 6])]
+    assert losses[0] == losses[1] != losses[2] and abs(losses[0] - np.log(10)) < 0.01  # near-uniform at init
+    with pytest.raises(ValueError, match=r"`activation` must be one of"):
+        MnistMLP(activation="tanh")

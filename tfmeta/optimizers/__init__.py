@@ -3,7 +3,8 @@
 model with it)."""
 
 from tfmeta.optimizers.keras_optimizer import LearnedOptimizer, load_rule, save_rule
-from tfmeta.optimizers.problems import OptimizationProblems, Quadratics
+from tfmeta.optimizers.problems import MnistMLP, OptimizationProblems, Quadratics
 from tfmeta.optimizers.training import OptimizerTraining
 
-__all__ = ["LearnedOptimizer", "OptimizationProblems", "OptimizerTraining", "Quadratics", "load_rule", "save_rule"]
+__all__ = ["LearnedOptimizer", "MnistMLP", "OptimizationProblems", "OptimizerTraining", "Quadratics", "load_rule",
+           "save_rule"]

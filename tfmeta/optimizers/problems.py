@@ -62,3 +62,51 @@ class Quadratics(OptimizationProblems):
     def loss(self, params, constants, seed):
         residual = tf.linalg.matvec(constants["w"], params[0]) - constants["y"]
         return tf.reduce_mean(tf.reduce_sum(tf.square(residual), axis=-1))
+
+
+ACTIVATIONS = ("sigmoid", "relu")
+
+
+@register
+class MnistMLP(OptimizationProblems):
+    """An MLP classifier of MNIST digits trained on minibatches (deepmind/learning-to-learn `problems.mnist`: one
+    hidden layer of 20 sigmoid units, weights and biases ~ N(0, 0.01²), minibatches of 128 drawn uniformly with
+    replacement, mean cross-entropy). A problem is one initialisation of the network; its minibatches come from the
+    step's seed. `split` picks the images (`tfmeta.data.mnist.mnist5k`'s fixed split, or `source="tfds"` for the
+    full MNIST's "train"/"test"); `hidden_units` and `activation` give the paper's generalisation tests (40 units,
+    two layers, ReLU)."""
+
+    def __init__(self, hidden_units=(20,), activation: str = "sigmoid", batch_size: int = 128, split: str = "train",
+                 source: str = "mnist5k", initial_stddev: float = 0.01):
+        from tfmeta.data import mnist
+
+        self.hidden_units = [checks.integer(u, "hidden_units", minimum=1, owner="MnistMLP") for u in hidden_units]
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MnistMLP `activation` must be one of {ACTIVATIONS}; got {activation!r}.")
+        self.activation, self.split, self.source = activation, split, source
+        self.batch_size = checks.integer(batch_size, "batch_size", minimum=1, owner="MnistMLP")
+        self.initial_stddev = checks.number(initial_stddev, "initial_stddev", owner="MnistMLP")
+        images, labels = mnist.mnist5k(split) if source == "mnist5k" else mnist.tfds_mnist(split)
+        self.images, self.labels = tf.constant(images), tf.constant(labels)
+
+    def constants(self, seed):
+        return {}
+
+    def initial_params(self, constants, seed):
+        sizes = [784, *self.hidden_units, 10]
+        shapes = [s for fan_in, fan_out in zip(sizes[:-1], sizes[1:]) for s in ([fan_in, fan_out], [fan_out])]
+        seeds = tf.random.experimental.stateless_split(seed, len(shapes))
+        return [self.initial_stddev * tf.random.stateless_normal(s, seeds[i]) for i, s in enumerate(shapes)]
+
+    def loss(self, params, constants, seed):
+        index = tf.random.stateless_uniform([self.batch_size], seed, 0, tf.shape(self.labels, tf.int64)[0], tf.int64)
+        x, labels = tf.gather(self.images, index), tf.gather(self.labels, index)
+        activation = tf.sigmoid if self.activation == "sigmoid" else tf.nn.relu
+        for i in range(0, len(params) - 2, 2):
+            x = activation(x @ params[i] + params[i + 1])
+        logits = x @ params[-2] + params[-1]
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+
+    def get_config(self) -> dict:
+        return {"hidden_units": self.hidden_units, "activation": self.activation, "batch_size": self.batch_size,
+                "split": self.split, "source": self.source, "initial_stddev": self.initial_stddev}
