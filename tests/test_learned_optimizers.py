@@ -226,7 +226,7 @@ def test_learned_optimizer_densifies_sparse_gradients_and_names_untrained_groups
     rule.check_params([(2, 3)])  # rank 2 only: no network for the biases
     dense = regression_model()
     dense.compile(optimizer=LearnedOptimizer(rule), loss="mse")
-    with pytest.raises(ValueError, match=r"needs the rule's network 'rank_1', which it was not meta-trained with"):
+    with pytest.raises(ValueError, match=r"no network for the parameter groups \['rank_1'\]"):
         dense.fit(np.zeros((2, 3)), np.zeros((2, 1)), verbose=0)
     with pytest.raises(TypeError, match=r"must be a built \(meta-trained\) tfmeta.CoordinatewiseLSTM"):
         LearnedOptimizer(tfmeta.CoordinatewiseLSTM())
@@ -248,3 +248,28 @@ def test_mnist_split_is_fixed_and_disjoint_and_the_mlp_problem_draws_its_minibat
     assert losses[0] == losses[1] != losses[2] and abs(losses[0] - np.log(10)) < 0.01  # near-uniform at init
     with pytest.raises(ValueError, match=r"`activation` must be one of"):
         MnistMLP(activation="tanh")
+
+
+def test_loss_curves_equal_gradient_descent_by_hand_and_tuning_skips_diverging_rates():
+    from tfmeta.optimizers import Quadratics, loss_curves, tune_learning_rate
+    from tfmeta.optimizers.evaluation import TEST_STREAM
+
+    problems = Quadratics(num_problems=4, dims=3, dtype="float64")
+    curves = loss_curves(tfmeta.Sgd(0.05), problems, num_problems=2, steps=6)
+    for k in range(2):
+        base = tf.constant([0, TEST_STREAM], tf.int64)
+        seed = tf.random.experimental.stateless_fold_in(base, tf.constant(k, tf.int64))
+        constants = problems.constants(seed)
+        w, y = constants["w"].numpy(), constants["y"].numpy()
+        theta = problems.initial_params(constants, tf.random.experimental.stateless_fold_in(seed, 1))[0].numpy()
+        expected = []
+        for _ in range(7):
+            residual = np.einsum("pij,pj->pi", w, theta) - y
+            expected.append(np.mean(np.sum(residual**2, -1)))
+            theta = theta - 0.05 * 2 * np.einsum("pji,pj->pi", w, residual) / 4
+        np.testing.assert_allclose(curves[k], expected, rtol=1e-10)
+    float32 = Quadratics(num_problems=4, dims=3)  # (where a diverging rate overflows within 20 steps)
+    best, finals = tune_learning_rate(tfmeta.Sgd, float32, [1e-3, 0.05, 1e6], num_problems=3, steps=20)
+    assert best == 0.05 and not np.isfinite(finals[1e6]) and finals[0.05] < finals[1e-3]
+    lstm = loss_curves(trained_rule("float64"), problems, num_problems=2, steps=6)  # a learned rule, the same way
+    assert lstm.shape == (2, 7) and np.allclose(lstm[:, 0], curves[:, 0])  # the same problems

@@ -2,9 +2,10 @@
 (`tfmeta.CoordinatewiseLSTM` is the rule; `OptimizerTraining` meta-trains it; `LearnedOptimizer` trains any Keras
 model with it)."""
 
+from tfmeta.optimizers.evaluation import loss_curves, tune_learning_rate
 from tfmeta.optimizers.keras_optimizer import LearnedOptimizer, load_rule, save_rule
 from tfmeta.optimizers.problems import MnistMLP, OptimizationProblems, Quadratics
 from tfmeta.optimizers.training import OptimizerTraining
 
 __all__ = ["LearnedOptimizer", "MnistMLP", "OptimizationProblems", "OptimizerTraining", "Quadratics", "load_rule",
-           "save_rule"]
+           "loss_curves", "save_rule", "tune_learning_rate"]

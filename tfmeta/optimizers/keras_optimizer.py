@@ -78,14 +78,10 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
     def build(self, variables):
         if self.built:
             return
+        self.rule.check_params([tuple(v.shape) for v in variables])  # a network for every parameter group
         super().build(variables)
         self._lstm_states = []
         for variable in variables:
-            group = self.rule.group_of(variable.shape)
-            if group not in self.rule.networks:
-                raise ValueError(f"LearnedOptimizer: variable '{variable.path}' of shape {tuple(variable.shape)} needs "
-                                 f"the rule's network '{group}', which it was not meta-trained with (it has "
-                                 f"{sorted(self.rule.networks)}).")
             size = int(np.prod(variable.shape))
             self._lstm_states.append([self.add_variable((size, units), name=f"{variable.name}_lstm_{i}_{part}")
                                       for i, units in enumerate(self.rule.hidden_units) for part in ("h", "c")])

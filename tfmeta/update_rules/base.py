@@ -178,3 +178,27 @@ class InnerAdam(UpdateRule):
     def get_config(self) -> dict:
         return {**super().get_config(), "learning_rate": self.learning_rate, "beta_1": self.beta_1,
                 "beta_2": self.beta_2, "epsilon": self.epsilon}
+
+
+@register
+class InnerRMSprop(UpdateRule):
+    """RMSprop (Tieleman & Hinton, 2012) as Keras writes it (`rho`, `epsilon` outside the square root, no
+    momentum), with the mean square kept per task: a hand-designed baseline of the learned optimizers."""
+
+    def __init__(self, learning_rate: float = 0.001, rho: float = 0.9, epsilon: float = 1e-7, **kwargs):
+        super().__init__(**kwargs)
+        if not learning_rate >= 0 or not 0 <= rho < 1 or not epsilon > 0:
+            raise ValueError("InnerRMSprop needs learning_rate >= 0, rho in [0, 1) and epsilon > 0; got "
+                             f"{learning_rate}, {rho}, {epsilon}.")
+        self.learning_rate, self.rho, self.epsilon = learning_rate, rho, epsilon
+
+    def init_state(self, params, *, training=True, seed=None):
+        return tuple(tf.zeros_like(p) for p in params)
+
+    def update(self, grads, state, params, step, **extra):
+        mean_squares = tuple(self.rho * v + (1 - self.rho) * tf.square(g) for g, v in zip(grads, state))
+        updates = [-self.learning_rate * g / (tf.sqrt(v) + self.epsilon) for g, v in zip(grads, mean_squares)]
+        return updates, mean_squares
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "learning_rate": self.learning_rate, "rho": self.rho, "epsilon": self.epsilon}

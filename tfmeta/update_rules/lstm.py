@@ -81,6 +81,17 @@ class CoordinatewiseLSTM(UpdateRule):
                 setattr(self, layer.name, layer)
         super().build(param_shapes)
 
+    def check_params(self, param_shapes: Shapes) -> None:
+        """Builds the rule, or checks that it has a network for every parameter: its weights do not depend on the
+        parameters' shapes, so a trained rule optimizes any problem whose parameter groups it was trained with."""
+        if not self.built:
+            return super().check_params(param_shapes)
+        missing = sorted({self.group_of(s) for s in param_shapes} - set(self.networks))
+        if missing:
+            raise ValueError(f"update rule '{self.name}' has no network for the parameter groups {missing} (it was "
+                             f"built with {sorted(self.networks)}): build it with parameters of those ranks, or use "
+                             "groups='shared'.")
+
     def init_state(self, params, *, training=True, seed=None):
         """Per parameter and layer, the (h, c) state of every coordinate: zeros [coordinates, units]."""
         return tuple(tuple((tf.zeros([tf.size(p), u], p.dtype), tf.zeros([tf.size(p), u], p.dtype))
