@@ -273,3 +273,21 @@ def test_loss_curves_equal_gradient_descent_by_hand_and_tuning_skips_diverging_r
     assert best == 0.05 and not np.isfinite(finals[1e6]) and finals[0.05] < finals[1e-3]
     lstm = loss_curves(trained_rule("float64"), problems, num_problems=2, steps=6)  # a learned rule, the same way
     assert lstm.shape == (2, 7) and np.allclose(lstm[:, 0], curves[:, 0])  # the same problems
+
+
+def test_meta_train_resumes_a_killed_run_and_writes_the_rule(tmp_path):
+    """A run stopped after 4 of 6 meta-steps (in the middle of the second problem's horizon) and resumed by a new
+    trainer in the same directory ends where an uninterrupted run ends."""
+    from tfmeta.optimizers import load_rule, meta_train
+
+    straight, stopped = trainer(horizon=6), trainer(horizon=6)
+    for a, b in zip(stopped.rule.weights, straight.rule.weights):
+        a.assign(b)
+    meta_train(straight, str(tmp_path / "straight"), num_steps=6, steps_per_epoch=2, verbose=0)
+    meta_train(stopped, str(tmp_path / "run"), num_steps=4, steps_per_epoch=2, verbose=0)
+    resumed = trainer(horizon=6)  # other initial weights: the checkpoint replaces them
+    path = meta_train(resumed, str(tmp_path / "run"), num_steps=6, steps_per_epoch=2, verbose=0)
+    assert int(resumed.optimizer.iterations) == 6 and int(resumed.problem) == 2  # 3 unrolls of 2 steps per problem
+    for a, b, c in zip(load_rule(path).weights, resumed.rule.weights, straight.rule.weights):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(b, c, rtol=1e-10)

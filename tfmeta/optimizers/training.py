@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfmeta import checks
@@ -114,3 +117,48 @@ class OptimizerTraining(keras.Model):
     def dataset() -> tf.data.Dataset:
         """What `fit` iterates (with `steps_per_epoch`): one dummy element per meta-step."""
         return tf.data.Dataset.from_tensors(0).repeat()
+
+
+class _SaveEachEpoch(keras.callbacks.Callback):
+    def __init__(self, manager: tf.train.CheckpointManager):
+        super().__init__()
+        self.manager = manager
+        self.non_finite = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not all(np.isfinite(v) for v in (logs or {}).values()):
+            self.non_finite = self.model.stop_training = True
+            return
+        self.manager.save(checkpoint_number=int(self.model.optimizer.iterations))
+
+
+def meta_train(trainer: OptimizerTraining, model_dir: str, num_steps: int, steps_per_epoch: int = 100,
+               learning_rate: float = 1e-3, verbose: int = 2) -> str:
+    """Meta-trains `trainer`'s rule for `num_steps` meta-steps with Adam (`learning_rate`; the reference code's
+    1e-3), resuming from the last checkpoint in `model_dir/checkpoints` (written after every epoch of
+    `steps_per_epoch` meta-steps: a killed run loses at most one epoch, and resumes in the middle of a horizon where
+    it stopped). A non-finite meta-loss stops the run with `FloatingPointError`, the last good checkpoint kept.
+    Writes the trained rule to `model_dir/rule.json` (`save_rule`) and returns its path."""
+    from tfmeta.optimizers.keras_optimizer import save_rule
+
+    checks.integer(num_steps, "num_steps")
+    checks.integer(steps_per_epoch, "steps_per_epoch", minimum=1)
+    if num_steps % steps_per_epoch:
+        raise ValueError(f"`num_steps` ({num_steps}) must be a multiple of `steps_per_epoch` ({steps_per_epoch}).")
+    trainer.compile(keras.optimizers.Adam(learning_rate))
+    trainer.optimizer.build(trainer.rule.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=trainer, optimizer=trainer.optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=3)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_consumed()
+    done = int(trainer.optimizer.iterations)
+    saver = _SaveEachEpoch(manager)
+    trainer.fit(trainer.dataset(), steps_per_epoch=steps_per_epoch, epochs=num_steps // steps_per_epoch,
+                initial_epoch=done // steps_per_epoch, callbacks=[saver], verbose=verbose)
+    if saver.non_finite:
+        raise FloatingPointError(f"meta-training stopped at meta-step {int(trainer.optimizer.iterations)}: the "
+                                 f"meta-loss is not finite. The last good checkpoint is {manager.latest_checkpoint}; "
+                                 "lower the learning rate or the rule's output scale.")
+    path = os.path.join(model_dir, "rule.json")
+    save_rule(trainer.rule, path)
+    return path
