@@ -291,3 +291,29 @@ def test_meta_train_resumes_a_killed_run_and_writes_the_rule(tmp_path):
     for a, b, c in zip(load_rule(path).weights, resumed.rule.weights, straight.rule.weights):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(b, c, rtol=1e-10)
+
+
+def test_the_quadratic_config_runs_the_experiment_and_reports_every_optimizer(tmp_path):
+    import gin
+
+    import tfmeta.configurables  # noqa: F401
+    from conftest import REPO
+    from tfmeta.optimizers.experiment import BASELINES, OptimizerExperiment
+
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(
+        [f"{REPO}/gin_configs/learned_optimizers/lstm_quadratic.gin"],
+        ["OptimizerExperiment.num_steps = 10", "OptimizerExperiment.steps_per_epoch = 5",
+         "OptimizerExperiment.eval_num_problems = 3", "OptimizerExperiment.tune_problems = 2",
+         "OptimizerExperiment.eval_steps = 20", "OptimizerExperiment.learning_rates = [0.001, 0.03]",
+         "Quadratics.num_problems = 8"])
+    experiment = OptimizerExperiment()
+    rule = experiment.trainer.rule
+    assert rule.hidden_units == [20, 20] and rule.preprocessing == "none" and experiment.trainer.unroll == 20
+    results = experiment.run(str(tmp_path))
+    assert set(results["optimizers"]) == {"LSTM (learned)", *BASELINES}
+    for name in BASELINES:
+        assert results["optimizers"][name]["learning_rate"] in (0.001, 0.03)
+    assert all(len(entry["mean"]) == 21 for entry in results["optimizers"].values())
+    assert (tmp_path / "results.json").exists() and (tmp_path / "rule.json").exists()
+    gin.clear_config()

@@ -9,6 +9,7 @@ import keras
 
 import tfmeta
 from tfmeta import experiment  # noqa: F401  (registers Experiment)
+from tfmeta.optimizers import experiment as _optimizer_experiment  # noqa: F401  (registers OptimizerExperiment)
 
 # Meta-learners, update rules and metric learners register themselves (`tfmeta.register`); Partition is no Keras
 # object.
