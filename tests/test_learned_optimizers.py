@@ -56,17 +56,35 @@ def test_coordinatewise_lstm_shares_weights_keeps_a_state_per_coordinate_and_mat
     assert not np.allclose(first[0], second[0])
 
 
+def check_meta_gradient(meta, episodes, directions=2, eps=1e-5, rtol=1e-6):
+    """The meta-gradient of a batch along random directions against central finite differences of its meta-loss,
+    every evaluation through one traced `tf.function`; returns the meta-gradient."""
+    compute = tf.function(meta.compute_meta_gradients)
+    grads, _, _ = compute(episodes)
+    rng, theta = np.random.default_rng(1), [v.numpy() for v in meta.meta_variables]
+    for _ in range(directions):
+        direction = [rng.normal(size=t.shape) for t in theta]
+        sides = []
+        for sign in (1, -1):
+            for v, t, d in zip(meta.meta_variables, theta, direction):
+                v.assign(t + sign * eps * d)
+            sides.append(float(compute(episodes)[1]["loss"]))
+        for v, t in zip(meta.meta_variables, theta):
+            v.assign(t)
+        analytic = sum(float(np.sum(np.array(g) * d)) for g, d in zip(grads, direction))
+        assert analytic == pytest.approx((sides[0] - sides[1]) / (2 * eps), rel=rtol, abs=1e-9)
+    return grads
+
+
 def test_coordinatewise_lstm_as_mamls_rule_matches_finite_differences():
     """The same rule is an inner loop of any meta-learner: MAML's second-order meta-gradient through two LSTM
     steps, for the learner's initialisation and the LSTM's weights (on raw gradients: the log-sign preprocessing is
     piecewise, and finite differences across its kinks at |g| = e^-k disagree with the derivative)."""
-    from test_gradients import check_finite_differences, small_mlp
+    from test_gradients import small_mlp
 
     rule = tfmeta.CoordinatewiseLSTM(hidden_units=(5,), output_scale=0.1, dtype="float64")
     meta = tfmeta.MAML(small_mlp(), update_rule=rule, inner_steps=2)
-    episodes = random_episodes()
-    grads, _, _ = tf.function(meta.compute_meta_gradients)(episodes)
-    check_finite_differences(meta, episodes, grads)
+    grads = check_meta_gradient(meta, random_episodes(tasks=2))
     assert len(rule.trainable_variables) == 5 and all(np.abs(g).max() > 0 for g in grads[-5:])
 
 
@@ -317,3 +335,45 @@ def test_the_quadratic_config_runs_the_experiment_and_reports_every_optimizer(tm
     assert all(len(entry["mean"]) == 21 for entry in results["optimizers"].values())
     assert (tmp_path / "results.json").exists() and (tmp_path / "rule.json").exists()
     gin.clear_config()
+
+
+def test_meta_learner_lstm_updates_the_cell_state_as_its_equations_say():
+    """θ_t = σ(f_t)θ_{t−1} − σ(i_t)∇_t with f and i from the first layer's h, θ and their previous (pre-sigmoid)
+    values, over two steps."""
+    from tfmeta.update_rules.lstm import MetaLearnerLSTM
+
+    rule = MetaLearnerLSTM(hidden_units=3, dtype="float64")
+    rule.check_params([(2,)])
+    assert 4 <= float(rule.forget_bias) <= 5 and -5 <= float(rule.input_bias) <= -4
+    theta, grads = np.array([0.5, -1.0]), [np.array([0.2, -3e-5]), np.array([-0.1, 0.4])]
+    losses = [0.7, 0.6]
+    state = rule.init_state([tf.constant(theta)])
+    kernel, recurrent, bias = (v.numpy() for v in rule.lstm.weights)
+    w = rule.gate_kernels.numpy()
+    sigmoid = lambda t: 1 / (1 + np.exp(-t))  # noqa: E731
+    h, c, f, i = (np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2, 1)), np.zeros((2, 1)))
+    for g, loss in zip(grads, losses):
+        (update,), state = rule.update([tf.constant(g)], state, [tf.constant(theta)], 0, loss=tf.constant(loss))
+        x = np.concatenate([log_and_sign(tf.constant(g[:, None]), 10.0).numpy(),
+                            log_and_sign(tf.constant(np.full((2, 1), loss)), 10.0).numpy()], 1)
+        gates = x @ kernel + h @ recurrent + bias
+        gi, gf, gc, go = np.split(gates, 4, axis=1)
+        c = sigmoid(gf) * c + sigmoid(gi) * np.tanh(gc)
+        h = sigmoid(go) * np.tanh(c)
+        f = np.concatenate([h, theta[:, None], f], 1) @ w[0][:, None] + float(rule.forget_bias)
+        i = np.concatenate([h, theta[:, None], i], 1) @ w[1][:, None] + float(rule.input_bias)
+        new_theta = sigmoid(f[:, 0]) * theta - sigmoid(i[:, 0]) * g
+        np.testing.assert_allclose(update.numpy(), new_theta - theta, rtol=1e-10)
+        theta = new_theta
+    with pytest.raises(ValueError, match="takes the support loss"):
+        rule.update([tf.constant(grads[0])], state, [tf.constant(theta)], 0)
+
+
+def test_meta_learner_lstm_in_maml_matches_finite_differences():
+    from test_gradients import small_mlp
+
+    from tfmeta.update_rules.lstm import MetaLearnerLSTM
+
+    meta = tfmeta.MAML(small_mlp(), update_rule=MetaLearnerLSTM(hidden_units=4, dtype="float64"), inner_steps=2)
+    grads = check_meta_gradient(meta, random_episodes(tasks=2), rtol=1e-5)
+    assert np.abs(grads[-1]).max() > 0 and np.abs(grads[-3]).max() > 0  # the biases and gates learn

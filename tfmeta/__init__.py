@@ -18,7 +18,7 @@ from tfmeta.metric import MatchingNetwork, MetricLearner, PrototypicalNetwork, R
 from tfmeta.partition import Partition
 from tfmeta.registry import register
 from tfmeta.update_rules import (LSLR, Chain, ClipByGlobalNorm, CoordinatewiseLSTM, InnerAdam, LearnedSgd,
-                                 MetaCurvature, MetaSGD, MTNetMask, Sgd, Svgd, UpdateRule)
+                                 MetaCurvature, MetaLearnerLSTM, MetaSGD, MTNetMask, Sgd, Svgd, UpdateRule)
 
 __version__ = "0.1.0"
 # Imported on first use: `tfmeta.export`, `tfmeta.evaluation`, `tfmeta.calibration` (TensorFlow Probability) and
@@ -47,6 +47,7 @@ __all__ = [
     "warp",
     "LSLR",
     "CoordinatewiseLSTM",
+    "MetaLearnerLSTM",
     "MAML",
     "LearnedSgd",
     "MTNetMask",

@@ -1,5 +1,5 @@
 """Learned update rules: the coordinatewise LSTM optimizer (Andrychowicz et al., 2016, "Learning to learn by
-gradient descent by gradient descent")."""
+gradient descent by gradient descent") and the Meta-Learner LSTM (Ravi & Larochelle, 2017)."""
 
 from __future__ import annotations
 
@@ -118,3 +118,65 @@ class CoordinatewiseLSTM(UpdateRule):
         return {**super().get_config(), "hidden_units": self.hidden_units, "preprocessing": self.preprocessing,
                 "k": self.k, "output_scale": self.output_scale, "groups": self.groups}
 
+
+
+@register
+class MetaLearnerLSTM(UpdateRule):
+    """The Meta-Learner LSTM (Ravi & Larochelle, 2017, "Optimization as a model for few-shot learning"): the
+    learner's parameters are an LSTM's cell state, updated as θ_t = σ(f_t)⊙θ_{t−1} − σ(i_t)⊙∇_t, where per
+    coordinate
+        f_t = W_F·[h_t, θ_{t−1}, f_{t−1}] + b_F,   i_t = W_I·[h_t, θ_{t−1}, i_{t−1}] + b_I,
+    and h_t is a first LSTM layer's output (`hidden_units`, a Keras `LSTMCell`) on the log-sign preprocessed
+    gradient and loss (p = `k` = 10, as the authors' code). As the authors' code: f and i are carried before the
+    sigmoid, W_F, W_I start in U(−0.01, 0.01), b_F in U(4, 5) and b_I in U(−5, −4), so that it starts close to
+    gradient descent with a small step (σ(b_F) ≈ 1, σ(b_I) ≈ 0.01). The initial cell state, θ_0, is the
+    meta-learned initialisation of the meta-learner that uses this rule (e.g. `MAML(..., first_order=True)`:
+    the paper treats the learner's gradients and loss as constants). The loss is the inner step's `loss`.
+    """
+
+    def __init__(self, hidden_units: int = 20, k: float = 10.0, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_units = checks.integer(hidden_units, "hidden_units", minimum=1, owner="MetaLearnerLSTM")
+        self.k = checks.number(k, "k", positive=True, owner="MetaLearnerLSTM")
+
+    def build(self, param_shapes: Shapes) -> None:
+        self.lstm = keras.layers.LSTMCell(self.hidden_units, dtype=self.dtype_policy, name="input_lstm")
+        self.lstm.build((None, 4))
+        small = keras.initializers.RandomUniform(-0.01, 0.01)
+        self.gate_kernels = self.add_weight(shape=(2, self.hidden_units + 2), initializer=small, name="gate_kernels")
+        self.forget_bias = self.add_weight(shape=(), initializer=keras.initializers.RandomUniform(4.0, 5.0),
+                                           name="forget_bias")
+        self.input_bias = self.add_weight(shape=(), initializer=keras.initializers.RandomUniform(-5.0, -4.0),
+                                          name="input_bias")
+        super().build(param_shapes)
+
+    def init_state(self, params, *, training=True, seed=None):
+        """Per parameter: the first layer's (h, c) and the pre-sigmoid gates (f, i) of every coordinate."""
+        def zeros(p, width):
+            return tf.zeros([tf.size(p), width], p.dtype)
+
+        return tuple((zeros(p, self.hidden_units), zeros(p, self.hidden_units), zeros(p, 1), zeros(p, 1))
+                     for p in params)
+
+    def update(self, grads, state, params, step, loss=None, **extra):
+        if loss is None:
+            raise ValueError("MetaLearnerLSTM takes the support loss as an input: call `update(..., loss=)` (the "
+                             "inner loop passes it).")
+        updates, new_state = [], []
+        for g, p, (h, c, f, i) in zip(grads, params, state):
+            if isinstance(g, tf.IndexedSlices):
+                g = tf.convert_to_tensor(g)
+            g, theta = tf.reshape(g, [-1, 1]), tf.reshape(p, [-1, 1])
+            losses = tf.fill(tf.shape(g), tf.cast(loss, g.dtype))
+            x = tf.concat([log_and_sign(g, self.k), log_and_sign(losses, self.k)], axis=-1)
+            h, (_, c) = self.lstm(x, [h, c])
+            kernels = tf.cast(self.gate_kernels, g.dtype)
+            f = tf.concat([h, theta, f], -1) @ kernels[0][:, None] + tf.cast(self.forget_bias, g.dtype)
+            i = tf.concat([h, theta, i], -1) @ kernels[1][:, None] + tf.cast(self.input_bias, g.dtype)
+            delta = (tf.sigmoid(f) - 1.0) * theta - tf.sigmoid(i) * g
+            updates.append(tf.reshape(delta, tf.shape(p)))
+            new_state.append((h, c, f, i))
+        return updates, tuple(new_state)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "hidden_units": self.hidden_units, "k": self.k}
