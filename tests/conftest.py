@@ -89,3 +89,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "faults" in item.keywords:
             item.add_marker(skip)
+
+
+def check_directional_derivatives(variables, grads, objective, directions=2, eps=1e-6, rtol=1e-6, seed=1):
+    """The gradient `grads` of `objective()` (a float of the current values of `variables`) along random directions
+    against central finite differences; the variables are restored afterwards."""
+    rng = np.random.default_rng(seed)
+    theta = values(variables)
+    for _ in range(directions):
+        direction = [rng.normal(size=t.shape) for t in theta]
+        sides = []
+        for sign in (1, -1):
+            for v, t, d in zip(variables, theta, direction):
+                v.assign(t + sign * eps * d)
+            sides.append(objective())
+        for v, t in zip(variables, theta):
+            v.assign(t)
+        analytic = sum(float(np.sum(np.array(g) * d)) for g, d in zip(grads, direction))
+        assert analytic == pytest.approx((sides[0] - sides[1]) / (2 * eps), rel=rtol, abs=1e-9)

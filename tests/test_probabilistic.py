@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import random_episodes, values
+from conftest import check_directional_derivatives, random_episodes, values
 
 import tfmeta
 from tfmeta import likelihoods
@@ -415,19 +415,7 @@ def test_platipus_meta_gradient_matches_finite_differences():
     seed = tf.constant([3, 4])
     grads, logs, _ = meta.task_gradients(episode, [], seed)
     assert float(logs["loss"]) == pytest.approx(platipus_objective(meta, episode, seed), rel=1e-12)
-    theta = values(meta.meta_variables)
-    eps = 1e-6
-    for _ in range(2):
-        direction = [rng.normal(size=t.shape) for t in theta]
-        sides = []
-        for sign in (1, -1):
-            for v, t, d in zip(meta.meta_variables, theta, direction):
-                v.assign(t + sign * eps * d)
-            sides.append(platipus_objective(meta, episode, seed))
-        for v, t in zip(meta.meta_variables, theta):
-            v.assign(t)
-        analytic = sum(float(np.sum(np.array(g) * d)) for g, d in zip(grads, direction))
-        assert analytic == pytest.approx((sides[0] - sides[1]) / (2 * eps), rel=1e-6)
+    check_directional_derivatives(meta.meta_variables, grads, lambda: platipus_objective(meta, episode, seed))
     names = [v.name for v in meta.meta_variables]
     for name in ("log_prior_stddev", "log_inference_stddev", "step_sizes"):  # each gets a meta-gradient
         assert any(np.abs(g).max() > 0 for g, n in zip(grads, names) if n.startswith(name)), name
@@ -590,18 +578,8 @@ def test_abml_meta_gradient_through_the_elbo_steps_matches_finite_differences():
     seed = tf.constant([5, 6])
     grads, logs, _ = meta.task_gradients(episode, [], seed)
     assert float(logs["loss"]) == pytest.approx(abml_objective(meta, episode, seed), rel=1e-10)
-    rng, theta, eps = np.random.default_rng(11), values(meta.meta_variables), 1e-6
-    for _ in range(2):
-        direction = [rng.normal(size=t.shape) for t in theta]
-        sides = []
-        for sign in (1, -1):
-            for v, t, d in zip(meta.meta_variables, theta, direction):
-                v.assign(t + sign * eps * d)
-            sides.append(float(meta.task_gradients(episode, [], seed)[1]["loss"]))
-        for v, t in zip(meta.meta_variables, theta):
-            v.assign(t)
-        analytic = sum(float(np.sum(np.array(g) * d)) for g, d in zip(grads, direction))
-        assert analytic == pytest.approx((sides[0] - sides[1]) / (2 * eps), rel=1e-6)
+    check_directional_derivatives(meta.meta_variables, grads,
+                                  lambda: float(meta.task_gradients(episode, [], seed)[1]["loss"]))
     assert all(np.abs(g).max() > 0 for g in grads)  # the means and every prior stddev get a meta-gradient
 
 
