@@ -356,3 +356,32 @@ def test_meta_learner_lstm_in_maml_matches_finite_differences():
     meta = tfmeta.MAML(small_mlp(), update_rule=MetaLearnerLSTM(hidden_units=4, dtype="float64"), inner_steps=2)
     grads = check_meta_gradient(meta, random_episodes(tasks=2), rtol=1e-5)
     assert np.abs(grads[-1]).max() > 0 and np.abs(grads[-3]).max() > 0  # the biases and gates learn
+
+
+@pytest.mark.parametrize("config", ["lstm_quadratic.gin", "lstm_mnist.gin", "metalstm_omniglot_5w1s.gin"])
+def test_learned_optimizer_configs_build_what_they_state(config, request):
+    import gin
+
+    import tfmeta.configurables  # noqa: F401
+    from conftest import REPO
+    from tfmeta.experiment import Experiment
+    from tfmeta.optimizers.experiment import OptimizerExperiment
+
+    request.getfixturevalue("omniglot_dir" if "omniglot" in config else "mnist_file" if "mnist" in config else
+                            "tmp_path")
+    gin.clear_config()
+    gin.add_config_file_search_path(REPO)
+    gin.parse_config_files_and_bindings([f"{REPO}/gin_configs/learned_optimizers/{config}"], [])
+    if "omniglot" in config:
+        meta = Experiment().build()
+        assert isinstance(meta.update_rule, tfmeta.MetaLearnerLSTM) and meta.first_order and meta.inner_steps == 12
+        assert meta.optimizer.global_clipnorm == 0.25
+    else:
+        experiment = OptimizerExperiment()
+        rule = experiment.trainer.rule
+        assert rule.hidden_units == [20, 20] and experiment.trainer.horizon == 100
+        assert (rule.preprocessing, rule.k, rule.output_scale) == (
+            ("log_sign", 5.0, 0.01) if "mnist" in config else ("none", 5.0, 1.0))
+        if "mnist" in config:
+            assert (experiment.validation_problems.split, experiment.test_problems.split) == ("validation", "test")
+    gin.clear_config()
