@@ -308,7 +308,7 @@ def test_the_quadratic_config_runs_the_experiment_and_reports_every_optimizer(tm
     rule = experiment.trainer.rule
     assert rule.hidden_units == [20, 20] and rule.preprocessing == "none" and experiment.trainer.unroll == 20
     results = experiment.run(str(tmp_path))
-    assert set(results["optimizers"]) == {"LSTM (learned)", *BASELINES}
+    assert set(results["optimizers"]) == {"learned (CoordinatewiseLSTM)", *BASELINES}
     for name in BASELINES:
         assert results["optimizers"][name]["learning_rate"] in (0.001, 0.03)
     assert all(len(entry["mean"]) == 21 for entry in results["optimizers"].values())
@@ -384,4 +384,75 @@ def test_learned_optimizer_configs_build_what_they_state(config, request):
             ("log_sign", 5.0, 0.01) if "mnist" in config else ("none", 5.0, 1.0))
         if "mnist" in config:
             assert (experiment.validation_problems.split, experiment.test_problems.split) == ("validation", "test")
+    gin.clear_config()
+
+
+def policy_trainer(batch=4000, **kwargs):
+    from tfmeta.optimizers import PolicyTraining, Quadratics
+    from tfmeta.update_rules.policy import PolicyOptimizer
+
+    rule = PolicyOptimizer(history=2, hidden_units=(4,), initial_stddev=0.3, output_scale=0.5, dtype="float64")
+    problems = Quadratics(num_problems=1, dims=1, dtype="float64", distribution="normal", initial_stddev=1.0)
+    return PolicyTraining(rule, problems, horizon=2, batch_problems=batch, **kwargs)
+
+
+def test_policy_gradient_estimate_agrees_with_the_pathwise_gradient():
+    """The REINFORCE estimate (score function, leave-one-out baseline) and the reparameterised pathwise gradient
+    of the expected sum of losses, on the same 4,000 rollouts of a one-dimensional quadratic over two steps: two
+    unbiased estimators of one gradient, agreeing to Monte Carlo error."""
+    model = policy_trainer()
+    variables = model.rule.trainable_variables
+    observations, actions, losses = tf.function(model.rollouts)(tf.constant(0, tf.int64))
+    with tf.GradientTape() as tape:
+        surrogate = model.surrogate(observations, actions, losses)
+    score = np.concatenate([np.ravel(g) for g in tape.gradient(surrogate, variables)])
+
+    @tf.function
+    def pathwise():
+        with tf.GradientTape() as tape:
+            total = tf.reduce_mean(tf.reduce_sum(model.rollouts(tf.constant(0, tf.int64))[2][:, 1:], axis=1))
+        return tape.gradient(total, variables)
+
+    path = np.concatenate([np.ravel(g) for g in pathwise()])
+    cosine = score @ path / np.linalg.norm(score) / np.linalg.norm(path)
+    assert cosine > 0.98 and abs(np.linalg.norm(score) / np.linalg.norm(path) - 1) < 0.15, (cosine, score, path)
+
+
+def test_policy_optimizer_observes_gradient_and_objective_windows_and_steps_by_its_mean():
+    from tfmeta.update_rules.policy import PolicyOptimizer
+
+    rule = PolicyOptimizer(history=3, hidden_units=(2,), dtype="float64")
+    rule.check_params([(2,)])
+    params = [tf.constant([1.0, 2.0], tf.float64)]
+    state = rule.init_state(params)
+    for grad, loss in (([0.1, 0.2], 5.0), ([0.3, 0.4], 4.0)):
+        observed, next_state = rule.observe([tf.constant(grad, tf.float64)], state, tf.constant(loss, tf.float64))
+        (step,), state = rule.update([tf.constant(grad, tf.float64)], state, params, 0, loss=loss)
+        np.testing.assert_allclose(step, 0.1 * rule.mean_network(observed[0])[:, 0], rtol=1e-12)
+    np.testing.assert_allclose(observed[0], [[0, 0.1, 0.3, 0, 0, -1.0], [0, 0.2, 0.4, 0, 0, -1.0]])
+    assert rule.check_params([(5, 5)]) is None  # once built, any shapes
+    with pytest.raises(ValueError, match="observes the objective"):
+        rule.update([tf.constant([0.1, 0.2], tf.float64)], state, params, 0)
+
+
+def test_policy_training_runs_from_its_seed_and_the_config_builds(tmp_path):
+    import gin
+
+    import tfmeta.configurables  # noqa: F401
+    from conftest import REPO
+    from tfmeta.optimizers import meta_train
+    from tfmeta.optimizers.experiment import OptimizerExperiment
+
+    first, second = policy_trainer(batch=8), policy_trainer(batch=8)
+    for a, b in zip(second.rule.weights, first.rule.weights):
+        a.assign(b)
+    for model, name in ((first, "a"), (second, "b")):
+        meta_train(model, str(tmp_path / name), num_steps=4, steps_per_epoch=2, verbose=0)
+    for a, b in zip(first.rule.weights, second.rule.weights):
+        np.testing.assert_array_equal(a, b)
+    assert int(first.rollouts_done) == 32
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([f"{REPO}/gin_configs/learned_optimizers/policy_quadratic.gin"], [])
+    experiment = OptimizerExperiment()
+    assert experiment.trainer.horizon == 20 and experiment.trainer.rule.history == 5
     gin.clear_config()

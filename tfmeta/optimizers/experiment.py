@@ -5,7 +5,7 @@ runs it)."""
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import gin
 import numpy as np
@@ -13,6 +13,7 @@ import numpy as np
 from tfmeta import evaluation
 from tfmeta.optimizers import evaluation as curves_lib
 from tfmeta.optimizers.keras_optimizer import load_rule
+from tfmeta.optimizers.policy_training import PolicyTraining
 from tfmeta.optimizers.problems import OptimizationProblems
 from tfmeta.optimizers.training import OptimizerTraining, meta_train
 from tfmeta.update_rules import InnerAdam, InnerRMSprop, Sgd
@@ -29,7 +30,8 @@ LEARNING_RATES = tuple(float(f"{10 ** (k / 3):.3g}") for k in range(-12, 4))
 
 @gin.configurable
 class OptimizerExperiment:
-    """Meta-trains `trainer`'s rule for `num_steps` meta-steps (`meta_train`, resumable), tunes each baseline's
+    """Meta-trains `trainer`'s rule (an `OptimizerTraining` or a `PolicyTraining`) for `num_steps` meta-steps
+    (`meta_train`, resumable), tunes each baseline's
     learning rate over `learning_rates` on `tune_problems` validation problems of `validation_problems`, and
     records the loss curves of the learned rule and of the tuned baselines on `eval_num_problems` test problems of
     `test_problems` over `eval_steps` steps (the same problems for every optimizer).
@@ -39,8 +41,8 @@ class OptimizerExperiment:
     test images (`MnistMLP(split=...)`), so that the three sets are disjoint.
     """
 
-    def __init__(self, trainer: Callable[[], OptimizerTraining] = gin.REQUIRED, num_steps: int = 10000,
-                 steps_per_epoch: int = 100, learning_rate: float = 1e-3,
+    def __init__(self, trainer: Callable[[], Union[OptimizerTraining, PolicyTraining]] = gin.REQUIRED,
+                 num_steps: int = 10000, steps_per_epoch: int = 100, learning_rate: float = 1e-3,
                  validation_problems: Optional[Callable[[], OptimizationProblems]] = None,
                  test_problems: Optional[Callable[[], OptimizationProblems]] = None,
                  learning_rates: Sequence[float] = LEARNING_RATES, tune_problems: int = 20,
@@ -59,7 +61,7 @@ class OptimizerExperiment:
         rule = load_rule(meta_train(self.trainer, model_dir, self.num_steps, self.steps_per_epoch,
                                     self.learning_rate))
         results = {"meta_steps": self.num_steps, "learning_rates": self.learning_rates, "optimizers": {}}
-        rules = {"LSTM (learned)": (rule, None)}
+        rules = {f"learned ({type(rule).__name__})": (rule, None)}
         for name, make in BASELINES.items():
             rate, finals = curves_lib.tune_learning_rate(make, self.validation_problems, self.learning_rates,
                                                          self.tune_problems, self.eval_steps)

@@ -9,10 +9,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfmeta.update_rules.base import UpdateRule
 from tfmeta.update_rules.lstm import CoordinatewiseLSTM
 
 
-def rule_to_dict(rule: CoordinatewiseLSTM) -> dict:
+def rule_to_dict(rule: UpdateRule) -> dict:
     """A trained rule as plain JSON data: its Keras config, the parameter shapes it was built for (which fix its
     per-group networks) and its weights as nested lists, in `rule.weights` order."""
     if not rule.built:
@@ -21,7 +22,7 @@ def rule_to_dict(rule: CoordinatewiseLSTM) -> dict:
             "weights": [np.asarray(w).tolist() for w in rule.weights]}
 
 
-def rule_from_dict(data: dict) -> CoordinatewiseLSTM:
+def rule_from_dict(data: dict) -> UpdateRule:
     """The rule `rule_to_dict` wrote, with its weights."""
     rule = keras.saving.deserialize_keras_object(data["config"])
     rule.check_params([tuple(s) for s in data["param_shapes"]])
@@ -32,13 +33,13 @@ def rule_from_dict(data: dict) -> CoordinatewiseLSTM:
     return rule
 
 
-def save_rule(rule: CoordinatewiseLSTM, path: str) -> None:
+def save_rule(rule: UpdateRule, path: str) -> None:
     """Writes a trained rule to `path` as JSON (`rule_to_dict`): the save format of a learned optimizer."""
     with open(path, "w") as f:
         json.dump(rule_to_dict(rule), f)
 
 
-def load_rule(path: str) -> CoordinatewiseLSTM:
+def load_rule(path: str) -> UpdateRule:
     """The rule `save_rule` wrote to `path`."""
     with open(path) as f:
         return rule_from_dict(json.load(f))

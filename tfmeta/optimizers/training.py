@@ -132,9 +132,10 @@ class _SaveEachEpoch(keras.callbacks.Callback):
         self.manager.save(checkpoint_number=int(self.model.optimizer.iterations))
 
 
-def meta_train(trainer: OptimizerTraining, model_dir: str, num_steps: int, steps_per_epoch: int = 100,
+def meta_train(trainer: keras.Model, model_dir: str, num_steps: int, steps_per_epoch: int = 100,
                learning_rate: float = 1e-3, verbose: int = 2) -> str:
-    """Meta-trains `trainer`'s rule for `num_steps` meta-steps with Adam (`learning_rate`; the reference code's
+    """Meta-trains the rule of `trainer` (an `OptimizerTraining` or a `PolicyTraining`) for `num_steps` meta-steps
+    with Adam (`learning_rate`; the reference code's
     1e-3), resuming from the last checkpoint in `model_dir/checkpoints` (written after every epoch of
     `steps_per_epoch` meta-steps: a killed run loses at most one epoch, and resumes in the middle of a horizon where
     it stopped). A non-finite meta-loss stops the run with `FloatingPointError`, the last good checkpoint kept.

@@ -9,7 +9,8 @@ from tfmeta.update_rules.learned_sgd import LSLR, LearnedSgd, MetaSGD
 from tfmeta.update_rules.lstm import CoordinatewiseLSTM, MetaLearnerLSTM
 from tfmeta.update_rules.masks import MTNetMask
 from tfmeta.update_rules.meta_curvature import MetaCurvature
+from tfmeta.update_rules.policy import PolicyOptimizer
 from tfmeta.update_rules.svgd import Svgd
 
 __all__ = ["LSLR", "Chain", "ClipByGlobalNorm", "CoordinatewiseLSTM", "InnerAdam", "InnerRMSprop", "LearnedSgd",
-           "MTNetMask", "MetaCurvature", "MetaLearnerLSTM", "MetaSGD", "Sgd", "Svgd", "UpdateRule"]
+           "MTNetMask", "MetaCurvature", "MetaLearnerLSTM", "MetaSGD", "PolicyOptimizer", "Sgd", "Svgd", "UpdateRule"]

@@ -1,0 +1,107 @@
+"""Training an optimizer policy (`tfmeta.update_rules.policy.PolicyOptimizer`) by policy gradient."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tfmeta import checks
+from tfmeta.optimizers.problems import OptimizationProblems
+from tfmeta.registry import register
+from tfmeta.update_rules.policy import PolicyOptimizer
+
+
+@register
+class PolicyTraining(keras.Model):
+    """Trains `rule`'s policy by REINFORCE with a leave-one-out baseline (a policy-gradient method, stated in place
+    of Li & Malik's guided policy search): each `train_step` rolls out `batch_problems` problems of `problems` for
+    `horizon` steps, each step sampled from the policy; the reward of a step is minus the loss after it, so that a
+    rollout's return is minus the sum of its losses after each step (the learned optimizers' meta-loss); the
+    surrogate −Σ_t log π(a_t | o_t)·(G_t − b_t), with G_t the return from step t and b_t the mean of the other
+    rollouts' G_t (which keeps the estimator unbiased), averaged over rollouts, is minimised with the compiled
+    optimizer. Problems and noise come from `seed` folded with the rollout's index: training is a function of it.
+    """
+
+    def __init__(self, rule: PolicyOptimizer, problems: OptimizationProblems, horizon: int = 20,
+                 batch_problems: int = 16, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(rule, PolicyOptimizer):
+            raise TypeError(f"`rule` must be a tfmeta PolicyOptimizer; got {type(rule).__name__}.")
+        self.rule, self.problems = rule, problems
+        self.horizon = checks.integer(horizon, "horizon", minimum=1, owner="PolicyTraining")
+        self.batch_problems = checks.integer(batch_problems, "batch_problems", minimum=2, owner="PolicyTraining")
+        self.seed = int(seed)
+        _, params = self.start(tf.constant(0, tf.int64))
+        self.rule.check_params([tuple(p.shape) for p in params])
+        self.rollouts_done = self.add_weight(shape=(), dtype="int64", trainable=False, name="rollouts_done",
+                                             initializer="zeros")
+        self.built = True
+
+    def start(self, index) -> tuple[dict, list]:
+        seed = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 0], tf.int64), index)
+        constants = self.problems.constants(seed)
+        return constants, self.problems.initial_params(constants, tf.random.experimental.stateless_fold_in(seed, 1))
+
+    def rollout(self, index) -> tuple[list, list, tf.Tensor]:
+        """Rollout `index`: per step the observations and sampled steps of every parameter ([horizon, coordinates,
+        ...] each) and the losses before each step and after the last [horizon + 1]."""
+        constants, params = self.start(index)
+        seed = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 1], tf.int64), index)
+        state = self.rule.init_state(params)
+        observations, actions, losses = [], [], []
+        for t in range(self.horizon):
+            step_seed = tf.random.experimental.stateless_fold_in(seed, t)
+            with tf.GradientTape() as tape:
+                tape.watch(params)
+                loss = self.problems.loss(params, constants, step_seed)
+            observed, state = self.rule.observe(tape.gradient(loss, params), state, loss)
+            steps = [d.sample(seed=tf.random.experimental.stateless_fold_in(step_seed, 1 + i))
+                     for i, d in enumerate(self.rule.policy(observed))]
+            params = [p + tf.reshape(a, tf.shape(p)) for p, a in zip(params, steps)]
+            observations.append(observed)
+            actions.append(steps)
+            losses.append(loss)
+        final_seed = tf.random.experimental.stateless_fold_in(seed, self.horizon)
+        losses.append(self.problems.loss(params, constants, final_seed))
+        stack = lambda per_step: [tf.stack(x) for x in zip(*per_step)]  # noqa: E731
+        return stack(observations), stack(actions), tf.stack(losses)
+
+    def rollouts(self, first) -> tuple[list, list, tf.Tensor]:
+        """`batch_problems` rollouts from index `first` on, stacked on a leading axis (`tf.map_fn`)."""
+        indices = first + tf.range(self.batch_problems, dtype=tf.int64)
+        _, params = self.start(tf.constant(0, tf.int64))
+        state = self.rule.init_state(params)
+        observed, _ = self.rule.observe([tf.zeros_like(p) for p in params], state, tf.zeros([], params[0].dtype))
+        spec = lambda t: tf.TensorSpec([self.horizon, *t.shape], t.dtype)  # noqa: E731
+        signature = ([spec(o) for o in observed], [spec(o[:, 0]) for o in observed],
+                     tf.TensorSpec([self.horizon + 1], params[0].dtype))
+        return tf.map_fn(self.rollout, indices, fn_output_signature=signature)
+
+    def surrogate(self, observations, actions, losses) -> tf.Tensor:
+        """The REINFORCE surrogate of stacked rollouts (see the class docstring): its gradient is the estimate."""
+        rewards = -losses[:, 1:]
+        returns = tf.math.cumsum(rewards, axis=1, reverse=True)
+        n = tf.cast(tf.shape(returns)[0], returns.dtype)
+        baseline = (tf.reduce_sum(returns, axis=0, keepdims=True) - returns) / (n - 1)
+        advantages = tf.stop_gradient(returns - baseline)
+        log_prob = 0.0
+        for o, a in zip(observations, actions):
+            flat = tf.reshape(o, [-1, o.shape[-1]])
+            (distribution,) = self.rule.policy([flat])
+            log_prob += tf.reduce_sum(tf.reshape(distribution.log_prob(tf.reshape(a, [-1])), tf.shape(a)), axis=-1)
+        return -tf.reduce_mean(tf.reduce_sum(log_prob * advantages, axis=1))
+
+    def train_step(self, data):
+        del data
+        observations, actions, losses = self.rollouts(tf.convert_to_tensor(self.rollouts_done))
+        variables = self.rule.trainable_variables
+        with tf.GradientTape() as tape:
+            surrogate = self.surrogate(observations, actions, losses)
+        self.optimizer.apply(tape.gradient(surrogate, variables), variables)
+        self.rollouts_done.assign_add(self.batch_problems)
+        return {"loss": tf.reduce_mean(losses[:, 1:]), "final_loss": tf.reduce_mean(losses[:, -1])}
+
+    @staticmethod
+    def dataset() -> tf.data.Dataset:
+        """What `fit` iterates (with `steps_per_epoch`): one dummy element per training step."""
+        return tf.data.Dataset.from_tensors(0).repeat()
