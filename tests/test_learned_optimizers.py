@@ -247,6 +247,30 @@ def test_mnist_split_is_fixed_and_disjoint_and_the_mlp_problem_draws_its_minibat
         MnistMLP(activation="tanh")
 
 
+def test_mnist_conv_problem_equals_the_keras_network_and_gets_a_network_per_rank(mnist_file):
+    from tfmeta.optimizers import MnistConv
+
+    problem = MnistConv(channels=(4, 6), batch_size=16, split="validation")
+    params = problem.initial_params({}, tf.constant([1, 2]))
+    assert [tuple(p.shape) for p in params] == [(3, 3, 1, 4), (4,), (3, 3, 4, 6), (6,), (294, 10), (10,)]
+    model = keras.Sequential([keras.Input((784,)), keras.layers.Reshape((28, 28, 1)),
+                              keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+                              keras.layers.MaxPooling2D(padding="same"),
+                              keras.layers.Conv2D(6, 3, padding="same", activation="relu"),
+                              keras.layers.MaxPooling2D(padding="same"), keras.layers.Flatten(),
+                              keras.layers.Dense(10)])
+    model.set_weights([p.numpy() for p in params])
+    images = problem.images[:16]
+    np.testing.assert_allclose(problem.logits(params, images), model(images), rtol=1e-5, atol=1e-5)
+    losses = [float(problem.loss(params, {}, tf.constant(s))) for s in ([3, 4], [3, 4], [5, 6])]
+    assert losses[0] == losses[1] != losses[2]
+    rule = tfmeta.CoordinatewiseLSTM(groups="by_rank")
+    rule.check_params([tuple(p.shape) for p in params])
+    assert sorted(rule.networks) == ["rank_1", "rank_2", "rank_4"]
+    with pytest.raises(ValueError, match=r"MnistConv needs at least one convolution"):
+        MnistConv(channels=())
+
+
 def test_loss_curves_equal_gradient_descent_by_hand_and_tuning_skips_diverging_rates():
     from tfmeta.optimizers import Quadratics, loss_curves, tune_learning_rate
     from tfmeta.optimizers.evaluation import TEST_STREAM

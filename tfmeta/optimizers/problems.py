@@ -67,46 +67,106 @@ class Quadratics(OptimizationProblems):
 ACTIVATIONS = ("sigmoid", "relu")
 
 
-@register
-class MnistMLP(OptimizationProblems):
-    """An MLP classifier of MNIST digits trained on minibatches (deepmind/learning-to-learn `problems.mnist`: one
-    hidden layer of 20 sigmoid units, weights and biases ~ N(0, 0.01²), minibatches of 128 drawn uniformly with
-    replacement, mean cross-entropy). A problem is one initialisation of the network; its minibatches come from the
-    step's seed. `split` picks the images (`tfmeta.data.mnist.mnist5k`'s fixed split, or `source="tfds"` for the
-    full MNIST's "train"/"test"); `hidden_units` and `activation` give the paper's generalisation tests (40 units,
-    two layers, ReLU)."""
+class _MnistProblems(OptimizationProblems):
+    """What the MNIST problems share: the images of `split` (`tfmeta.data.mnist.mnist5k`'s fixed split, or
+    `source="tfds"` for the full MNIST's "train"/"test"), minibatches of `batch_size` drawn uniformly with
+    replacement from the step's seed, and the mean cross-entropy of `logits(params, images)`. A problem is one
+    initialisation of the network."""
 
-    def __init__(self, hidden_units=(20,), activation: str = "sigmoid", batch_size: int = 128, split: str = "train",
-                 source: str = "mnist5k", initial_stddev: float = 0.01):
+    def __init__(self, batch_size: int, split: str, source: str, initial_stddev: float):
         from tfmeta.data import mnist
 
-        self.hidden_units = [checks.integer(u, "hidden_units", minimum=1, owner="MnistMLP") for u in hidden_units]
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"MnistMLP `activation` must be one of {ACTIVATIONS}; got {activation!r}.")
-        self.activation, self.split, self.source = activation, split, source
-        self.batch_size = checks.integer(batch_size, "batch_size", minimum=1, owner="MnistMLP")
-        self.initial_stddev = checks.number(initial_stddev, "initial_stddev", owner="MnistMLP")
+        owner = type(self).__name__
+        self.split, self.source = split, source
+        self.batch_size = checks.integer(batch_size, "batch_size", minimum=1, owner=owner)
+        self.initial_stddev = checks.number(initial_stddev, "initial_stddev", owner=owner)
         images, labels = mnist.mnist5k(split) if source == "mnist5k" else mnist.tfds_mnist(split)
         self.images, self.labels = tf.constant(images), tf.constant(labels)
 
     def constants(self, seed):
         return {}
 
-    def initial_params(self, constants, seed):
-        sizes = [784, *self.hidden_units, 10]
-        shapes = [s for fan_in, fan_out in zip(sizes[:-1], sizes[1:]) for s in ([fan_in, fan_out], [fan_out])]
-        seeds = tf.random.experimental.stateless_split(seed, len(shapes))
-        return [self.initial_stddev * tf.random.stateless_normal(s, seeds[i]) for i, s in enumerate(shapes)]
+    def logits(self, params: list, images: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
 
     def loss(self, params, constants, seed):
         index = tf.random.stateless_uniform([self.batch_size], seed, 0, tf.shape(self.labels, tf.int64)[0], tf.int64)
-        x, labels = tf.gather(self.images, index), tf.gather(self.labels, index)
-        activation = tf.sigmoid if self.activation == "sigmoid" else tf.nn.relu
-        for i in range(0, len(params) - 2, 2):
-            x = activation(x @ params[i] + params[i + 1])
-        logits = x @ params[-2] + params[-1]
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+        logits = self.logits(params, tf.gather(self.images, index))
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tf.gather(self.labels, index), logits))
 
     def get_config(self) -> dict:
-        return {"hidden_units": self.hidden_units, "activation": self.activation, "batch_size": self.batch_size,
-                "split": self.split, "source": self.source, "initial_stddev": self.initial_stddev}
+        return {"batch_size": self.batch_size, "split": self.split, "source": self.source,
+                "initial_stddev": self.initial_stddev}
+
+
+def _normal_params(shapes: list, seed: tf.Tensor, stddevs: list) -> list[tf.Tensor]:
+    seeds = tf.random.experimental.stateless_split(seed, len(shapes))
+    return [stddev * tf.random.stateless_normal(s, seeds[i]) for i, (s, stddev) in enumerate(zip(shapes, stddevs))]
+
+
+@register
+class MnistMLP(_MnistProblems):
+    """An MLP classifier of MNIST digits trained on minibatches (deepmind/learning-to-learn `problems.mnist`: one
+    hidden layer of 20 sigmoid units, weights and biases ~ N(0, 0.01²), minibatches of 128, mean cross-entropy).
+    `hidden_units` and `activation` give the paper's generalisation tests (40 units, two layers, ReLU)."""
+
+    def __init__(self, hidden_units=(20,), activation: str = "sigmoid", batch_size: int = 128, split: str = "train",
+                 source: str = "mnist5k", initial_stddev: float = 0.01):
+        self.hidden_units = [checks.integer(u, "hidden_units", minimum=1, owner="MnistMLP") for u in hidden_units]
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MnistMLP `activation` must be one of {ACTIVATIONS}; got {activation!r}.")
+        self.activation = activation
+        super().__init__(batch_size, split, source, initial_stddev)
+
+    def initial_params(self, constants, seed):
+        sizes = [784, *self.hidden_units, 10]
+        shapes = [s for fan_in, fan_out in zip(sizes[:-1], sizes[1:]) for s in ([fan_in, fan_out], [fan_out])]
+        return _normal_params(shapes, seed, [self.initial_stddev] * len(shapes))
+
+    def logits(self, params, images):
+        activation = tf.sigmoid if self.activation == "sigmoid" else tf.nn.relu
+        x = images
+        for i in range(0, len(params) - 2, 2):
+            x = activation(x @ params[i] + params[i + 1])
+        return x @ params[-2] + params[-1]
+
+    def get_config(self) -> dict:
+        return {"hidden_units": self.hidden_units, "activation": self.activation, **super().get_config()}
+
+
+@register
+class MnistConv(_MnistProblems):
+    """A small convolutional classifier of MNIST digits on minibatches: 3×3 convolutions of `channels` (each ReLU,
+    then 2×2 max-pooling), then a linear layer to the 10 classes; minibatches of 128, mean cross-entropy. The
+    kernels start from N(0, 2/fan_in) (He) and the biases at 0, since N(0, 0.01²) leaves a conv net with nothing to
+    learn from at its start. With `CoordinatewiseLSTM(groups="by_rank")`, its convolution kernels, the dense
+    kernel and the biases each get their own network, as the reference code's conv/fc nets on CIFAR."""
+
+    def __init__(self, channels=(16, 16), batch_size: int = 128, split: str = "train", source: str = "mnist5k"):
+        self.channels = [checks.integer(c, "channels", minimum=1, owner="MnistConv") for c in channels]
+        if not self.channels:
+            raise ValueError("MnistConv needs at least one convolution in `channels`.")
+        super().__init__(batch_size, split, source, initial_stddev=0.0)
+
+    def initial_params(self, constants, seed):
+        shapes, stddevs = [], []
+        for fan_in, fan_out in zip([1, *self.channels[:-1]], self.channels):
+            shapes += [[3, 3, fan_in, fan_out], [fan_out]]
+            stddevs += [(2.0 / (9 * fan_in)) ** 0.5, 0.0]
+        side = 28
+        for _ in self.channels:
+            side = (side + 1) // 2  # 2×2 max-pooling with "SAME" padding
+        features = side * side * self.channels[-1]
+        return _normal_params(shapes + [[features, 10], [10]], seed, stddevs + [(1.0 / features) ** 0.5, 0.0])
+
+    def logits(self, params, images):
+        x = tf.reshape(images, [-1, 28, 28, 1])
+        for i in range(0, len(params) - 2, 2):
+            x = tf.nn.relu(tf.nn.conv2d(x, params[i], 1, "SAME") + params[i + 1])
+            x = tf.nn.max_pool2d(x, 2, 2, "SAME")
+        return tf.reshape(x, [tf.shape(x)[0], -1]) @ params[-2] + params[-1]
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        del config["initial_stddev"]
+        return {"channels": self.channels, **config}

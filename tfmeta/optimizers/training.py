@@ -101,14 +101,17 @@ class OptimizerTraining(keras.Model):
         self.optimizer.apply(tape.gradient(meta_loss, variables), variables)
         position = position + self.unroll
         done = position >= self.horizon
-        fresh_constants, fresh_params, fresh_state = self.fresh_problem(problem + 1)
-        pick = lambda new, carried: tf.where(done, new, carried)  # noqa: E731
+
+        def fresh():  # drawn only on the meta-step that ends a horizon
+            constants, params, state = self.fresh_problem(problem + 1)
+            return constants, params, tf.nest.flatten(state)
+
+        next_constants, next_params, next_state = tf.cond(
+            done, fresh, lambda: (constants, params, tf.nest.flatten(state)))
         for k, variable in self.constant_variables.items():
-            variable.assign(pick(fresh_constants[k], variable))
-        for variable, new, carried in zip(self.param_variables, fresh_params, params):
-            variable.assign(pick(new, carried))
-        for variable, new, carried in zip(self.state_variables, tf.nest.flatten(fresh_state), tf.nest.flatten(state)):
-            variable.assign(pick(new, carried))
+            variable.assign(next_constants[k])
+        for variable, value in zip(self.param_variables + self.state_variables, next_params + next_state):
+            variable.assign(value)
         self.position.assign(tf.where(done, tf.constant(0, tf.int64), position))
         self.problem.assign_add(tf.cast(done, tf.int64))
         return {"loss": meta_loss / (self.unroll + 1), "final_loss": final}
