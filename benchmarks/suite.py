@@ -17,8 +17,10 @@ shared and their absolute speed drifts.
 Also measured: the machine's peak float32 FLOP/s (a large matmul, and the 64-channel 3x3 convolution that
 dominates the conv4 workloads), the analytic FLOPs per meta-step (`meta_step.meta_step_flops`) and so the
 fraction of the convolution peak achieved, and episodes per second of the real Omniglot pipeline (when the
-archives are in $TFMETA_DATA_DIR/omniglot). Output: JSON lines (`--out` appends them to a file too), then a
-Markdown table.
+archives are in $TFMETA_DATA_DIR/omniglot). With `--optimizer_steps` > 0, the learned optimizer's cost
+(`benchmarks/optimizer_step.py`, needs the MNIST digits): time per optimizee step of the coordinatewise LSTM
+against Adam on the MNIST MLP, as a fraction of the matmul peak, and meta-training's peak memory against the
+horizon. Output: JSON lines (`--out` appends them to a file too), then Markdown tables.
 """
 
 import argparse
@@ -117,6 +119,7 @@ def main():
     parser.add_argument("--peer_budget_s", type=float, default=0, help="the peer's --budget-s (0: none)")
     parser.add_argument("--threads", default="default", help="tfmeta's INTRA,INTER thread pools")
     parser.add_argument("--pipeline_batches", type=int, default=100, help="0 skips the pipeline")
+    parser.add_argument("--optimizer_steps", type=int, default=50, help="the learned optimizer's timed steps; 0 skips")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", default="", help="also append the JSON lines to this file")
     args = parser.parse_args()
@@ -128,7 +131,7 @@ def main():
         emit(pipeline(args.pipeline_batches), args.out)
 
     rows = []
-    for workload in args.workloads.split(","):
+    for workload in filter(None, args.workloads.split(",")):
         steps = args.steps * (5 if workload == "a" else 1)
         ours, theirs, firsts, rss, record, errors = [], [], [], [], {}, []
         for _ in range(args.rounds):
@@ -182,6 +185,41 @@ def main():
               f"| {r['workload']} | {r['median_s']:.4g} | {r['p10_s']:.4g} - {r['p90_s']:.4g} | | |", end="")
         print(f" {r['gflop']:.3g} | {r['gflops']:.1f} | {100 * r['conv_peak_fraction']:.0f}% | "
               f"{r['first_step_s']:.1f} | {r['peak_rss_gb']:.2f} |")
+    if args.optimizer_steps:
+        learned_optimizer(args, machine_peak)
+
+
+def learned_optimizer(args, machine_peak: dict) -> None:
+    """The learned optimizer's cost (issue 23): one child timing an optimizee step, then one per (unroll, horizon)
+    meta-training for its peak memory: truncated unrolls of 20 over horizons of 100 and 400 (flat if truncation
+    works), and one untruncated unroll of 100 for contrast."""
+    script = os.path.join(HERE, "optimizer_step.py")
+    step, tail = run([sys.executable, script, "--measure=step", f"--steps={args.optimizer_steps}"], args.timeout)
+    emit(step or {"kind": "learned_optimizer_step", "error": tail}, args.out)
+    memory = []
+    for unroll, horizon in ((20, 100), (20, 400), (100, 100)):
+        record, tail = run([sys.executable, script, "--measure=memory", f"--unroll={unroll}", f"--horizon={horizon}"],
+                           args.timeout)
+        record = record or {"kind": "learned_optimizer_memory", "unroll": unroll, "horizon": horizon, "error": tail}
+        emit(record, args.out)
+        memory.append(record)
+    if step:
+        matmul = machine_peak["matmul_gflops"]
+        print(f"\nLearned optimizer on {step['problem']} ({step['parameters']} parameters; the LSTM's matmuls "
+              f"{step['lstm_update_mflop']:.0f} MFLOP per update):\n")
+        print("| per optimizee step | median ms | GFLOP/s | of matmul peak |\n| --- | --- | --- | --- |")
+        print(f"| loss and gradient | {1e3 * step['gradient_s']:.2f} | | |")
+        print(f"| Adam update (`Optimizer.apply`) | {1e3 * step['adam_update_s']:.2f} | | |")
+        for key, label in (("learned_update", "LearnedOptimizer update (`Optimizer.apply`)"),
+                           ("rule_update", "CoordinatewiseLSTM.update"),
+                           ("rule_update_xla", "CoordinatewiseLSTM.update, XLA")):
+            gflops = step[f"{key}_gflops"]
+            print(f"| {label} | {1e3 * step[f'{key}_s']:.2f} | {gflops:.1f} | {100 * gflops / matmul:.0f}% |")
+    print("\n| meta-training | s per meta-step | peak RSS GB |\n| --- | --- | --- |")
+    for r in memory:
+        cells = "failed: " + r["error"] + " |" if "error" in r else \
+            f"{r['seconds_per_meta_step']:.2f} | {r['peak_rss_gb']:.2f} |"
+        print(f"| unroll {r['unroll']}, horizon {r['horizon']} | {cells}")
 
 
 if __name__ == "__main__":
