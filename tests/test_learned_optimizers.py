@@ -331,12 +331,12 @@ def test_the_quadratic_config_runs_the_experiment_and_reports_every_optimizer(tm
     experiment = OptimizerExperiment()
     rule = experiment.trainer.rule
     assert rule.hidden_units == [20, 20] and rule.preprocessing == "none" and experiment.trainer.unroll == 20
-    results = experiment.run(str(tmp_path))
+    results = experiment.run(str(tmp_path), str(tmp_path / "evaluation"))
     assert set(results["optimizers"]) == {"learned (CoordinatewiseLSTM)", *BASELINES}
     for name in BASELINES:
         assert results["optimizers"][name]["learning_rate"] in (0.001, 0.03)
     assert all(len(entry["mean"]) == 21 for entry in results["optimizers"].values())
-    assert (tmp_path / "results.json").exists() and (tmp_path / "rule.json").exists()
+    assert (tmp_path / "evaluation" / "results.json").exists() and (tmp_path / "rule.json").exists()
     gin.clear_config()
 
 
@@ -382,7 +382,12 @@ def test_meta_learner_lstm_in_maml_matches_finite_differences():
     assert np.abs(grads[-1]).max() > 0 and np.abs(grads[-3]).max() > 0  # the biases and gates learn
 
 
-@pytest.mark.parametrize("config", ["lstm_quadratic.gin", "lstm_mnist.gin", "metalstm_omniglot_5w1s.gin"])
+GENERALISATION = {"lstm_mnist_200steps.gin": ([20], "sigmoid", 200), "lstm_mnist_40units.gin": ([40], "sigmoid", 100),
+                  "lstm_mnist_2layers.gin": ([20, 20], "sigmoid", 100), "lstm_mnist_relu.gin": ([20], "relu", 100)}
+
+
+@pytest.mark.parametrize("config", ["lstm_quadratic.gin", "lstm_mnist.gin", "metalstm_omniglot_5w1s.gin",
+                                    *GENERALISATION])
 def test_learned_optimizer_configs_build_what_they_state(config, request):
     import gin
 
@@ -408,6 +413,12 @@ def test_learned_optimizer_configs_build_what_they_state(config, request):
             ("log_sign", 5.0, 0.01) if "mnist" in config else ("none", 5.0, 1.0))
         if "mnist" in config:
             assert (experiment.validation_problems.split, experiment.test_problems.split) == ("validation", "test")
+            train = experiment.trainer.problems
+            assert (train.split, train.hidden_units, train.activation) == ("train", [20], "sigmoid")
+            units, activation, steps = GENERALISATION.get(config, ([20], "sigmoid", 100))
+            for problems in (experiment.validation_problems, experiment.test_problems):
+                assert (problems.hidden_units, problems.activation) == (units, activation)
+            assert experiment.eval_steps == steps
     gin.clear_config()
 
 

@@ -5,8 +5,13 @@
 
 Runs `tfmeta.optimizers.experiment.OptimizerExperiment` (meta-training resumes from the last checkpoint in
 --model_dir), prints the table (each optimizer's learning rate, the final loss after the evaluation's steps as
-log10 of the mean over problems and as the mean of log10 with its 95% CI) and writes it to <model_dir>/table.md,
-with the figure of the mean loss against steps (95% CI bands) as <model_dir>/curves.png.
+log10 of the mean over problems and as the mean of log10 with its 95% CI) and writes it to <results_dir>/table.md
+(default: --model_dir), with the figure of the mean loss against steps (95% CI bands) as <results_dir>/curves.png.
+The generalisation tests evaluate a trained rule on other problems: the same --model_dir, another --results_dir,
+e.g.
+
+  python tools/learned_optimizer_results.py --gin_file=gin_configs/learned_optimizers/lstm_mnist_relu.gin \
+      --model_dir=runs/l2o_mnist --results_dir=runs/l2o_mnist/relu
 """
 
 import os
@@ -15,7 +20,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+from absl import flags  # noqa: E402
 
+flags.DEFINE_string("results_dir", None, "Where the results, table and figure go (default: --model_dir).")
 FLAGS = common.FLAGS
 
 
@@ -27,7 +34,8 @@ def main(argv):
     from tfmeta.optimizers.experiment import OptimizerExperiment
     from tfmeta.plotting import figure
 
-    results = OptimizerExperiment().run(FLAGS.model_dir)
+    out = FLAGS.results_dir or FLAGS.model_dir
+    results = OptimizerExperiment().run(FLAGS.model_dir, out)
     rows = ["| optimizer | learning rate | log10 mean final loss | mean log10 final loss (95% CI) |",
             "| --- | --- | --- | --- |"]
     for name, entry in results["optimizers"].items():
@@ -36,9 +44,9 @@ def main(argv):
                     f"{entry['mean_log10_final_loss']:.2f} ± {entry['mean_log10_final_loss_ci95']:.2f} |")
     table = "\n".join(rows)
     print(table)
-    with open(os.path.join(FLAGS.model_dir, "table.md"), "w") as f:
+    with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
-    with figure(os.path.join(FLAGS.model_dir, "curves.png"), figsize=(6, 4)) as (_, ax):
+    with figure(os.path.join(out, "curves.png"), figsize=(6, 4)) as (_, ax):
         for name, entry in results["optimizers"].items():
             mean, ci = np.asarray(entry["mean"], dtype=float), np.asarray(entry["ci95"], dtype=float)
             line = ax.plot(mean, label=name)[0]

@@ -54,10 +54,12 @@ class OptimizerExperiment:
         self.learning_rates = [float(r) for r in learning_rates]
         self.tune_problems, self.eval_num_problems, self.eval_steps = tune_problems, eval_num_problems, eval_steps
 
-    def run(self, model_dir: str) -> dict:
-        """Runs (or resumes) the experiment; writes and returns `results.json` in `model_dir`: per optimizer, its
-        learning rate, the mean curve with its 95% CI, and the final loss as log10 of the mean over problems (the
-        reference code's "log mean final error") and as the mean of log10 with its CI."""
+    def run(self, model_dir: str, results_dir: Optional[str] = None) -> dict:
+        """Runs (or resumes) the experiment; writes and returns `results.json` in `results_dir` (default
+        `model_dir`): per optimizer, its learning rate, the mean curve with its 95% CI, and the final loss as log10
+        of the mean over problems (the reference code's "log mean final error") and as the mean of log10 with its
+        CI. A finished meta-training is not repeated, so a rule trained once can be evaluated on other problems
+        (the paper's generalisation tests) with other `results_dir`s."""
         rule = load_rule(meta_train(self.trainer, model_dir, self.num_steps, self.steps_per_epoch,
                                     self.learning_rate))
         results = {"meta_steps": self.num_steps, "learning_rates": self.learning_rates, "optimizers": {}}
@@ -75,5 +77,6 @@ class OptimizerExperiment:
                 **(tuning or {}), "mean": [m for m, _ in stats], "ci95": [c for _, c in stats],
                 "log10_mean_final_loss": float(np.log10(curves[:, -1].mean())),
                 "mean_log10_final_loss": mean_log, "mean_log10_final_loss_ci95": ci_log}
-        evaluation.write_json(os.path.join(model_dir, "results.json"), results)
+        os.makedirs(results_dir or model_dir, exist_ok=True)
+        evaluation.write_json(os.path.join(results_dir or model_dir, "results.json"), results)
         return results
