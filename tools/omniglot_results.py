@@ -22,7 +22,7 @@ from absl import app, flags  # noqa: E402
 METHODS = {"MAML": "maml", "first-order MAML": "fomaml", "Reptile": "reptile", "Meta-SGD": "metasgd",
            "ANIL": "anil", "ProtoNets": "protonet", "Matching": "matching", "Relation": "relation",
            "Warp-MAML": "warp_maml", "MAML on the warped network (all layers adapted)": "maml_warped",
-           "Warp-MAML (5 inner steps)": "warp_maml5"}
+           "Warp-MAML (5 inner steps)": "warp_maml5", "Meta-Learner LSTM": "metalstm"}
 SETTINGS = ("5w1s", "5w5s", "20w1s")
 # The CPU schedule: fewer meta-steps and smaller meta-batches than the papers (per method family), so that a
 # run takes 5-50 minutes on two cores (the papers' schedules take 3-340 hours there: docs/performance.md).
@@ -44,7 +44,7 @@ def cpu_schedule(method: str, setting: str) -> list:
     scale = lambda match: str(int(int(match.group(1)) * STEP_SCALE[setting]))  # noqa: E731
     return [re.sub(r"\{(\d+)\}", scale, b) for b in SCHEDULES[FAMILY[method]]]
 FAMILY = {"maml": "gradient", "fomaml": "gradient", "metasgd": "gradient", "anil": "gradient", "reptile": "reptile",
-          "warp_maml": "gradient", "maml_warped": "gradient", "warp_maml5": "gradient",
+          "warp_maml": "gradient", "maml_warped": "gradient", "warp_maml5": "gradient", "metalstm": "gradient",
           "protonet": "metric", "matching": "metric", "relation": "metric"}
 
 flags.DEFINE_string("out_dir", "runs/omniglot_results", "Where the runs go.")
