@@ -472,7 +472,7 @@ def test_policy_optimizer_observes_gradient_and_objective_windows_and_steps_by_i
         rule.update([tf.constant([0.1, 0.2], tf.float64)], state, params, 0)
 
 
-def test_policy_training_runs_from_its_seed_and_the_config_builds(tmp_path):
+def test_policy_training_runs_from_its_seed_and_the_configs_build(tmp_path, mnist_file):
     import gin
 
     import tfmeta.configurables  # noqa: F401
@@ -489,7 +489,15 @@ def test_policy_training_runs_from_its_seed_and_the_config_builds(tmp_path):
         np.testing.assert_array_equal(a, b)
     assert int(first.rollouts_done) == 32
     gin.clear_config()
-    gin.parse_config_files_and_bindings([f"{REPO}/gin_configs/learned_optimizers/policy_quadratic.gin"], [])
-    experiment = OptimizerExperiment()
-    assert experiment.trainer.horizon == 20 and experiment.trainer.rule.history == 5
-    gin.clear_config()
+    gin.add_config_file_search_path(REPO)
+    for config in ("policy_quadratic.gin", "policy_mnist.gin"):
+        gin.parse_config_files_and_bindings([f"{REPO}/gin_configs/learned_optimizers/{config}"], [])
+        experiment = OptimizerExperiment()
+        assert experiment.trainer.horizon == 20 and experiment.trainer.rule.history == 5
+        problems = (experiment.trainer.problems, experiment.validation_problems, experiment.test_problems)
+        if "mnist" in config:
+            assert [p.split for p in problems] == ["train", "validation", "test"]
+            assert experiment.trainer.rule.output_scale == 0.01
+        else:
+            assert all(isinstance(p, tfmeta.optimizers.Quadratics) for p in problems)
+        gin.clear_config()
