@@ -96,6 +96,7 @@ def test_probabilistic_sine_configs_learn_and_report_calibration(config, ratio, 
 
 PROBABILISTIC_CONFIGS = {  # config: (meta-learner, the settings its comments state)
     "maml_ambiguous.gin": (tfmeta.MAML, lambda m: m.inner_steps == 5 and m.likelihood.stddev == 0.3),
+    "emaml_ambiguous.gin": (tfmeta.EMAML, lambda m: m.num_particles == 5 and m.likelihood.stddev == 0.3),
     "platipus_ambiguous.gin": (tfmeta.PLATIPUS, lambda m: m.num_samples == 5 and m.kl_weight == 0.1),
     "bmaml_ambiguous.gin": (tfmeta.BMAML, lambda m: m.num_particles == 5 and m.inner_steps == 5),
     "abml_ambiguous.gin": (tfmeta.ABML, lambda m: m.kl_weight == 0.18 and m.likelihood.stddev == 0.3),

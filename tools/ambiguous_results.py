@@ -1,4 +1,4 @@
-"""PLATIPUS' ambiguous sine/line regression: MAML, PLATIPUS, BMAML and ABML meta-trained with
+"""PLATIPUS' ambiguous sine/line regression: MAML, EMAML, PLATIPUS, BMAML and ABML meta-trained with
 gin_configs/probabilistic/<method>_ambiguous.gin; prints the results table and draws the sampled functions.
 
   python tools/ambiguous_results.py --model_dir=runs/ambiguous
@@ -20,7 +20,7 @@ import common  # noqa: E402  (defines --gin_bindings; quiets TensorFlow)
 import runs  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-METHODS = ("MAML", "PLATIPUS", "BMAML", "ABML")
+METHODS = ("MAML", "EMAML", "PLATIPUS", "BMAML", "ABML")
 
 flags.DEFINE_list("methods", list(METHODS), f"Methods to run, of {list(METHODS)}.")
 flags.DEFINE_bool("platipus_from_maml", True, "Start PLATIPUS' mean from the MAML run's weights.")
