@@ -18,7 +18,8 @@ from tfmeta.metric import MatchingNetwork, MetricLearner, PrototypicalNetwork, R
 from tfmeta.partition import Partition
 from tfmeta.registry import register
 from tfmeta.update_rules import (LSLR, Chain, ClipByGlobalNorm, CoordinatewiseLSTM, InnerAdam, LearnedSgd,
-                                 MetaCurvature, MetaLearnerLSTM, MetaSGD, MTNetMask, Sgd, Svgd, UpdateRule)
+                                 MetaCurvature, MetaLearnerLSTM, MetaSGD, MTNetMask, PolicyOptimizer, Sgd, Svgd,
+                                 UpdateRule)
 
 __version__ = "0.1.0"
 # Imported on first use: `tfmeta.export`, `tfmeta.evaluation`, `tfmeta.calibration` (TensorFlow Probability) and
@@ -48,6 +49,7 @@ __all__ = [
     "LSLR",
     "CoordinatewiseLSTM",
     "MetaLearnerLSTM",
+    "PolicyOptimizer",
     "MAML",
     "LearnedSgd",
     "MTNetMask",

@@ -108,8 +108,9 @@ def inner_step(
     """One step of `rule` on `loss_fn(params, state, step) -> (loss, state)` from `params`: the only place an inner
     step is written (the inner loop, WarpGrad's replayed steps, continual streams all take it). The forward pass
     runs under `at_step(step)`; the rule receives the loss as an extra argument (`UpdateRule.update`).
-    `first_order=True` treats the gradient as a constant; otherwise an enclosing tape differentiates through it
-    (second order). With `check_finite` the loss is checked to be finite in the graph (`check_finite_loss`)."""
+    `first_order=True` treats the gradient, and the loss the rule receives, as constants; otherwise an enclosing
+    tape differentiates through them (second order). With `check_finite` the loss is checked to be finite in the
+    graph (`check_finite_loss`)."""
     params = list(params)
     with tf.GradientTape(watch_accessed_variables=False) as tape, at_step(step):
         tape.watch(params)
@@ -120,7 +121,8 @@ def inner_step(
     # backward may run as its fused kernel, `layers.batch_norm._fused_batch_norm`).
     with record.stop_recording() if first_order else contextlib.nullcontext():
         grads = tape.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    updates, rule_state = rule.update(grads, rule_state, params, step, loss=loss)
+    rule_loss = tf.stop_gradient(loss) if first_order else loss
+    updates, rule_state = rule.update(grads, rule_state, params, step, loss=rule_loss)
     return Step(loss=loss, grads=grads, updates=list(updates), params=[p + u for p, u in zip(params, updates)],
                 state=list(state), rule_state=rule_state)
 

@@ -4,10 +4,10 @@ drawn from a per-step seed, so that a trajectory is a function of its seeds."""
 
 from __future__ import annotations
 
+import gin
 import tensorflow as tf
 
 from tfmeta import checks
-from tfmeta.registry import register
 
 DISTRIBUTIONS = ("uniform", "normal")
 
@@ -28,7 +28,7 @@ class OptimizationProblems:
         raise NotImplementedError
 
 
-@register
+@gin.register(module="tfmeta")  # (gin only: problems are not Keras objects)
 class Quadratics(OptimizationProblems):
     """`num_problems` independent quadratics f(θ) = ‖Wθ − y‖² optimised together, as one optimizee whose loss is
     their mean (deepmind/learning-to-learn `problems.quadratic`: 128 problems of 10 dimensions; W and y ~ U[0, 1),
@@ -54,10 +54,6 @@ class Quadratics(OptimizationProblems):
     def initial_params(self, constants, seed):
         shape = [self.num_problems, self.dims]
         return [self.initial_stddev * tf.random.stateless_normal(shape, seed, dtype=self.dtype)]
-
-    def get_config(self) -> dict:
-        return {"num_problems": self.num_problems, "dims": self.dims, "distribution": self.distribution,
-                "initial_stddev": self.initial_stddev, "dtype": self.dtype}
 
     def loss(self, params, constants, seed):
         residual = tf.linalg.matvec(constants["w"], params[0]) - constants["y"]
@@ -94,17 +90,13 @@ class _MnistProblems(OptimizationProblems):
         logits = self.logits(params, tf.gather(self.images, index))
         return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tf.gather(self.labels, index), logits))
 
-    def get_config(self) -> dict:
-        return {"batch_size": self.batch_size, "split": self.split, "source": self.source,
-                "initial_stddev": self.initial_stddev}
-
 
 def _normal_params(shapes: list, seed: tf.Tensor, stddevs: list) -> list[tf.Tensor]:
     seeds = tf.random.experimental.stateless_split(seed, len(shapes))
     return [stddev * tf.random.stateless_normal(s, seeds[i]) for i, (s, stddev) in enumerate(zip(shapes, stddevs))]
 
 
-@register
+@gin.register(module="tfmeta")  # (gin only: problems are not Keras objects)
 class MnistMLP(_MnistProblems):
     """An MLP classifier of MNIST digits trained on minibatches (deepmind/learning-to-learn `problems.mnist`: one
     hidden layer of 20 sigmoid units, weights and biases ~ N(0, 0.01²), minibatches of 128, mean cross-entropy).
@@ -130,11 +122,8 @@ class MnistMLP(_MnistProblems):
             x = activation(x @ params[i] + params[i + 1])
         return x @ params[-2] + params[-1]
 
-    def get_config(self) -> dict:
-        return {"hidden_units": self.hidden_units, "activation": self.activation, **super().get_config()}
 
-
-@register
+@gin.register(module="tfmeta")  # (gin only: problems are not Keras objects)
 class MnistConv(_MnistProblems):
     """A small convolutional classifier of MNIST digits on minibatches: 3×3 convolutions of `channels` (each ReLU,
     then 2×2 max-pooling), then a linear layer to the 10 classes; minibatches of 128, mean cross-entropy. The
@@ -165,8 +154,3 @@ class MnistConv(_MnistProblems):
             x = tf.nn.relu(tf.nn.conv2d(x, params[i], 1, "SAME") + params[i + 1])
             x = tf.nn.max_pool2d(x, 2, 2, "SAME")
         return tf.reshape(x, [tf.shape(x)[0], -1]) @ params[-2] + params[-1]
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        del config["initial_stddev"]
-        return {"channels": self.channels, **config}

@@ -31,9 +31,9 @@ class OptimizerTraining(keras.Model):
     and after the last (the reference code's meta-loss); after `horizon` steps a new problem starts. The
     optimizee's parameters, the rule's state, the problem's constants and the position in the horizon are
     non-trainable variables carried across `train_step`s (truncated backpropagation: what is carried has no
-    gradient), so a checkpoint taken in the middle of a horizon resumes it exactly. The optimizee's gradients are
-    constants (`second_order=False`, the paper's choice: the second-order terms through them are dropped) or
-    differentiated (`second_order=True`).
+    gradient), so a checkpoint taken in the middle of a horizon resumes it exactly. The optimizee's gradients (and
+    the loss, for rules that take it) are constants (`second_order=False`, the paper's choice: the second-order
+    terms through them are dropped) or differentiated (`second_order=True`).
 
     Problem k draws its constants and initial parameters from `seed` folded with k, and step t's minibatch from
     that folded with t: meta-training is a function of `seed`.
@@ -81,9 +81,10 @@ class OptimizerTraining(keras.Model):
                 tape.watch(params)
                 loss = self.problems.loss(params, constants, step_seed(k))
             grads = tape.gradient(loss, params)
-            if not self.second_order:
-                grads = [tf.stop_gradient(g) for g in grads]
-            updates, state = self.rule.update(grads, state, params, position + k, loss=loss)
+            rule_loss = loss
+            if not self.second_order:  # the optimizee's gradients and loss are inputs of the rule, held constant
+                grads, rule_loss = [tf.stop_gradient(g) for g in grads], tf.stop_gradient(loss)
+            updates, state = self.rule.update(grads, state, params, position + k, loss=rule_loss)
             params = [p + u for p, u in zip(params, updates)]
             meta_loss += loss
         final = self.problems.loss(params, constants, step_seed(self.unroll))
