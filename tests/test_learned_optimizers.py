@@ -248,6 +248,14 @@ def test_learned_optimizer_saves_reloads_and_resumes_with_its_state(tmp_path):
     resumed.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
     for a, b in zip(resumed.trainable_variables, straight.trainable_variables):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    checkpointed = regression_model(seed=1)  # and through a TensorFlow checkpoint of model and optimizer
+    checkpointed.compile(optimizer=LearnedOptimizer(str(tmp_path / "rule.json")), loss="mse")
+    checkpointed.optimizer.build(checkpointed.trainable_variables)
+    path = tf.train.Checkpoint(model=stopped, optimizer=stopped.optimizer).save(str(tmp_path / "ckpt"))
+    tf.train.Checkpoint(model=checkpointed, optimizer=checkpointed.optimizer).restore(path).assert_consumed()
+    checkpointed.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    for a, b in zip(checkpointed.trainable_variables, straight.trainable_variables):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(load_rule(str(tmp_path / "rule.json")).weights, trained_rule().weights):
         np.testing.assert_array_equal(a, b)
 
