@@ -76,7 +76,7 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
                             f"path of a saved one; got {rule!r}.")
         self.rule = rule
 
-    def build(self, variables):
+    def build(self, variables: list) -> None:
         if self.built:
             return
         self.rule.check_params([tuple(v.shape) for v in variables])  # a network for every parameter group
@@ -87,7 +87,7 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
             self._lstm_states.append([self.add_variable((size, units), name=f"{variable.name}_lstm_{i}_{part}")
                                       for i, units in enumerate(self.rule.hidden_units) for part in ("h", "c")])
 
-    def update_step(self, gradient, variable, learning_rate):
+    def update_step(self, gradient: tf.Tensor, variable: keras.Variable, learning_rate) -> None:
         slots = self._lstm_states[self._get_variable_index(variable)]
         state = tuple((slots[2 * i], slots[2 * i + 1]) for i in range(len(self.rule.hidden_units)))
         state = tf.nest.map_structure(tf.convert_to_tensor, state)

@@ -37,12 +37,12 @@ class PolicyTraining(keras.Model):
                                              initializer="zeros")
         self.built = True
 
-    def start(self, index) -> tuple[dict, list]:
+    def start(self, index: tf.Tensor) -> tuple[dict, list]:
         seed = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 0], tf.int64), index)
         constants = self.problems.constants(seed)
         return constants, self.problems.initial_params(constants, tf.random.experimental.stateless_fold_in(seed, 1))
 
-    def rollout(self, index) -> tuple[list, list, tf.Tensor]:
+    def rollout(self, index: tf.Tensor) -> tuple[list, list, tf.Tensor]:
         """Rollout `index`: per step the observations and sampled steps of every parameter ([horizon, coordinates,
         ...] each) and the losses before each step and after the last [horizon + 1]."""
         constants, params = self.start(index)
@@ -66,7 +66,7 @@ class PolicyTraining(keras.Model):
         stack = lambda per_step: [tf.stack(x) for x in zip(*per_step)]  # noqa: E731
         return stack(observations), stack(actions), tf.stack(losses)
 
-    def rollouts(self, first) -> tuple[list, list, tf.Tensor]:
+    def rollouts(self, first: tf.Tensor) -> tuple[list, list, tf.Tensor]:
         """`batch_problems` rollouts from index `first` on, stacked on a leading axis (`tf.map_fn`)."""
         indices = first + tf.range(self.batch_problems, dtype=tf.int64)
         _, params = self.start(tf.constant(0, tf.int64))
@@ -77,7 +77,7 @@ class PolicyTraining(keras.Model):
                      tf.TensorSpec([self.horizon + 1], params[0].dtype))
         return tf.map_fn(self.rollout, indices, fn_output_signature=signature)
 
-    def surrogate(self, observations, actions, losses) -> tf.Tensor:
+    def surrogate(self, observations: list, actions: list, losses: tf.Tensor) -> tf.Tensor:
         """The REINFORCE surrogate of stacked rollouts (see the class docstring): its gradient is the estimate."""
         rewards = -losses[:, 1:]
         returns = tf.math.cumsum(rewards, axis=1, reverse=True)

@@ -60,17 +60,18 @@ class OptimizerTraining(keras.Model):
         _constant(self, tf.constant(0, tf.int64), "problem")
         self.built = True
 
-    def problem_seed(self, problem) -> tf.Tensor:
+    def problem_seed(self, problem: tf.Tensor) -> tf.Tensor:
         return tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 0], tf.int64), problem)
 
-    def fresh_problem(self, problem) -> tuple[dict, list, object]:
+    def fresh_problem(self, problem: tf.Tensor) -> tuple[dict, list, object]:
         """Problem `problem`'s constants, initial parameters and the rule's initial state."""
         seed = self.problem_seed(problem)
         constants = self.problems.constants(seed)
         params = self.problems.initial_params(constants, tf.random.experimental.stateless_fold_in(seed, 1))
         return constants, params, self.rule.init_state(params)
 
-    def unrolled(self, params, state, constants, problem, position):
+    def unrolled(self, params: list, state, constants: dict, problem: tf.Tensor,
+                 position) -> tuple[tf.Tensor, tf.Tensor, list, object]:
         """`unroll` steps of the rule from `params` and `state`: the meta-loss (the sum of the losses before each
         step and after the last), the last loss, and the parameters and state reached."""
         seed = self.problem_seed(problem)

@@ -58,7 +58,7 @@ class PolicyOptimizer(UpdateRule):
         return (tuple(tf.zeros([tf.size(p), self.history], p.dtype) for p in params),
                 tf.zeros([self.history], dtype), tf.zeros([], dtype), tf.zeros([], dtype))
 
-    def observe(self, grads, state, loss) -> tuple[list[tf.Tensor], tuple]:
+    def observe(self, grads: list, state: tuple, loss: tf.Tensor) -> tuple[list[tf.Tensor], tuple]:
         """The observation of every coordinate, per parameter [coordinates, 2H], and the state after this step's
         gradient and loss entered the windows."""
         histories, changes, previous, started = state
@@ -74,7 +74,7 @@ class PolicyOptimizer(UpdateRule):
             observations.append(tf.concat([h, tf.broadcast_to(changes, tf.shape(h))], 1))
         return observations, (tuple(new_histories), changes, loss, tf.ones_like(started))
 
-    def policy(self, observations) -> list:
+    def policy(self, observations: list) -> list:
         """The policy's per-coordinate step distributions (`tfd.Normal`), one per parameter, [coordinates]."""
         stddev = tf.exp(self.log_stddev)
         return [likelihoods.tfd().Normal(self.output_scale * self.mean_network(o)[:, 0], tf.cast(stddev, o.dtype))
