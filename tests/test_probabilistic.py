@@ -288,8 +288,9 @@ def test_bad_probabilistic_arguments_are_refused_with_their_name():
             likelihoods.Normal(stddev)
     with pytest.raises(ValueError, match=r"`noise_rate` must be positive"):
         bmaml(noise_rate=0.0)
-    with pytest.raises(ValueError, match=r"needs a probabilistic head.*size 1"):
-        tfmeta.MAML(small_mlp(outputs=1), loss="gaussian_nll", likelihood=likelihoods.HeteroscedasticNormal())
+    for likelihood in (likelihoods.HeteroscedasticNormal(), None):  # given, or implied by the loss
+        with pytest.raises(ValueError, match=r"needs a probabilistic head: learner .* size 1"):
+            tfmeta.MAML(small_mlp(outputs=1), loss="gaussian_nll", likelihood=likelihood)
     with pytest.raises(ValueError, match=r"BMAML.*`likelihood` must be"):
         tfmeta.BMAML(small_mlp(outputs=2), loss="gaussian_nll")
     with pytest.raises(ValueError, match=r"`particle_parallelism` must be one of"):

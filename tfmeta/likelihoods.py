@@ -172,9 +172,10 @@ class HeteroscedasticNormal(_Gaussian):
     def check_learner(self, learner):
         size = _output_size(learner)
         if size is not None and size % 2:
-            raise ValueError(f"a HeteroscedasticNormal likelihood needs a probabilistic head: learner '{learner.name}' "
-                             "must output means and as many raw scales (an even last axis, e.g. outputs=2 for one "
-                             f"target); its outputs have size {size}.")
+            raise ValueError(f"a heteroscedastic Gaussian (the HeteroscedasticNormal likelihood, the loss "
+                             f"'gaussian_nll') needs a probabilistic head: learner '{learner.name}' must output means "
+                             "and as many raw scales (an even last axis, e.g. outputs=2 for one target); its outputs "
+                             f"have size {size}.")
 
     def mean_and_stddev(self, outputs, stddev=None):
         if stddev is not None:

@@ -28,7 +28,7 @@ from tfmeta import partition as partition_lib
 from tfmeta.episodic import EpisodicLearner, Metric, merge_leading_axes, specs
 from tfmeta.inner_loop import Adaptation, at_step, at_task, inner_loop
 from tfmeta.layers import batch_statistics_layers, freeze_batch_statistics
-from tfmeta.likelihoods import Likelihood
+from tfmeta.likelihoods import HeteroscedasticNormal, Likelihood
 from tfmeta.update_rules import Sgd, UpdateRule
 
 
@@ -80,6 +80,8 @@ class MetaLearner(EpisodicLearner):
                          name=name)
         if self.likelihood is not None:
             self.likelihood.check_learner(learner)
+        elif loss == "gaussian_nll":  # the loss of a heteroscedastic head needs that head too
+            HeteroscedasticNormal().check_learner(learner)
         self.partition = partition if partition is not None else partition_lib.Partition()
         self.fast_mask = self.partition.mask(learner)
         self.update_rule = update_rule if update_rule is not None else Sgd(0.01)
