@@ -11,7 +11,7 @@ adapted learners, predicting the predictive distribution's parameters.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import keras
 import tensorflow as tf
@@ -223,7 +223,7 @@ class SamplingLearner(ParticleLearner):
         return self.num_particles
 
     @contextlib.contextmanager
-    def sampling(self, num_samples, seed):
+    def sampling(self, num_samples: Union[int, tf.Tensor], seed: Union[int, tf.Tensor]) -> Iterator[None]:
         """Within the block, adaptation outside meta-training draws `num_samples` from `seed` (ints or int
         tensors) instead of `num_samples` from the learner's `seed`."""
         previous = self._sampling

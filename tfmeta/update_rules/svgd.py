@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import tensorflow as tf
 
 from tfmeta.registry import register
-from tfmeta.update_rules.base import UpdateRule
+from tfmeta.update_rules.base import Shapes, UpdateRule
 
 
 def median_bandwidth(squared_distances: tf.Tensor) -> tf.Tensor:
@@ -41,14 +42,15 @@ class Svgd(UpdateRule):
             raise ValueError(f"Svgd `learning_rate` must be finite and non-negative; got {learning_rate!r}.")
         self.learning_rate = float(learning_rate)
 
-    def build(self, param_shapes):
+    def build(self, param_shapes: Shapes) -> None:
         particles = {tuple(s)[:1] for s in param_shapes}
         if len(particles) != 1 or not all(len(s) >= 1 for s in param_shapes):
             raise ValueError("Svgd needs every fast parameter stacked over the same particles on its leading axis "
                              f"[particles, ...] (a particle learner such as BMAML); got shapes {list(param_shapes)}.")
         super().build(param_shapes)
 
-    def update(self, grads, state, params, step, **extra):
+    def update(self, grads: list[tf.Tensor], state: Any, params: list[tf.Tensor], step: int,
+               **extra) -> tuple[list[tf.Tensor], Any]:
         particles = params[0].shape[0]
         if particles == 1:
             return [-self.learning_rate * g for g in grads], state
