@@ -17,7 +17,8 @@ override the workload's algorithm (MAML by default; iMAML solves the inner probl
 
 `--remat on` recomputes inner steps in the backward pass (`rematerialize_inner_steps=True`). `--algorithms
 emaml,bmaml` time EMAML and BMAML with `--particles` particles (10; BMAML with SVGD's step size 1e-3) on the same
-workload; their FLOPs are not counted (NaN).
+workload, their particles batched as `--particle_mappings` says (a list of `particle_parallelism` values); their
+FLOPs are not counted (NaN).
 
 `--xla auto` is what `compile()` does without the argument; `--threads INTRA,INTER` sets TensorFlow's thread
 pools (default: TensorFlow's own). Each line also carries the analytic FLOPs of the meta-step
@@ -134,11 +135,12 @@ def build(args):
                   task_parallelism=args.mode, rematerialize_inner_steps=args.rematerialize == "on")
     if args.algorithm == "imaml":
         meta = tfmeta.IMAML(learner, cg_steps=5, **common)
-    elif args.algorithm == "emaml":
-        meta = tfmeta.EMAML(learner, num_particles=args.particles, first_order=config["first_order"], **common)
-    elif args.algorithm == "bmaml":
-        common["update_rule"] = tfmeta.Svgd(1e-3)
-        meta = tfmeta.BMAML(learner, num_particles=args.particles, first_order=config["first_order"], **common)
+    elif args.algorithm in ("emaml", "bmaml"):
+        cls = tfmeta.EMAML if args.algorithm == "emaml" else tfmeta.BMAML
+        if args.algorithm == "bmaml":
+            common["update_rule"] = tfmeta.Svgd(1e-3)
+        meta = cls(learner, num_particles=args.particles, first_order=config["first_order"],
+                   particle_parallelism=args.particle_mapping, **common)
     else:
         meta = tfmeta.MAML(learner, first_order=config["first_order"], **common)
     meta.compile(keras.optimizers.Adam(1e-3), jit_compile="auto" if args.xla == "auto" else args.xla == "on")
@@ -191,6 +193,7 @@ def run_one(args):
         "times_s": [round(float(t), 6) for t in times], "gflop": flops / 1e9,
         "gflops": flops / 1e9 / float(np.median(times)), "xla_resolved": bool(meta.jit_compile),
         "task_mapping": meta.task_mapping, "particles": getattr(meta, "num_particles", None),
+        "particle_parallelism": getattr(meta, "particle_parallelism", None),
         "others_cpu_frac": float(np.median(others)), "cpus": os.cpu_count(),
         "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
                     tf.config.threading.get_inter_op_parallelism_threads()],
@@ -208,6 +211,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--algorithms", default="maml", help="maml (as the workload says), imaml, emaml or bmaml")
     parser.add_argument("--particles", type=int, default=10, help="EMAML's and BMAML's particles")
+    parser.add_argument("--particle_mappings", default="auto", help="EMAML's and BMAML's particle_parallelism (a list)")
+    parser.add_argument("--particle_mapping", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--inner_steps", default="", help="override the workloads' inner steps (a list)")
     parser.add_argument("--tasks", type=int, default=0, help="override the tasks per meta-batch")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
@@ -225,18 +230,19 @@ def main():
     inner_steps_list = args.inner_steps.split(",") if args.inner_steps else [""]
     configurations = itertools.product(
         args.workloads.split(","), args.algorithms.split(","), inner_steps_list, args.modes.split(","),
-        args.xla.split(","), args.remat.split(","),
+        args.xla.split(","), args.remat.split(","), args.particle_mappings.split(","),
     )
-    for workload, algorithm, inner_steps, mode, xla, remat in configurations:
+    for workload, algorithm, inner_steps, mode, xla, remat, particle_mapping in configurations:
         command = [sys.executable, __file__, f"--workload={workload}", f"--mode={mode}", f"--xla={xla}",
                    f"--algorithm={algorithm}", f"--steps={args.steps}", f"--warmup={args.warmup}",
                    f"--seed={args.seed}", f"--tasks={args.tasks}", f"--threads={args.threads}",
-                   f"--rematerialize={remat}", f"--particles={args.particles}"]
+                   f"--rematerialize={remat}", f"--particles={args.particles}",
+                   f"--particle_mapping={particle_mapping}"]
         if inner_steps:
             command.append(f"--inner_steps={inner_steps}")
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         failed = {"workload": workload, "algorithm": algorithm, "task_parallelism": mode, "xla": xla,
-                  "inner_steps": inner_steps, "rematerialize": remat}
+                  "inner_steps": inner_steps, "rematerialize": remat, "particle_parallelism": particle_mapping}
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -250,7 +256,8 @@ def main():
           "| first step s | peak RSS GB | peak tensors GB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        head = (f"| {r['workload']} | {r['algorithm']} | {r['inner_steps']} | {r['task_parallelism']} | {r['xla']} "
+        algorithm = r["algorithm"] + (f" ({r['particle_parallelism']})" if r["algorithm"] in ("emaml", "bmaml") else "")
+        head = (f"| {r['workload']} | {algorithm} | {r['inner_steps']} | {r['task_parallelism']} | {r['xla']} "
                 f"| {r['rematerialize']} |")
         if "error" in r:
             print(f"{head} failed: {r['error']} | | | | |")
