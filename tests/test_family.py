@@ -165,7 +165,7 @@ def test_imaml_matches_the_closed_form_implicit_gradient_on_a_quadratic_inner_pr
     learner = keras.Sequential([keras.Input((dim,), dtype="float64"), keras.layers.Dense(1, dtype="float64")])
     episodes = random_episodes(tasks=2, support=6, query=5, features=(dim,))
     meta = tfmeta.IMAML(learner, regularization=regularization, cg_steps=dim + 1, update_rule=tfmeta.Sgd(0.2),
-                        inner_steps=400)
+                        inner_steps=150)
     grads, _, _ = meta.compute_meta_gradients(episodes)
 
     theta = np.concatenate([np.array(tf.convert_to_tensor(v)).ravel() for v in learner.trainable_variables])

@@ -45,7 +45,7 @@ def test_alphabet_split(omniglot_dir):
 
 
 SHORT = ["Experiment.num_steps = 60", "Experiment.steps_per_epoch = 20", "Experiment.validation_tasks = 0",
-         "Experiment.meta_batch_size = 4", "Experiment.eval_num_tasks = 100", "Experiment.verbose = 0",
+         "Experiment.meta_batch_size = 4", "Experiment.eval_num_tasks = 4", "Experiment.verbose = 0",
          "conv_net.filters = 16", "test/omniglot_tasks.queries = 5"]
 # The gradient-based learners gain 1-4 points over their untrained selves in 60 meta-steps, 8-19 in 300-400
 # (measured); the metric learners 30-50 points in 60.
@@ -67,7 +67,9 @@ LEARNERS = {
 def test_meta_training_improves_on_the_untrained_learner_on_held_out_alphabets(config, omniglot_dir, tmp_path):
     """An untrained conv4 adapted for a few steps is already above chance, so the test compares the meta-trained
     learner with the same learner untrained (same initialisation), on the same 100 held-out episodes: the lower
-    end of the paired 95% interval of the accuracy gain must be at least 5 points."""
+    end of the paired 95% interval of the accuracy gain must be at least 5 points. The trained learner is the one
+    restored from the run's last checkpoint (training's own final evaluation is cut to 4 episodes: it is not
+    used)."""
     gin.clear_config()
     gin.add_config_file_search_path(REPO)
     gin.parse_config_files_and_bindings([os.path.join(REPO, "gin_configs", "omniglot", config)],
@@ -83,9 +85,6 @@ def test_meta_training_improves_on_the_untrained_learner_on_held_out_alphabets(c
                                           steps=experiment.eval_steps, seed=experiment.eval_seed,
                                           at_steps=[experiment.eval_steps])
     accuracy = lambda curve: np.array(curve["sparse_categorical_accuracy"]["per_task"])[:, -1]  # noqa: E731
-    # The restored learner is the trained one (to a flipped near-tie: oneDNN's kernels may differ from run to run).
-    assert accuracy(trained).mean() == pytest.approx(results["eval"]["sparse_categorical_accuracy"]["mean"][-1],
-                                                     abs=0.005)
     gain, ci = evaluation.mean_confidence_interval(accuracy(trained) - accuracy(untrained))
     assert gain - ci >= 0.05, (gain, ci, accuracy(untrained).mean())
 
