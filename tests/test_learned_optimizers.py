@@ -571,6 +571,97 @@ def test_policy_gradient_is_unbiased_on_a_one_step_problem_with_a_known_expected
     assert varying.sum() >= 10 and np.abs(exact).max() > 0.1
 
 
+def test_policy_gradient_credits_each_independent_problem_with_its_own_losses():
+    """Three one-step problems f_i(θ_i) = (c_i θ_i − b_i)² optimised together (the loss their mean): E loss =
+    mean_i (c_i(θ₀ + μ_i) − b_i)² + c_i²σ_i² in closed form. 40 estimates (500 rollouts each) that credit each
+    problem's step with its own loss average to its gradient, with the baseline from the same problem's 3 other
+    samples or from all other rollouts; the latter spread less than 40 that credit every step with the mean loss
+    (the others' steps are noise in it)."""
+    from tfmeta.optimizers import PolicyTraining
+    from tfmeta.optimizers.problems import OptimizationProblems
+    from tfmeta.update_rules.policy import PolicyOptimizer
+
+    c, b = tf.constant([1.5, 0.5, 2.0], tf.float64), tf.constant([0.5, 1.0, -1.0], tf.float64)
+
+    class MeanOnly(OptimizationProblems):
+        def constants(self, seed):
+            return {}
+
+        def initial_params(self, constants, seed):
+            return [tf.ones([3, 1], tf.float64)]
+
+        def loss(self, params, constants, seed):
+            return tf.reduce_mean(tf.square(c * params[0][:, 0] - b))
+
+    class Independent(MeanOnly):
+        def problem_losses(self, params, constants, seed):
+            return tf.square(c * params[0][:, 0] - b)
+
+    rule = PolicyOptimizer(history=2, hidden_units=(4,), initial_stddev=0.3, output_scale=0.5, dtype="float64")
+
+    def estimates(problems, **kwargs):
+        model = PolicyTraining(rule, problems, horizon=1, **kwargs)
+        rollouts, values = tf.function(model.rollouts), []
+        variables = rule.trainable_variables
+        for k in range(40):
+            observations, actions, losses = rollouts(tf.constant(500 * k, tf.int64))
+            with tf.GradientTape() as tape:
+                surrogate = model.surrogate(observations, actions, losses)
+            values.append(np.concatenate([np.ravel(g) for g in tape.gradient(surrogate, variables)]))
+        return np.stack(values), observations
+
+    grouped, observations = estimates(Independent(), batch_problems=125, samples_per_problem=4)
+    per_problem, _ = estimates(Independent(), batch_problems=500)
+    pooled, _ = estimates(MeanOnly(), batch_problems=500)
+    variables = rule.trainable_variables
+    with tf.GradientTape() as tape:
+        (policy,) = rule.policy([tf.reshape(observations[0][0][0], [-1, 4])])
+        expected_loss = tf.reduce_mean(tf.square(c * (1.0 + policy.mean()) - b) + tf.square(c * policy.stddev()))
+    exact = np.concatenate([np.ravel(g) for g in tape.gradient(expected_loss, variables)])
+    spread = lambda values: values.std(0, ddof=1)  # noqa: E731
+    varying = spread(pooled) > 0
+    for values in (grouped, per_problem, pooled):
+        error = np.abs(values.mean(0) - exact)[varying]
+        assert np.all(error < 4 * spread(values)[varying] / np.sqrt(40)), (values.mean(0), exact)
+    assert varying.sum() >= 10 and np.abs(exact).max() > 0.1
+    ratio = spread(per_problem)[varying] / spread(pooled)[varying]
+    assert ratio.mean() < 0.85 and ratio.max() < 1.25, ratio
+
+
+def test_policy_training_rolls_out_each_problem_with_different_noise_and_checks_the_problems_axis():
+    from tfmeta.optimizers import PolicyTraining, Quadratics
+    from tfmeta.optimizers.problems import OptimizationProblems
+    from tfmeta.update_rules.policy import PolicyOptimizer
+
+    rule = PolicyOptimizer(history=2, hidden_units=(4,), dtype="float64")
+    model = PolicyTraining(rule, Quadratics(num_problems=5, dims=3, dtype="float64"), horizon=2, batch_problems=2,
+                           samples_per_problem=3)
+    observations, actions, losses = model.rollouts(tf.constant(0, tf.int64))
+    assert losses.shape == (6, 3, 5) and actions[0].shape == (6, 2, 15)
+    start = losses[:, 0].numpy()
+    np.testing.assert_array_equal(start[0], start[2])  # the same problem (constants and initial parameters) ...
+    assert not np.allclose(start[0], start[3])  # ... within a group, another problem in the next
+    assert not np.allclose(actions[0][0].numpy(), actions[0][1].numpy())  # different noise
+
+    class Misaligned(OptimizationProblems):
+        def constants(self, seed):
+            return {}
+
+        def initial_params(self, constants, seed):
+            return [tf.zeros([2, 3], tf.float64)]
+
+        def loss(self, params, constants, seed):
+            return tf.reduce_sum(params[0])
+
+        def problem_losses(self, params, constants, seed):
+            return tf.reduce_sum(params[0], axis=0)
+
+    with pytest.raises(ValueError, match=r"holds 3 independent problems, so every parameter's leading axis must be 3"):
+        PolicyTraining(rule, Misaligned(), horizon=2)
+    with pytest.raises(ValueError, match="batch_problems"):
+        PolicyTraining(rule, Misaligned(), horizon=2, batch_problems=1)
+
+
 def test_policy_gradient_estimate_agrees_with_the_pathwise_gradient():
     """The REINFORCE estimate (score function, leave-one-out baseline) and the reparameterised pathwise gradient
     of the expected sum of losses, on the same 4,000 rollouts of a one-dimensional quadratic over two steps: two

@@ -14,25 +14,37 @@ from tfmeta.update_rules.policy import PolicyOptimizer
 @register
 class PolicyTraining(keras.Model):
     """Trains `rule`'s policy by REINFORCE with a leave-one-out baseline (a policy-gradient method, stated in place
-    of Li & Malik's guided policy search): each `train_step` rolls out `batch_problems` problems of `problems` for
-    `horizon` steps, each step sampled from the policy; the reward of a step is minus the loss after it, so that a
-    rollout's return is minus the sum of its losses after each step (the learned optimizers' meta-loss); the
-    surrogate −Σ_t log π(a_t | o_t)·(G_t − b_t), with G_t the return from step t and b_t the mean of the other
-    rollouts' G_t (which keeps the estimator unbiased), averaged over rollouts, is minimised with the compiled
-    optimizer. Problems and noise come from `seed` folded with the rollout's index: training is a function of it.
-    """
+    of Li & Malik's guided policy search): each `train_step` rolls out `batch_problems` problems of `problems`,
+    each `samples_per_problem` times (the same constants and initial parameters, different noise), for `horizon`
+    steps sampled from the policy; the reward of a step is minus the loss after it, so that a rollout's return is
+    minus the sum of its losses after each step (the learned optimizers' meta-loss); the surrogate
+    −Σ_t log π(a_t | o_t)·(G_t − b_t), with G_t the return from step t and b_t the mean of the other rollouts' G_t
+    (of the same problem when `samples_per_problem` > 1, of the other problems otherwise: either keeps the
+    estimator unbiased), averaged over rollouts, is minimised with the compiled optimizer. When the optimizee holds
+    independent problems (`problems.problem_losses`, e.g. `Quadratics`' 128), each problem's steps are credited
+    with its own losses only (the others' do not depend on them): the same expected gradient, less variance.
+    Problems and noise come from `seed` folded with the problem's and the rollout's index: training is a function
+    of it."""
 
     def __init__(self, rule: PolicyOptimizer, problems: OptimizationProblems, horizon: int = 20,
-                 batch_problems: int = 16, seed: int = 0, **kwargs):
+                 batch_problems: int = 16, samples_per_problem: int = 1, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(rule, PolicyOptimizer):
             raise TypeError(f"`rule` must be a tfmeta PolicyOptimizer; got {type(rule).__name__}.")
         self.rule, self.problems = rule, problems
         self.horizon = checks.integer(horizon, "horizon", minimum=1, owner="PolicyTraining")
-        self.batch_problems = checks.integer(batch_problems, "batch_problems", minimum=2, owner="PolicyTraining")
+        self.samples_per_problem = checks.integer(samples_per_problem, "samples_per_problem", minimum=1,
+                                                  owner="PolicyTraining")
+        self.batch_problems = checks.integer(batch_problems, "batch_problems",
+                                             minimum=2 if self.samples_per_problem == 1 else 1, owner="PolicyTraining")
         self.seed = int(seed)
-        _, params = self.start(tf.constant(0, tf.int64))
+        constants, params = self.start(tf.constant(0, tf.int64))
         self.rule.check_params([tuple(p.shape) for p in params])
+        self.num_independent = int(problems.problem_losses(params, constants, tf.constant([0, 0], tf.int64)).shape[0])
+        if self.num_independent > 1 and any(p.shape[:1] != (self.num_independent,) for p in params):
+            raise ValueError(f"PolicyTraining: `problems` holds {self.num_independent} independent problems, so every "
+                             f"parameter's leading axis must be {self.num_independent}; got shapes "
+                             f"{[tuple(p.shape) for p in params]}.")
         self.rollouts_done = self.add_weight(shape=(), dtype="int64", trainable=False, name="rollouts_done",
                                              initializer="zeros")
         self.built = True
@@ -43,9 +55,10 @@ class PolicyTraining(keras.Model):
         return constants, self.problems.initial_params(constants, tf.random.experimental.stateless_fold_in(seed, 1))
 
     def rollout(self, index: tf.Tensor) -> tuple[list, list, tf.Tensor]:
-        """Rollout `index`: per step the observations and sampled steps of every parameter ([horizon, coordinates,
-        ...] each) and the losses before each step and after the last [horizon + 1]."""
-        constants, params = self.start(index)
+        """Rollout `index` (of problem `index // samples_per_problem`): per step the observations and sampled steps
+        of every parameter ([horizon, coordinates, ...] each) and the losses of each independent problem before
+        each step and after the last [horizon + 1, P]."""
+        constants, params = self.start(index // self.samples_per_problem)
         seed = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 1], tf.int64), index)
         state = self.rule.init_state(params)
         observations, actions, losses = [], [], []
@@ -53,43 +66,52 @@ class PolicyTraining(keras.Model):
             step_seed = tf.random.experimental.stateless_fold_in(seed, t)
             with tf.GradientTape() as tape:
                 tape.watch(params)
-                loss = self.problems.loss(params, constants, step_seed)
+                losses_now = self.problems.problem_losses(params, constants, step_seed)
+                loss = tf.reduce_mean(losses_now)
             observed, state = self.rule.observe(tape.gradient(loss, params), state, loss)
             steps = [d.sample(seed=tf.random.experimental.stateless_fold_in(step_seed, 1 + i))
                      for i, d in enumerate(self.rule.policy(observed))]
             params = [p + tf.reshape(a, tf.shape(p)) for p, a in zip(params, steps)]
             observations.append(observed)
             actions.append(steps)
-            losses.append(loss)
+            losses.append(losses_now)
         final_seed = tf.random.experimental.stateless_fold_in(seed, self.horizon)
-        losses.append(self.problems.loss(params, constants, final_seed))
+        losses.append(self.problems.problem_losses(params, constants, final_seed))
         stack = lambda per_step: [tf.stack(x) for x in zip(*per_step)]  # noqa: E731
         return stack(observations), stack(actions), tf.stack(losses)
 
     def rollouts(self, first: tf.Tensor) -> tuple[list, list, tf.Tensor]:
-        """`batch_problems` rollouts from index `first` on, stacked on a leading axis (`tf.map_fn`)."""
-        indices = first + tf.range(self.batch_problems, dtype=tf.int64)
+        """`batch_problems` × `samples_per_problem` rollouts from index `first` (a multiple of
+        `samples_per_problem`) on, stacked on a leading axis (`tf.map_fn`), each problem's samples adjacent."""
+        indices = first + tf.range(self.batch_problems * self.samples_per_problem, dtype=tf.int64)
         _, params = self.start(tf.constant(0, tf.int64))
         state = self.rule.init_state(params)
         observed, _ = self.rule.observe([tf.zeros_like(p) for p in params], state, tf.zeros([], params[0].dtype))
         spec = lambda t: tf.TensorSpec([self.horizon, *t.shape], t.dtype)  # noqa: E731
         signature = ([spec(o) for o in observed], [spec(o[:, 0]) for o in observed],
-                     tf.TensorSpec([self.horizon + 1], params[0].dtype))
+                     tf.TensorSpec([self.horizon + 1, self.num_independent], params[0].dtype))
         return tf.map_fn(self.rollout, indices, fn_output_signature=signature)
 
     def surrogate(self, observations: list, actions: list, losses: tf.Tensor) -> tf.Tensor:
         """The REINFORCE surrogate of stacked rollouts (see the class docstring): its gradient is the estimate."""
-        rewards = -losses[:, 1:]
+        rewards = -losses[:, 1:] / self.num_independent  # [rollouts, horizon, P]: their sum is minus the loss
         returns = tf.math.cumsum(rewards, axis=1, reverse=True)
-        n = tf.cast(tf.shape(returns)[0], returns.dtype)
-        baseline = (tf.reduce_sum(returns, axis=0, keepdims=True) - returns) / (n - 1)
+        if self.samples_per_problem > 1:  # leave one out among the samples of the same problem
+            grouped = tf.reshape(returns, [-1, self.samples_per_problem, *returns.shape[1:]])
+            baseline = (tf.reduce_sum(grouped, axis=1, keepdims=True) - grouped) / (self.samples_per_problem - 1)
+            baseline = tf.reshape(baseline, tf.shape(returns))
+        else:
+            n = tf.cast(tf.shape(returns)[0], returns.dtype)
+            baseline = (tf.reduce_sum(returns, axis=0, keepdims=True) - returns) / (n - 1)
         advantages = tf.stop_gradient(returns - baseline)
         log_prob = 0.0
         for o, a in zip(observations, actions):
             flat = tf.reshape(o, [-1, o.shape[-1]])
             (distribution,) = self.rule.policy([flat])
-            log_prob += tf.reduce_sum(tf.reshape(distribution.log_prob(tf.reshape(a, [-1])), tf.shape(a)), axis=-1)
-        return -tf.reduce_mean(tf.reduce_sum(log_prob * advantages, axis=1))
+            per_coordinate = tf.reshape(distribution.log_prob(tf.reshape(a, [-1])), tf.shape(a))
+            shape = tf.concat([tf.shape(a)[:2], [self.num_independent, -1]], 0)  # each problem's coordinates
+            log_prob += tf.reduce_sum(tf.reshape(per_coordinate, shape), axis=-1)
+        return -tf.reduce_mean(tf.reduce_sum(log_prob * advantages, axis=[1, 2]))
 
     def train_step(self, data):
         del data
@@ -98,7 +120,7 @@ class PolicyTraining(keras.Model):
         with tf.GradientTape() as tape:
             surrogate = self.surrogate(observations, actions, losses)
         self.optimizer.apply(tape.gradient(surrogate, variables), variables)
-        self.rollouts_done.assign_add(self.batch_problems)
+        self.rollouts_done.assign_add(self.batch_problems * self.samples_per_problem)
         return {"loss": tf.reduce_mean(losses[:, 1:]), "final_loss": tf.reduce_mean(losses[:, -1])}
 
     @staticmethod

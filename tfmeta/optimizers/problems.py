@@ -13,7 +13,8 @@ DISTRIBUTIONS = ("uniform", "normal")
 
 
 class OptimizationProblems:
-    """The interface: `constants(seed)`, `initial_params(constants, seed)` and `loss(params, constants, seed)`."""
+    """The interface: `constants(seed)`, `initial_params(constants, seed)` and `loss(params, constants, seed)`;
+    `problem_losses` where the optimizee is several independent problems optimised together."""
 
     def constants(self, seed: tf.Tensor) -> dict[str, tf.Tensor]:
         """The constants of one problem (e.g. W and y), drawn from a stateless `seed`."""
@@ -26,6 +27,12 @@ class OptimizationProblems:
     def loss(self, params: list, constants: dict, seed: tf.Tensor) -> tf.Tensor:
         """The scalar loss at `params` (on the minibatch that `seed` draws, for stochastic problems)."""
         raise NotImplementedError
+
+    def problem_losses(self, params: list, constants: dict, seed: tf.Tensor) -> tf.Tensor:
+        """The losses [P] of the P independent problems the optimizee holds, whose mean is `loss`; when P > 1, every
+        parameter's leading axis is the problem's. `tfmeta.optimizers.PolicyTraining` credits each problem's steps
+        with its own losses. Default: the loss alone (P = 1)."""
+        return self.loss(params, constants, seed)[None]
 
 
 @gin.register(module="tfmeta")  # (gin only: problems are not Keras objects)
@@ -56,8 +63,11 @@ class Quadratics(OptimizationProblems):
         return [self.initial_stddev * tf.random.stateless_normal(shape, seed, dtype=self.dtype)]
 
     def loss(self, params, constants, seed):
+        return tf.reduce_mean(self.problem_losses(params, constants, seed))
+
+    def problem_losses(self, params, constants, seed):
         residual = tf.linalg.matvec(constants["w"], params[0]) - constants["y"]
-        return tf.reduce_mean(tf.reduce_sum(tf.square(residual), axis=-1))
+        return tf.reduce_sum(tf.square(residual), axis=-1)
 
 
 ACTIVATIONS = ("sigmoid", "relu")
