@@ -723,6 +723,7 @@ def test_policy_training_runs_from_its_seed_and_the_configs_build(tmp_path, mnis
         gin.parse_config_files_and_bindings([f"{REPO}/gin_configs/learned_optimizers/{config}"], [])
         experiment = OptimizerExperiment()
         assert experiment.trainer.horizon == 20 and experiment.trainer.rule.history == 5
+        assert (experiment.trainer.batch_problems, experiment.trainer.samples_per_problem) == (4, 4)
         problems = (experiment.trainer.problems, experiment.validation_problems, experiment.test_problems)
         if "mnist" in config:
             assert [p.split for p in problems] == ["train", "validation", "test"]
