@@ -642,6 +642,16 @@ def test_policy_training_rolls_out_each_problem_with_different_noise_and_checks_
     np.testing.assert_array_equal(start[0], start[2])  # the same problem (constants and initial parameters) ...
     assert not np.allclose(start[0], start[3])  # ... within a group, another problem in the next
     assert not np.allclose(actions[0][0].numpy(), actions[0][1].numpy())  # different noise
+    # The baseline comes from the same problem's samples: a problem's offset in loss does not change the estimate.
+    variables = rule.trainable_variables
+
+    def estimate(losses):
+        with tf.GradientTape() as tape:
+            surrogate = model.surrogate(observations, actions, losses)
+        return np.concatenate([np.ravel(g) for g in tape.gradient(surrogate, variables)])
+
+    offset = tf.concat([tf.fill([3, 3, 5], tf.constant(7.0, tf.float64)), tf.zeros([3, 3, 5], tf.float64)], 0)
+    np.testing.assert_allclose(estimate(losses + offset), estimate(losses), rtol=1e-9, atol=1e-12)
 
     class Misaligned(OptimizationProblems):
         def constants(self, seed):

@@ -96,13 +96,11 @@ class PolicyTraining(keras.Model):
         """The REINFORCE surrogate of stacked rollouts (see the class docstring): its gradient is the estimate."""
         rewards = -losses[:, 1:] / self.num_independent  # [rollouts, horizon, P]: their sum is minus the loss
         returns = tf.math.cumsum(rewards, axis=1, reverse=True)
-        if self.samples_per_problem > 1:  # leave one out among the samples of the same problem
-            grouped = tf.reshape(returns, [-1, self.samples_per_problem, *returns.shape[1:]])
-            baseline = (tf.reduce_sum(grouped, axis=1, keepdims=True) - grouped) / (self.samples_per_problem - 1)
-            baseline = tf.reshape(baseline, tf.shape(returns))
-        else:
-            n = tf.cast(tf.shape(returns)[0], returns.dtype)
-            baseline = (tf.reduce_sum(returns, axis=0, keepdims=True) - returns) / (n - 1)
+        # Leave one out among the samples of the same problem, or among all rollouts with one sample each.
+        group = self.samples_per_problem if self.samples_per_problem > 1 else self.batch_problems
+        grouped = tf.reshape(returns, [-1, group, *returns.shape[1:]])
+        others = (tf.reduce_sum(grouped, axis=1, keepdims=True) - grouped) / (group - 1)
+        baseline = tf.reshape(others, tf.shape(returns))
         advantages = tf.stop_gradient(returns - baseline)
         log_prob = 0.0
         for o, a in zip(observations, actions):
