@@ -166,14 +166,21 @@ def bmaml(particles=3, **kwargs):
     return tfmeta.BMAML(small_mlp(), num_particles=particles, update_rule=tfmeta.Svgd(1e-2), **kwargs)
 
 
-def test_bmaml_negative_log_posterior_equals_closed_form():
-    meta = bmaml(noise_concentration=2.0, noise_rate=0.2, prior_concentration=3.0, prior_rate=2.0)
-    for variable, value in zip(meta.log_precisions, ([0.3, -0.2, 0.1], [4.0, 3.5, 4.2])):
+@pytest.mark.parametrize("learn_prior", [True, False])
+def test_bmaml_negative_log_posterior_equals_closed_form(learn_prior):
+    """With `learn_prior_precision=False`, λ is the fixed initial precision: no particle coordinate, no
+    hyperprior."""
+    meta = bmaml(noise_concentration=2.0, noise_rate=0.2, prior_concentration=3.0, prior_rate=2.0,
+                 initial_prior_precision=2.5, learn_prior_precision=learn_prior)
+    values = ([0.3, -0.2, 0.1], [4.0, 3.5, 4.2]) if learn_prior else ([4.0, 3.5, 4.2],)
+    assert len(meta.log_precisions) == len(values)
+    for variable, value in zip(meta.log_precisions, values):
         variable.assign(value)
     episode = {k: v[0] for k, v in random_episodes(tasks=1).items()}
     fast, slow = meta.read_params()
     value, _ = meta.negative_log_posterior(fast, slow, [], episode["support_x"], episode["support_y"], True)
-    log_lambda, log_gamma = (v.numpy() for v in meta.log_precisions)
+    log_gamma = meta.log_precisions[-1].numpy()
+    log_lambda = meta.log_precisions[0].numpy() if learn_prior else np.full(3, math.log(2.5))
     net = tfmeta.MAML(small_mlp())
 
     def log_gamma_density(log_x, a, b):  # Gamma(a, rate b) of x = exp(log_x), times the Jacobian dx/dlog_x = x
@@ -189,7 +196,9 @@ def test_bmaml_negative_log_posterior_equals_closed_form():
         weights = np.concatenate([p.ravel() for p in params])
         total += np.sum(0.5 * np.log(gamma / (2 * math.pi)) - 0.5 * gamma * residual**2)
         total += np.sum(0.5 * np.log(lam / (2 * math.pi)) - 0.5 * lam * weights**2)
-        total += log_gamma_density(log_lambda[m], 3.0, 2.0) + log_gamma_density(log_gamma[m], 2.0, 0.2)
+        total += log_gamma_density(log_gamma[m], 2.0, 0.2)
+        if learn_prior:
+            total += log_gamma_density(log_lambda[m], 3.0, 2.0)
     assert float(value) == pytest.approx(-total, rel=1e-12)
 
 
@@ -309,7 +318,7 @@ def test_bad_probabilistic_arguments_are_refused_with_their_name():
 
 
 def test_probabilistic_learners_round_trip_their_config():
-    for meta in (bmaml(leader_steps=3, prior_rate=1.5),
+    for meta in (bmaml(leader_steps=3, prior_rate=1.5, learn_prior_precision=False),
                  tfmeta.MAML(small_mlp(2), loss="gaussian_nll", likelihood=likelihoods.HeteroscedasticNormal())):
         clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(meta))
         assert clone.get_config() == meta.get_config()

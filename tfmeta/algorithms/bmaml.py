@@ -26,7 +26,10 @@ class BMAML(EMAML):
     posterior of the task given its support set D,
         p(w, λ, γ | D) ∝ Π_n N(y_n | f_w(x_n), 1/γ) · N(w | 0, 1/λ) · Gamma(γ; a_γ, b_γ) · Gamma(λ; a_λ, b_λ).
     Each particle carries the learner's weights w and two log-precisions, of the weight prior (log λ) and of the
-    observation noise (log γ; a categorical likelihood has none). The data term sums over the support examples;
+    observation noise (log γ; a categorical likelihood has none). With `learn_prior_precision=False`, λ is fixed
+    at `initial_prior_precision` (no hyperprior, not a particle coordinate): on a large network the summed prior
+    makes log λ's curvature about half the number of weights, so a step size that suits the weights throws log λ
+    to infinity in one step (0.08 on the 112k-weight Omniglot conv net sends it from 0 to 1,600). The data term sums over the support examples;
     the densities are TFP's (`tfd.Normal`, `tfd.Categorical`, and `tfd.ExpGamma` for the log-precisions, which
     includes the change of variables). The learner's own Keras losses (regularisers) are added per particle.
 
@@ -45,6 +48,7 @@ class BMAML(EMAML):
       noise_concentration, noise_rate: a_γ, b_γ.
       prior_concentration, prior_rate: a_λ, b_λ.
       initial_noise_precision, initial_prior_precision: the centres of the log-precisions' initial values.
+      learn_prior_precision: whether each particle adapts its own log λ (the official code), or λ is fixed.
       likelihood: `tfmeta.likelihoods.Normal` (its `stddev` is replaced by each particle's 1/√γ) or `Categorical`;
         default: the loss's.
       **kwargs: see `EMAML` (`update_rule` defaults to `Svgd(1e-3)`).
@@ -55,6 +59,7 @@ class BMAML(EMAML):
     def __init__(self, learner: keras.Model, leader_steps: int = 1, noise_concentration: float = 2.0,
                  noise_rate: float = 0.2, prior_concentration: float = 2.0, prior_rate: float = 2.0,
                  initial_noise_precision: float = 100.0, initial_prior_precision: float = 1.0,
+                 learn_prior_precision: bool = True,
                  likelihood: Optional[likelihoods.Likelihood] = None, **kwargs):
         if likelihood is None:
             likelihood = likelihoods.for_loss(losses.get(kwargs.get("loss", "mse")))
@@ -73,6 +78,7 @@ class BMAML(EMAML):
         self.prior_rate = _positive(prior_rate, "prior_rate")
         self.initial_noise_precision = _positive(initial_noise_precision, "initial_noise_precision")
         self.initial_prior_precision = _positive(initial_prior_precision, "initial_prior_precision")
+        self.learn_prior_precision = bool(learn_prior_precision)
         kwargs.setdefault("update_rule", Svgd(1e-3))
         super().__init__(learner, likelihood=likelihood, **kwargs)
         self.log_precisions = [
@@ -81,8 +87,8 @@ class BMAML(EMAML):
             for name, precision in self._precisions()]
 
     def _precisions(self) -> list[tuple[str, float]]:
-        precisions = [("log_prior_precision", self.initial_prior_precision)]
-        return precisions + ([("log_noise_precision", self.initial_noise_precision)] if self.learns_noise else [])
+        return ([("log_prior_precision", self.initial_prior_precision)] if self.learn_prior_precision else []) + (
+            [("log_noise_precision", self.initial_noise_precision)] if self.learns_noise else [])
 
     def extra_particle_shapes(self):
         return [() for _ in self._precisions()]
@@ -90,11 +96,13 @@ class BMAML(EMAML):
     def extra_particle_variables(self):
         return self.log_precisions
 
-    def _split(self, fast) -> tuple[list, tf.Tensor, Optional[tf.Tensor]]:
-        """(network fast parameters, log λ [M], log γ [M] or None) of the particles' fast parameters."""
-        extras = len(self._precisions())
-        network, precisions = fast[:-extras], fast[-extras:]
-        return network, precisions[0], precisions[1] if self.learns_noise else None
+    def _split(self, fast) -> tuple[list, Optional[tf.Tensor], Optional[tf.Tensor]]:
+        """(network fast parameters, log λ [M] or None (fixed), log γ [M] or None) of the particles' fast
+        parameters."""
+        network = fast[:len(fast) - len(self._precisions())]
+        precisions = iter(fast[len(network):])
+        log_prior = next(precisions) if self.learn_prior_precision else None
+        return network, log_prior, next(precisions) if self.learns_noise else None
 
     def particle_stddev(self, fast):
         _, _, log_noise = self._split(fast)
@@ -114,10 +122,14 @@ class BMAML(EMAML):
         log_posterior = tf.reduce_sum(tf.reshape(data, [self.num_particles, -1]), axis=1)
         weights = tf.concat([tf.reshape(w, [self.num_particles, -1])
                              for w in partition_lib.merge(network, slow, self.fast_mask)], axis=1)
-        prior_stddev = tf.exp(-0.5 * log_prior)[:, None]
+        if log_prior is None:
+            prior_stddev = tf.constant(self.initial_prior_precision ** -0.5, weights.dtype)
+        else:
+            prior_stddev = tf.exp(-0.5 * log_prior)[:, None]
         log_posterior += tf.reduce_sum(tfd.Normal(tf.zeros_like(weights), prior_stddev).log_prob(weights), axis=1)
-        hyperprior = lambda a, b: tfd.ExpGamma(tf.constant(a, log_prior.dtype), rate=tf.constant(b, log_prior.dtype))  # noqa: E731
-        log_posterior += hyperprior(self.prior_concentration, self.prior_rate).log_prob(log_prior)
+        hyperprior = lambda a, b: tfd.ExpGamma(tf.constant(a, self._log_dtype), rate=tf.constant(b, self._log_dtype))  # noqa: E731
+        if log_prior is not None:
+            log_posterior += hyperprior(self.prior_concentration, self.prior_rate).log_prob(log_prior)
         if self.learns_noise:
             log_posterior += hyperprior(self.noise_concentration, self.noise_rate).log_prob(log_noise)
         if extra_losses:
@@ -157,4 +169,5 @@ class BMAML(EMAML):
                 "noise_concentration": self.noise_concentration, "noise_rate": self.noise_rate,
                 "prior_concentration": self.prior_concentration, "prior_rate": self.prior_rate,
                 "initial_noise_precision": self.initial_noise_precision,
-                "initial_prior_precision": self.initial_prior_precision}
+                "initial_prior_precision": self.initial_prior_precision,
+                "learn_prior_precision": self.learn_prior_precision}
