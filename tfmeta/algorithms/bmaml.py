@@ -31,7 +31,8 @@ class BMAML(EMAML):
     makes log λ's curvature about half the number of weights, so a step size that suits the weights throws log λ
     to infinity in one step (0.08 on the 112k-weight Omniglot conv net sends it from 0 to 1,600). The data term
     sums over the support examples; the densities are TFP's (`tfd.Normal`, `tfd.Categorical`, and `tfd.ExpGamma`
-    for the log-precisions, which includes the change of variables). The learner's own Keras losses (regularisers) are added per particle.
+    for the log-precisions, which includes the change of variables). The learner's own Keras losses (regularisers)
+    are added per particle.
 
     Meta-training uses the chaser loss: the chaser is the particles after `inner_steps` steps on the support set;
     the leader continues from the chaser for `leader_steps` more steps on the support and query sets together and
