@@ -628,7 +628,7 @@ def test_policy_gradient_credits_each_independent_problem_with_its_own_losses():
     assert ratio.mean() < 0.85 and ratio.max() < 1.25, ratio
 
 
-def test_policy_training_rolls_out_each_problem_with_different_noise_and_checks_the_problems_axis():
+def test_policy_training_samples_share_their_problem_and_minibatches_not_their_noise_and_check_the_axis():
     from tfmeta.optimizers import PolicyTraining, Quadratics
     from tfmeta.optimizers.problems import OptimizationProblems
     from tfmeta.update_rules.policy import PolicyOptimizer
@@ -668,6 +668,23 @@ def test_policy_training_rolls_out_each_problem_with_different_noise_and_checks_
 
     with pytest.raises(ValueError, match=r"holds 3 independent problems, so every parameter's leading axis must be 3"):
         PolicyTraining(rule, Misaligned(), horizon=2)
+
+    class Minibatched(OptimizationProblems):  # a loss that depends on its seed, as a minibatch's does
+        def constants(self, seed):
+            return {}
+
+        def initial_params(self, constants, seed):
+            return [tf.zeros([1, 3], tf.float64)]
+
+        def loss(self, params, constants, seed):
+            return tf.reduce_sum(tf.square(params[0] - tf.random.stateless_normal([1, 3], seed, dtype=tf.float64)))
+
+    _, actions, losses = PolicyTraining(rule, Minibatched(), horizon=2, batch_problems=2,
+                                        samples_per_problem=3).rollouts(tf.constant(0, tf.int64))
+    start = losses[:, 0, 0].numpy()  # the same parameters: the losses differ by the minibatch alone
+    np.testing.assert_array_equal(start[:3], start[0])  # a problem's samples share their minibatches ...
+    assert not np.allclose(start[3], start[0])  # ... another problem draws its own
+    assert not np.allclose(actions[0][0].numpy(), actions[0][1].numpy())
     with pytest.raises(ValueError, match="batch_problems"):
         PolicyTraining(rule, Misaligned(), horizon=2, batch_problems=1)
 

@@ -23,8 +23,10 @@ class PolicyTraining(keras.Model):
     estimator unbiased), averaged over rollouts, is minimised with the compiled optimizer. When the optimizee holds
     independent problems (`problems.problem_losses`, e.g. `Quadratics`' 128), each problem's steps are credited
     with its own losses only (the others' do not depend on them): the same expected gradient, less variance.
-    Problems and noise come from `seed` folded with the problem's and the rollout's index: training is a function
-    of it."""
+    Problems and their minibatches (the seed `problems.problem_losses` gets at each step) come from `seed` folded
+    with the problem's index, the policy's noise with the rollout's: a problem's samples see the same minibatches
+    (common random numbers, so that their returns differ by the policy's noise alone and the baseline cancels the
+    data's), and training is a function of `seed`."""
 
     def __init__(self, rule: PolicyOptimizer, problems: OptimizationProblems, horizon: int = 20,
                  batch_problems: int = 16, samples_per_problem: int = 1, seed: int = 0, **kwargs):
@@ -58,15 +60,18 @@ class PolicyTraining(keras.Model):
         """Rollout `index` (of problem `index // samples_per_problem`): per step the observations and sampled steps
         of every parameter ([horizon, coordinates, ...] each) and the losses of each independent problem before
         each step and after the last [horizon + 1, P]."""
-        constants, params = self.start(index // self.samples_per_problem)
+        problem = index // self.samples_per_problem
+        constants, params = self.start(problem)
         seed = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 1], tf.int64), index)
+        data_seed = tf.random.experimental.stateless_fold_in(tf.constant([self.seed, 2], tf.int64), problem)
         state = self.rule.init_state(params)
         observations, actions, losses = [], [], []
         for t in range(self.horizon):
             step_seed = tf.random.experimental.stateless_fold_in(seed, t)
             with tf.GradientTape() as tape:
                 tape.watch(params)
-                losses_now = self.problems.problem_losses(params, constants, step_seed)
+                losses_now = self.problems.problem_losses(
+                    params, constants, tf.random.experimental.stateless_fold_in(data_seed, t))
                 loss = tf.reduce_mean(losses_now)
             observed, state = self.rule.observe(tape.gradient(loss, params), state, loss)
             steps = [d.sample(seed=tf.random.experimental.stateless_fold_in(step_seed, 1 + i))
@@ -75,7 +80,7 @@ class PolicyTraining(keras.Model):
             observations.append(observed)
             actions.append(steps)
             losses.append(losses_now)
-        final_seed = tf.random.experimental.stateless_fold_in(seed, self.horizon)
+        final_seed = tf.random.experimental.stateless_fold_in(data_seed, self.horizon)
         losses.append(self.problems.problem_losses(params, constants, final_seed))
         stack = lambda per_step: [tf.stack(x) for x in zip(*per_step)]  # noqa: E731
         return stack(observations), stack(actions), tf.stack(losses)
