@@ -106,7 +106,7 @@ PROBABILISTIC_CONFIGS = {  # config: (meta-learner, the settings its comments st
     "omniglot_5w1s.gin": (tfmeta.MAML, lambda m: isinstance(m.likelihood, tfmeta.likelihoods.Categorical)),
     "emaml_omniglot_5w1s.gin": (tfmeta.EMAML, lambda m: m.num_particles == 5 and m.eval_inner_steps == 10),
     "bmaml_omniglot_5w1s.gin": (tfmeta.BMAML, lambda m: m.update_rule.learning_rate == 0.08
-                                and not m.learn_prior_precision),
+                                and not m.learn_prior_precision and m.initial_prior_precision == 1e-3),
     "platipus_omniglot_5w1s.gin": (tfmeta.PLATIPUS, lambda m: m.num_samples == 5 and m.kl_weight == 0.1),
     "abml_omniglot_5w1s.gin": (tfmeta.ABML, lambda m: m.kl_weight == 0.002 and m.hyperprior_weight == 5e-8),
 }
