@@ -108,8 +108,25 @@ def others_cpu():
     return busy - own
 
 
+def cpu_model() -> str:
+    """The CPU's model name: TensorFlow turns oneDNN on by default only on some CPUs, so results depend on it."""
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+
+
+def peak_tensor_gb(tf):
+    """The CPU allocator's peak in GB, or None where TensorFlow keeps no allocator statistics (without oneDNN,
+    e.g. on AMD CPUs, unless TF_CPU_ALLOCATOR_USE_BFC=1)."""
+    try:
+        return tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**30
+    except ValueError:
+        return None
+
+
 def build(args):
     """The compiled meta-learner of `args.workload` and an iterator over its pre-drawn episode batches."""
+    import tfmeta  # first, so that its default TF_ENABLE_ONEDNN_OPTS applies, as in a user's script
+
     import tensorflow as tf
 
     if args.threads != "default":
@@ -118,8 +135,6 @@ def build(args):
         tf.config.threading.set_inter_op_parallelism_threads(inter)
     import keras
     import numpy as np
-
-    import tfmeta
 
     config = dict(WORKLOADS[args.workload])
     config["steps"] = int(args.inner_steps) if args.inner_steps else config["steps"]
@@ -189,12 +204,13 @@ def run_one(args):
         "median_s": float(np.median(times)), "p10_s": float(np.percentile(times, 10)),
         "p90_s": float(np.percentile(times, 90)), "steps": len(times), "first_step_s": first_step,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "peak_tensor_gb": tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**30,
+        "peak_tensor_gb": peak_tensor_gb(tf),
         "times_s": [round(float(t), 6) for t in times], "gflop": flops / 1e9,
         "gflops": flops / 1e9 / float(np.median(times)), "xla_resolved": bool(meta.jit_compile),
         "task_mapping": meta.task_mapping, "particles": getattr(meta, "num_particles", None),
         "particle_parallelism": getattr(meta, "particle_parallelism", None),
-        "others_cpu_frac": float(np.median(others)), "cpus": os.cpu_count(),
+        "others_cpu_frac": float(np.median(others)), "cpus": os.cpu_count(), "cpu_model": cpu_model(),
+        "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "TensorFlow's default"),
         "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
                     tf.config.threading.get_inter_op_parallelism_threads()],
         "tensorflow": tf.__version__, "keras": keras.__version__, "tfmeta": tfmeta.__version__,
@@ -263,7 +279,7 @@ def main():
             print(f"{head} failed: {r['error']} | | | | |")
         else:
             print(f"{head} {r['median_s']:.4f} | {r['p10_s']:.4f}-{r['p90_s']:.4f} | {r['first_step_s']:.1f} | "
-                  f"{r['peak_rss_gb']:.2f} | {r['peak_tensor_gb']:.3f} |")
+                  f"{r['peak_rss_gb']:.2f} | {r['peak_tensor_gb'] or float('nan'):.3f} |")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ import os
 import socket
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as `import tfmeta` does; TensorFlow reads it once
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -6,6 +6,12 @@ reports pre/post-adaptation metrics with `evaluate`, and returns an adapted Kera
 """
 
 import importlib
+import os
+
+# TensorFlow turns its oneDNN kernels on by default only on some Intel CPUs; elsewhere (e.g. AMD EPYC with AVX2)
+# its own kernels run meta-steps 1.5x slower (docs/performance.md). Only effective when tfmeta is imported before
+# TensorFlow; an explicit TF_ENABLE_ONEDNN_OPTS wins.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from tfmeta import data, distribute, episodes, layers, likelihoods, metric, models, tasks, warp
 from tfmeta.adapted import TransductiveModel

@@ -4,6 +4,7 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as `import tfmeta` does; TensorFlow reads it once
 
 import logging as python_logging  # noqa: E402
 
