@@ -216,6 +216,32 @@ def test_train_and_test_on_batch():
     assert set(meta.test_on_batch(episodes, return_dict=True)) == {"loss", "pre_adapt_loss"}
 
 
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_every_train_function_takes_the_same_meta_steps(jit_compile):
+    """`fit`'s lean train function (one step per call, default strategy) and Keras' own (`train_on_batch`,
+    `steps_per_execution`) give the same weights after the same episodes; a finite dataset ends each epoch."""
+    batches = [sine_episodes(tasks=3, seed=seed) for seed in range(3)]
+    dataset = tf.data.Dataset.from_tensor_slices({k: tf.stack([b[k] for b in batches]) for k in batches[0]})
+    weights = []
+    for run in ("fit", "steps_per_execution", "train_on_batch"):
+        keras.utils.set_random_seed(0)
+        meta = sine_meta()
+        meta.compile(keras.optimizers.Adam(1e-2), jit_compile=jit_compile,
+                     steps_per_execution=3 if run == "steps_per_execution" else 1)
+        if run == "train_on_batch":
+            for _ in range(2):
+                for episodes in batches:
+                    meta.train_on_batch(episodes)
+        else:
+            history = meta.fit(dataset, epochs=2, verbose=0)
+            assert len(history.history["loss"]) == 2
+        assert int(meta.optimizer.iterations) == 6
+        weights.append(values(meta.learner.trainable_variables))
+    for other in weights[1:]:
+        for a, b in zip(weights[0], other):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("rule", [tfmeta.Sgd(0.1), tfmeta.InnerAdam(0.05)], ids=["sgd", "adam"])
 def test_while_loop_inner_loop_equals_the_unrolled_first_order_one(rule):
     """`unroll=False` (a tf.while_loop) gives the unrolled loop's parameters, losses, trajectory, gradients and

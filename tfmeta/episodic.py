@@ -350,6 +350,29 @@ class EpisodicLearner(keras.Model):
             setattr(self, f"{function}_function", None)  # Keras builds a new one on its next call
         self._layouts[function] = layout
 
+    def make_train_function(self, force: bool = False):
+        """Keras' train function, made leaner where that is safe: on the default strategy, one step per call, in
+        graph mode, the step reads its batch inside one traced function. Keras' own wraps every step's logs in a
+        `tf.experimental.Optional` inside a second function call: on a small learner (the sine MLP) that is a
+        sixth of the meta-step (docs/performance.md, issue 21). At the end of a finite dataset the read raises
+        `OutOfRangeError`, which `fit` takes as the end of the epoch, as with Keras' function. Everything else
+        (`train_on_batch`'s generators, strategies, `steps_per_execution`, `run_eagerly`) runs Keras' function."""
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=True)
+        default_strategy = not tf.distribute.has_strategy() and self.distribute_strategy is tf.distribute.get_strategy()
+        if self.run_eagerly or self.steps_per_execution != 1 or not default_strategy:
+            return self.train_function
+        keras_function = self.train_function
+        step = tf.function(self.train_step, jit_compile=self.jit_compile, reduce_retracing=True)
+        lean = tf.function(lambda iterator: step(iterator.get_next()), reduce_retracing=True)
+
+        def function(iterator):
+            return lean(iterator) if isinstance(iterator, tf.data.Iterator) else keras_function(iterator)
+
+        self.train_function = function
+        return function
+
     def fit(self, x=None, y=None, *args, **kwargs):
         self._check_data(x, "train")
         validation = kwargs.get("validation_data")

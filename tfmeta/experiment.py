@@ -42,6 +42,7 @@ def check_failure(error: tf.errors.OpError) -> Optional[str]:
     """The message of the tfmeta run-time check (data, labels, inner-loop losses) that `error` reports, or None
     when it reports something else."""
     for line in error.message.splitlines():
+        line = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", line)  # the traced function the op ran in
         if "assertion failed:" in line:
             groups = re.findall(r"\[([^\[\]]*)\]", line.split("assertion failed:", 1)[1])
             if groups and groups[0].startswith("tfmeta:"):  # the inner loop's check: its data are the step, task
