@@ -6,9 +6,9 @@
 
 Builds the workload exactly as `benchmarks/meta_step.py` does (tfmeta's defaults), runs `--warmup` untimed steps,
 then profiles `--steps` steps with `tf.profiler.experimental` and reads the trace (`*.xplane.pb`): the time of
-every op event on the host's threads, summed by op type and by group (convolution forward, its input and filter
-gradients, matrix products, batch norm, pooling, the rest). With 2 cores, op time can reach 2 x wall time; the
-ratio of op time to wall x cores is the share of the machine the step kept busy. Prints one JSON line (`--out`
+every op event on the host's threads, summed by op type, by group (convolution forward, its input and filter
+gradients, matrix products, batch norm, pooling, the rest) and by conv_net block. With 2 cores, op time can reach
+2 x wall time; the ratio of op time to wall x cores is the share of the machine the step kept busy. Prints one JSON line (`--out`
 appends it to a file) and a Markdown table. The trace stays in `--logdir` for TensorBoard's profile plugin.
 """
 
@@ -36,6 +36,7 @@ GROUPS = {  # op type -> group; everything else is "other (elementwise, reductio
     "MaxPool": "pooling", "MaxPoolGrad": "pooling", "MaxPoolGradGrad": "pooling",
 }
 OTHER = "other (elementwise, reductions, control flow, copies)"
+LAYER = re.compile(r"(?:conv|norm|act|pool)_(\d+)")  # conv_net's layer names: block i's conv_i, norm_i, act_i, pool_i
 EVENT = re.compile(r"^([^:]+):(\w+)$")  # "scope/name:OpType"; not "Executor::Process" spans
 # Ops whose events enclose the events of the ops they run (function calls, loops, conditionals): not counted.
 CONTAINERS = {"While", "StatelessWhile", "If", "StatelessIf", "PartitionedCall", "StatefulPartitionedCall",
@@ -52,8 +53,16 @@ def op_type(event_name: str):
     return None if kind in CONTAINERS else kind
 
 
-def op_times(logdir: str) -> tuple[collections.Counter, collections.Counter]:
-    """Seconds and counts by op type of the op events in the newest trace under `logdir`."""
+def block_of(event_name: str) -> str:
+    """The conv_net block whose layer an op event belongs to ("block 0", ...), or "other" (the head, the loss, the
+    optimizer, batch norm's fused backward, whose custom-gradient scope names no layer)."""
+    match = LAYER.search(event_name)
+    return f"block {match.group(1)}" if match else "other"
+
+
+def op_times(logdir: str) -> tuple[collections.Counter, collections.Counter, collections.Counter]:
+    """Seconds and counts by op type, and seconds by conv_net block, of the op events in the newest trace under
+    `logdir`."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     paths = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
@@ -62,17 +71,19 @@ def op_times(logdir: str) -> tuple[collections.Counter, collections.Counter]:
     space = xplane_pb2.XSpace()
     with open(paths[-1], "rb") as f:
         space.ParseFromString(f.read())
-    seconds, counts = collections.Counter(), collections.Counter()
+    seconds, counts, blocks = collections.Counter(), collections.Counter(), collections.Counter()
     for plane in space.planes:
         if "tf_op" in plane.name:  # a per-op summary plane would count every op twice
             continue
         for line in plane.lines:
             for event in line.events:
-                kind = op_type(plane.event_metadata[event.metadata_id].name)
+                name = plane.event_metadata[event.metadata_id].name
+                kind = op_type(name)
                 if kind:
                     seconds[kind] += event.duration_ps / 1e12
                     counts[kind] += 1
-    return seconds, counts
+                    blocks[block_of(name)] += event.duration_ps / 1e12
+    return seconds, counts, blocks
 
 
 def main():
@@ -105,7 +116,7 @@ def main():
     wall = (time.perf_counter() - start) / args.steps
     tf.profiler.experimental.stop()
 
-    seconds, counts = op_times(logdir)
+    seconds, counts, blocks = op_times(logdir)
     total = sum(seconds.values())
     groups = collections.Counter()
     for kind, s in seconds.items():
@@ -118,6 +129,7 @@ def main():
         "groups_s_per_step": {g: s / args.steps for g, s in groups.most_common()},
         "ops_s_per_step": {t: s / args.steps for t, s in seconds.most_common(args.top)},
         "ops_count_per_step": {t: counts[t] / args.steps for t, _ in seconds.most_common(args.top)},
+        "blocks_s_per_step": {b: s / args.steps for b, s in sorted(blocks.items())},
         "logdir": logdir, "tensorflow": tf.__version__,
     }
     line = json.dumps(record)
@@ -131,6 +143,10 @@ def main():
     print("| --- | --- | --- |")
     for group, s in groups.most_common():
         print(f"| {group} | {s / args.steps:.3f} | {100 * s / total:.1f}% |")
+    print("\n| conv_net block (its conv, batch norm, activation, pooling and their gradients) | s per step | share |")
+    print("| --- | --- | --- |")
+    for block, s in sorted(blocks.items()):
+        print(f"| {block} | {s / args.steps:.3f} | {100 * s / total:.1f}% |")
     print("\n| op type | s per step | share | calls per step |")
     print("| --- | --- | --- | --- |")
     for kind, s in seconds.most_common(args.top):

@@ -62,7 +62,9 @@ def run(command: list, timeout: float) -> tuple:
 
 def peak(repeats: int = 7) -> dict:
     """Median float32 FLOP/s of a 4096^3 matmul and of conv4's dominant convolution (64 -> 64 channels, 3x3,
-    14x14 maps, a batch of 600 = 8 tasks' queries), with TensorFlow's default thread pools."""
+    14x14 maps, a batch of 600 = 8 tasks' queries), and the memory bandwidth an element-wise op reaches (a ReLU
+    over conv4's first feature maps for 600 images, 28x28x64 floats: 120 MB read and 120 MB written), with
+    TensorFlow's default thread pools."""
     import tensorflow as tf
 
     sys.path.insert(0, HERE)
@@ -73,7 +75,9 @@ def peak(repeats: int = 7) -> dict:
     x, w = tf.random.normal([600, 14, 14, 64]), tf.random.normal([3, 3, 64, 64])
     conv = rate(tf.function(lambda x, w: tf.nn.conv2d(x, w, 1, "SAME")), (x, w), 2 * 600 * 14 * 14 * 64 * 64 * 9,
                 repeats)
-    return {"kind": "peak", "matmul_gflops": matmul, "conv_gflops": conv,
+    maps = tf.random.normal([600, 28, 28, 64])
+    bandwidth = rate(tf.function(tf.nn.relu), (maps,), 2 * 4 * maps.shape.num_elements(), repeats)
+    return {"kind": "peak", "matmul_gflops": matmul, "conv_gflops": conv, "elementwise_gb_per_s": bandwidth,
             "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
                         tf.config.threading.get_inter_op_parallelism_threads()]}
 
@@ -118,6 +122,7 @@ def main():
     parser.add_argument("--peer_script", default=DEFAULT_PEER_SCRIPT)
     parser.add_argument("--peer_budget_s", type=float, default=0, help="the peer's --budget-s (0: none)")
     parser.add_argument("--threads", default="default", help="tfmeta's INTRA,INTER thread pools")
+    parser.add_argument("--xla", default="auto", help="tfmeta's jit_compile: auto (compile's default), on or off")
     parser.add_argument("--pipeline_batches", type=int, default=100, help="0 skips the pipeline")
     parser.add_argument("--optimizer_steps", type=int, default=50, help="the learned optimizer's timed steps; 0 skips")
     parser.add_argument("--timeout", type=float, default=3600)
@@ -136,7 +141,7 @@ def main():
         ours, theirs, firsts, rss, record, errors = [], [], [], [], {}, []
         for _ in range(args.rounds):
             child, tail = run([sys.executable, os.path.join(HERE, "meta_step.py"), f"--workload={workload}",
-                               "--mode=auto", "--xla=auto", f"--steps={steps}", f"--warmup={args.warmup}",
+                               "--mode=auto", f"--xla={args.xla}", f"--steps={steps}", f"--warmup={args.warmup}",
                                f"--threads={args.threads}"], args.timeout)
             if child is None:
                 errors.append(f"tfmeta: {tail}")
@@ -171,7 +176,8 @@ def main():
         rows.append(row)
 
     print(f"\nPeak: matmul {machine_peak['matmul_gflops']:.0f} GFLOP/s, 3x3 conv (64 channels) "
-          f"{machine_peak['conv_gflops']:.0f} GFLOP/s.\n")
+          f"{machine_peak['conv_gflops']:.0f} GFLOP/s; an element-wise op {machine_peak['elementwise_gb_per_s']:.0f} "
+          "GB/s.\n")
     print("| workload | tfmeta median s | p10 - p90 | learn2learn median s | tfmeta / learn2learn | GFLOP | GFLOP/s "
           "| of conv peak | first step s | peak RSS GB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
