@@ -29,7 +29,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -106,6 +105,13 @@ def others_cpu():
     busy = (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / os.sysconf("SC_CLK_TCK")
     own = sum(os.times()[:4])
     return busy - own
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set (VmHWM) in GB. Not `getrusage`'s `ru_maxrss`: Linux keeps that across
+    `exec`, so a child started by a large parent (the suite, after its peak measurements) reports the parent's."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
 
 
 def cpu_model() -> str:
@@ -203,7 +209,7 @@ def run_one(args):
         "rematerialize": args.rematerialize,
         "median_s": float(np.median(times)), "p10_s": float(np.percentile(times, 10)),
         "p90_s": float(np.percentile(times, 90)), "steps": len(times), "first_step_s": first_step,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gb": peak_rss_gb(),
         "peak_tensor_gb": peak_tensor_gb(tf),
         "times_s": [round(float(t), 6) for t in times], "gflop": flops / 1e9,
         "gflops": flops / 1e9 / float(np.median(times)), "xla_resolved": bool(meta.jit_compile),

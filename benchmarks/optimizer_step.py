@@ -20,7 +20,6 @@ unroll, not on the horizon. One JSON line.
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 
@@ -32,6 +31,9 @@ import tensorflow as tf  # noqa: E402
 
 import tfmeta  # noqa: E402
 from tfmeta.optimizers import LearnedOptimizer, MnistMLP, OptimizerTraining  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import meta_step  # noqa: E402
 
 
 def lstm_update_flops(rule: tfmeta.CoordinatewiseLSTM, coordinates: int) -> int:
@@ -104,7 +106,7 @@ def measure_memory(unroll: int, horizon: int, meta_steps: int, xla: bool = False
     return {"kind": "learned_optimizer_memory", "unroll": unroll, "horizon": horizon, "meta_steps": meta_steps,
             "xla": xla,
             "seconds_per_meta_step": (time.perf_counter() - start) / meta_steps,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_rss_gb": meta_step.peak_rss_gb()}
 
 
 def main():
