@@ -79,7 +79,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         x = inputs if len(inputs.shape) == 4 else tf.reshape(inputs, [-1, 1, 1, channels])
         gamma = self.gamma if self.scale else tf.ones([channels])
         beta = self.beta if self.center else tf.zeros([channels])
-        y, mean, variance = _fused_batch_norm(x, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta), self.epsilon)
+        y, mean, variance = _fused_batch_norm(x, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta), self.epsilon,
+                                           name=self.name)
         if update:
             count = tf.cast(tf.size(x) // channels, variance.dtype)
             # The fused op returns the unbiased variance (Bessel's correction); Keras tracks the biased one.
@@ -98,8 +99,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return {**super().get_config(), "statistics": self.statistics}
 
 
-def _fused_batch_norm(x, gamma, beta, epsilon: float):
-    """Training-mode batch norm over NHWC `x`: `(y, batch mean, unbiased batch variance)`.
+def _fused_batch_norm(x, gamma, beta, epsilon: float, name: str = "batch_norm"):
+    """Training-mode batch norm over NHWC `x`: `(y, batch mean, unbiased batch variance)`. The backward pass's ops
+    are named `<name>_grad/...`, so that profiles attribute them to the layer.
 
     The forward pass is TensorFlow's fused kernel. Its gradient is TensorFlow's fused backward kernel when no
     gradient tape records the backward pass (a query pass's backward, or first-order training), and the
@@ -123,12 +125,13 @@ def _fused_batch_norm(x, gamma, beta, epsilon: float):
 
         def backward(dy, dmean, dvariance):
             del dmean, dvariance  # the statistics only feed the moving averages, under a stop-gradient
-            if record.could_possibly_record():  # this backward pass is itself differentiated
-                return _batch_norm_backward(dy, x, gamma, epsilon)
-            dx, dgamma, dbeta, _, _ = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=dy, x=x, scale=gamma, reserve_space_1=reserve[0], reserve_space_2=reserve[1],
-                reserve_space_3=reserve[2], epsilon=epsilon, data_format="NHWC", is_training=True)
-            return dx, dgamma, dbeta
+            with tf.name_scope(f"{name}_grad"):
+                if record.could_possibly_record():  # this backward pass is itself differentiated
+                    return _batch_norm_backward(dy, x, gamma, epsilon)
+                dx, dgamma, dbeta, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                    y_backprop=dy, x=x, scale=gamma, reserve_space_1=reserve[0], reserve_space_2=reserve[1],
+                    reserve_space_3=reserve[2], epsilon=epsilon, data_format="NHWC", is_training=True)
+                return dx, dgamma, dbeta
 
         return (y, mean, variance), backward
 
@@ -136,15 +139,16 @@ def _fused_batch_norm(x, gamma, beta, epsilon: float):
 
 
 def _batch_norm_backward(dy, x, gamma, epsilon: float):
-    """Training-mode batch norm's (dx, dgamma, dbeta) over NHWC `x`, in differentiable ops."""
+    """Training-mode batch norm's (dx, dgamma, dbeta) over NHWC `x`, in differentiable ops: few passes over the
+    maps (each a memory-bound op, and more in its derivative), with the normalised input never formed."""
     axes = [0, 1, 2]
+    count = tf.cast(tf.size(dy) // tf.shape(dy)[-1], dy.dtype)
     centred = x - tf.reduce_mean(x, axes)
     inverse_std = tf.math.rsqrt(tf.reduce_mean(tf.square(centred), axes) + epsilon)
-    normalised = centred * inverse_std
     dbeta = tf.reduce_sum(dy, axes)
-    dgamma = tf.reduce_sum(dy * normalised, axes)
-    count = tf.cast(tf.size(dy) // tf.shape(dy)[-1], dy.dtype)
-    return (gamma * inverse_std) * (dy - (dbeta + normalised * dgamma) / count), dgamma, dbeta
+    dgamma = tf.reduce_sum(dy * centred, axes) * inverse_std
+    scale = gamma * inverse_std
+    return scale * dy - (scale * inverse_std * dgamma / count) * centred - scale * dbeta / count, dgamma, dbeta
 
 
 def moments(inputs, axes):
