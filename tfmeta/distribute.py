@@ -27,7 +27,7 @@ def set_thread_pools(intra_op: int = 0, inter_op: int = 0) -> None:
     Run it before TensorFlow runs any op: TensorFlow fixes its pools then. On CPU, a meta-batch of several tasks
     of a conv learner runs fastest with `intra_op=1`: each op runs on one thread, and `tf.map_fn` runs as many
     tasks at once as the inter-op pool has threads. Measured on 2 cores (docs/performance.md), this makes the
-    conv4 MAML steps 10-25% shorter. With one task per meta-step (metric learners' single episodes) no tasks
+    conv4 MAML steps 5-25% shorter. With one task per meta-step (metric learners' single episodes) no tasks
     run concurrently: measure before using it there."""
     threading = tf.config.threading
     for name, value, setter in (("intra_op", intra_op, threading.set_intra_op_parallelism_threads),
