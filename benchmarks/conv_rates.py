@@ -32,17 +32,6 @@ LAYERS = {  # name: (input side, input channels, filters)
 }
 
 
-def rate(fn, args: tuple, flops: float, repeats: int = 7) -> float:
-    """GFLOP/s of `fn(*args)` (`flops` per call): the median of `repeats` timed calls after one untimed."""
-    fn(*args).numpy()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args).numpy()
-        times.append(time.perf_counter() - start)
-    return flops / float(np.median(times)) / 1e9
-
-
 def seconds(fn, args: tuple, repeats: int = 21) -> float:
     """The median seconds of `fn(*args)` over `repeats` timed calls after one untimed."""
     fn(*args).numpy()
@@ -52,6 +41,11 @@ def seconds(fn, args: tuple, repeats: int = 21) -> float:
         fn(*args).numpy()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def rate(fn, args: tuple, flops: float, repeats: int = 7) -> float:
+    """GFLOP/s of `fn(*args)` (`flops` per call): the median of `repeats` timed calls after one untimed."""
+    return flops / seconds(fn, args, repeats) / 1e9
 
 
 def padded(channels: int):
