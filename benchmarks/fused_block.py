@@ -1,0 +1,180 @@
+"""Probe (issue 21): conv_net's first block as one fused CPU kernel against TensorFlow's ops, at the workloads' sizes.
+
+Block 0 of conv4 (3x3 convolution of 1 or 3 input channels, batch norm, ReLU, 2x2 max pooling) takes 39-54% of
+the meta-step's op time on workloads b, c and e for 3-14% of its FLOPs (docs/performance.md): its maps are the
+largest of the network, and each of its ops streams them through memory. `benchmarks/kernels/conv_block.cc` does
+the whole block, forward and backward, one image at a time in buffers that stay in cache. This script builds it
+against the installed TensorFlow (g++), checks it against the same block in float64, and times it against
+TensorFlow's ops as tfmeta runs them in a query pass (`keras.layers.Conv2D`, `tfmeta.layers.BatchNormalization`,
+ReLU, `MaxPooling2D`, forward and the gradients of the kernel, bias, scale and offset), alternating, in one process:
+
+  python benchmarks/fused_block.py --threads 1 --rounds 5
+
+It is a measurement, not part of the library: the kernel has no second derivative (MAML's support passes would
+keep TensorFlow's ops) and no XLA or GPU kernel, and the library does not load it.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "conv_block.cc")
+# (name, batch, height, width, input channels, filters): query and support batches of the suite's workloads
+SHAPES = [("b-d query", 75, 28, 28, 1, 64), ("b-d support", 5, 28, 28, 1, 64),
+          ("e query", 75, 84, 84, 3, 32), ("e support", 5, 84, 84, 3, 32)]
+EPSILON = 1e-3  # Keras' BatchNormalization default, which conv_net uses
+
+
+def build(tf) -> str:
+    """Compiles the kernel into a temporary directory; returns the shared library's path."""
+    target = os.path.join(tempfile.mkdtemp(prefix="tfmeta_kernels_"), "conv_block.so")
+    command = ["g++", "-std=c++17", "-O3", "-DNDEBUG", "-march=native", "-mno-avx512fp16", "-shared", "-fPIC", "-w",
+               SOURCE, "-o", target, *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+    subprocess.run(command, check=True)
+    return target
+
+
+def batch_norm(filters: int, dtype: str):
+    """tfmeta's batch norm layer, built (its fused kernels in float32)."""
+    from tfmeta.layers import BatchNormalization
+
+    norm = BatchNormalization(epsilon=EPSILON, dtype=dtype)
+    norm.build((None, None, None, filters))
+    return norm
+
+
+def composite_block(tf, norm, x, kernel, bias, gamma, beta):
+    """The block in TensorFlow's ops, with tfmeta's batch norm layer `norm`."""
+    import keras
+
+    z = tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias)
+    # stateless, with this scale and offset (and no moving-average update): as a meta-step's adapted weights
+    y, _ = norm.stateless_call([gamma, beta], [v.value for v in norm.non_trainable_variables], z, training=True)
+    return keras.ops.max_pool(tf.nn.relu(y), 2, 2, "valid")
+
+
+def check(tf, ops, rng, shape) -> tuple[dict, dict]:
+    """Largest errors of the fused kernel's outputs and gradients, and of TensorFlow's ops in float32, against the
+    block in float64, each relative to the largest value of that output (the bias gradient is zero in exact
+    arithmetic: its absolute error is reported). A pooling window whose two largest values are within rounding of
+    each other can route its gradient to either: such flips dominate the input gradient's error on e's 75 queries,
+    in both float32 computations."""
+    _, n, h, w, ci, c = shape
+    x, kernel, bias, gamma, beta, dy = inputs(rng, n, h, w, ci, c)
+    wide = [tf.constant(v, tf.float64) for v in (x, kernel, bias, gamma, beta)]
+    with tf.GradientTape() as tape:
+        tape.watch(wide)
+        y64 = composite_block(tf, batch_norm(c, "float64"), *wide)
+    reference = [y64, *tape.gradient(y64, wide, tf.constant(dy, tf.float64))]
+    narrow = [tf.constant(v) for v in (x, kernel, bias, gamma, beta)]
+    with tf.GradientTape() as tape:
+        tape.watch(narrow)
+        y32 = composite_block(tf, batch_norm(c, "float32"), *narrow)
+    separate = [y32, *tape.gradient(y32, narrow, tf.constant(dy))]
+    y, mean, variance, covariance, patch_mean = ops.tfmeta_conv_block(x, kernel, bias, gamma, beta, epsilon=EPSILON)
+    statistics = (mean, variance, covariance, patch_mean)
+    dkernel, dbias, dgamma, dbeta = ops.tfmeta_conv_block_grad(dy, x, kernel, bias, gamma, beta, *statistics,
+                                                               epsilon=EPSILON)
+    dx = ops.tfmeta_conv_block_input_grad(dy, x, kernel, bias, gamma, beta, *statistics, dgamma, dbeta,
+                                          epsilon=EPSILON)
+
+    def errors(outputs):
+        found = {}
+        for name, ours, exact in zip(("y", "dx", "dkernel", "dbias", "dgamma", "dbeta"), outputs, reference):
+            error = float(tf.reduce_max(tf.abs(tf.cast(ours, tf.float64) - exact)))
+            found[name] = error if name == "dbias" else error / float(tf.reduce_max(tf.abs(exact)))
+        return found
+
+    return errors((y, dx, dkernel, dbias, dgamma, dbeta)), errors(separate)
+
+
+def inputs(rng, n, h, w, ci, c):
+    import numpy as np
+
+    normal = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    return normal(n, h, w, ci), normal(3, 3, ci, c) * 0.3, normal(c), 1 + 0.1 * normal(c), normal(c), normal(
+        n, h // 2, w // 2, c)
+
+
+def timings(tf, ops, rng, shape, rounds: int, repeats: int) -> dict:
+    """Median seconds of forward + parameter gradients, TensorFlow's ops and the fused kernel alternating."""
+    import numpy as np
+
+    _, n, h, w, ci, c = shape
+    x, kernel, bias, gamma, beta, dy = (tf.constant(v) for v in inputs(rng, n, h, w, ci, c))
+    norm = batch_norm(c, "float32")
+
+    @tf.function
+    def separate(x, kernel, bias, gamma, beta, dy):
+        with tf.GradientTape() as tape:
+            tape.watch([kernel, bias, gamma, beta])
+            y = composite_block(tf, norm, x, kernel, bias, gamma, beta)
+        return tape.gradient(y, [kernel, bias, gamma, beta], dy)
+
+    @tf.function
+    def fused(x, kernel, bias, gamma, beta, dy):
+        _, *statistics = ops.tfmeta_conv_block(x, kernel, bias, gamma, beta, epsilon=EPSILON)
+        return ops.tfmeta_conv_block_grad(dy, x, kernel, bias, gamma, beta, *statistics, epsilon=EPSILON)
+
+    @tf.function
+    def fused_forward(x, kernel, bias, gamma, beta, dy):
+        return ops.tfmeta_conv_block(x, kernel, bias, gamma, beta, epsilon=EPSILON)[0]
+
+    functions = {"separate": separate, "fused": fused, "fused forward": fused_forward}
+    times = {name: [] for name in functions}
+    for name, f in functions.items():
+        tf.nest.map_structure(lambda t: t.numpy(), f(x, kernel, bias, gamma, beta, dy))  # trace
+    for _ in range(rounds):
+        for name, f in functions.items():
+            for _ in range(repeats):
+                start = time.perf_counter()
+                tf.nest.map_structure(lambda t: t.numpy(), f(x, kernel, bias, gamma, beta, dy))
+                times[name].append(time.perf_counter() - start)
+    return {f"{name} s": float(np.median(t)) for name, t in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: TensorFlow's default)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per side and round")
+    parser.add_argument("--out", default="", help="also append the JSON lines to this file")
+    args = parser.parse_args()
+    import tfmeta  # noqa: F401  (first: its TF_ENABLE_ONEDNN_OPTS default, as in meta_step.py)
+
+    import numpy as np
+    import tensorflow as tf
+
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    ops = tf.load_op_library(build(tf))
+    rows = []
+    for shape in SHAPES:
+        rng = np.random.default_rng(0)
+        fused_error, separate_error = check(tf, ops, rng, shape)
+        row = {"shape": shape[0], "batch, height, width, in, out": shape[1:], "threads": args.threads or "default",
+               "max_error": fused_error, "separate_max_error": separate_error, **timings(tf, ops, rng, shape, args.rounds, args.repeats),
+               "tensorflow": tf.__version__}
+        row["speed-up"] = row["separate s"] / row["fused s"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print("\n| shape | TensorFlow's ops | fused kernel | of which forward | speed-up | largest relative error against "
+          "float64: fused / TensorFlow's (input gradient) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        worst = lambda e: max(v for k, v in e.items() if k not in ("dbias", "dx"))  # noqa: E731
+        print(f"| {r['shape']} {tuple(r['batch, height, width, in, out'])} | {1e3 * r['separate s']:.2f} ms | "
+              f"{1e3 * r['fused s']:.2f} ms | {1e3 * r['fused forward s']:.2f} ms | {r['speed-up']:.2f}x | "
+              f"{worst(r['max_error']):.1e} / {worst(r['separate_max_error']):.1e} "
+              f"({r['max_error']['dx']:.1e} / {r['separate_max_error']['dx']:.1e}) |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

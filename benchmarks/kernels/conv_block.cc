@@ -1,0 +1,460 @@
+// A conv_net block with few input channels as one kernel: 3x3 convolution ("same" padding, bias), batch norm with
+// the batch's statistics, ReLU and 2x2 max pooling (stride 2, "valid"), forward and backward.
+//
+// A probe for issue 21 (benchmarks/fused_block.py builds it, checks it against float64 and times it against
+// TensorFlow's ops); it is not part of the library. Why: with 1-3 input channels the convolution does 9-27
+// multiply-adds per output value, so the block is bound by memory, and as separate ops it streams its largest
+// feature maps through memory about a dozen times per forward and backward pass. Here each image is processed
+// alone in buffers that stay in cache (its patches and its convolution's output, recomputed where needed), and only
+// the pooled output is written. Batch norm's statistics need the whole batch before any output: being linear in
+// the patches, the convolution's mean and variance follow from the patches' mean and covariance (9*ci values), so
+// no pass over the maps is spent on them.
+//
+// Batch norm's statistics are over all N*H*W convolution outputs (also those that pooling drops at odd sizes).
+// The backward pass follows the separate ops: the pooled gradient goes to the first maximum of each window, through
+// the ReLU where its input is > 0, then through batch norm and the convolution.
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
+#include "Eigen/Core"
+
+namespace tfmeta {
+namespace {
+
+using ::tensorflow::DEVICE_CPU;
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+using ::tensorflow::errors::InvalidArgument;
+using ::tensorflow::shape_inference::DimensionHandle;
+using ::tensorflow::shape_inference::InferenceContext;
+using ::tensorflow::shape_inference::ShapeHandle;
+typedef int64_t i64;
+
+struct Dims {
+  i64 n, h, w, ci, c, ho, wo, k;  // k = 9 * ci: the length of a patch
+};
+
+using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using MatrixMap = Eigen::Map<Matrix>;
+using ConstMatrixMap = Eigen::Map<const Matrix>;
+using Row = Eigen::Map<const Eigen::RowVectorXf>;
+
+// The image's 3x3 patches as rows of `columns` (h*w x 9*ci), zeros outside the image: column (di*3 + dj)*ci + ch.
+// `padded` ((h+2) x (w+2) x ci, zero borders) holds a copy of the image, so that each patch is three runs.
+void Im2Col(const float* x, const Dims& d, float* padded, float* columns) {
+  const i64 row = (d.w + 2) * d.ci, run = 3 * d.ci;
+  for (i64 i = 0; i < d.h; ++i) std::copy(x + i * d.w * d.ci, x + (i + 1) * d.w * d.ci, padded + (i + 1) * row + d.ci);
+  for (i64 i = 0; i < d.h; ++i) {
+    for (i64 j = 0; j < d.w; ++j) {
+      float* patch = columns + (i * d.w + j) * d.k;
+      for (i64 di = 0; di < 3; ++di) std::copy_n(padded + (i + di) * row + j * d.ci, run, patch + di * run);
+    }
+  }
+}
+
+// The transpose of Im2Col: adds each row of `columns` back onto the positions its patch came from.
+void Col2Im(const float* columns, const Dims& d, float* x) {
+  for (i64 i = 0; i < d.h; ++i) {
+    for (i64 j = 0; j < d.w; ++j) {
+      const float* patch = columns + (i * d.w + j) * d.k;
+      for (i64 di = 0; di < 3; ++di) {
+        for (i64 dj = 0; dj < 3; ++dj) {
+          const i64 r = i + di - 1, s = j + dj - 1;
+          if (r < 0 || r >= d.h || s < 0 || s >= d.w) continue;
+          const float* p = patch + (di * 3 + dj) * d.ci;
+          for (i64 ch = 0; ch < d.ci; ++ch) x[(r * d.w + s) * d.ci + ch] += p[ch];
+        }
+      }
+    }
+  }
+}
+
+// Checks the shapes of (x, kernel, bias, gamma, beta) from input `first` on, and returns the dimensions.
+::tensorflow::Status ReadDims(OpKernelContext* context, int first, Dims* d) {
+  const Tensor& x = context->input(first);
+  const Tensor& kernel = context->input(first + 1);
+  if (x.dims() != 4) {
+    return InvalidArgument("x must be [batch, height, width, channels]; got ", x.shape().DebugString());
+  }
+  if (kernel.dims() != 4 || kernel.dim_size(0) != 3 || kernel.dim_size(1) != 3 || kernel.dim_size(2) != x.dim_size(3)) {
+    return InvalidArgument("kernel must be [3, 3, ", x.dim_size(3), ", filters]; got ", kernel.shape().DebugString());
+  }
+  d->n = x.dim_size(0), d->h = x.dim_size(1), d->w = x.dim_size(2), d->ci = x.dim_size(3);
+  d->c = kernel.dim_size(3), d->ho = d->h / 2, d->wo = d->w / 2, d->k = 9 * d->ci;
+  for (int i = first + 2; i < first + 5; ++i) {
+    if (context->input(i).dims() != 1 || context->input(i).dim_size(0) != d->c) {
+      return InvalidArgument("bias, gamma and beta must be [", d->c, "]; got ", context->input(i).shape().DebugString());
+    }
+  }
+  if (d->n == 0) return InvalidArgument("batch norm needs a batch of at least one example");
+  return ::tensorflow::OkStatus();
+}
+
+// Runs fn(first, last) over images [0, n) on TensorFlow's intra-op threads.
+template <typename Fn>
+void ForImages(OpKernelContext* context, const Dims& d, Fn fn) {
+  auto* workers = context->device()->tensorflow_cpu_worker_threads();
+  const i64 cost = d.h * d.w * d.k * d.c * 6;
+  ::tensorflow::Shard(workers->num_threads, workers->workers, d.n, cost, fn);
+}
+
+// One image at a time, in buffers that stay in cache: its patches and its convolution's output without the bias.
+struct Image {
+  std::vector<float> padded;
+  Matrix columns, z;
+  explicit Image(const Dims& d) : padded((d.h + 2) * (d.w + 2) * d.ci, 0.f), columns(d.h * d.w, d.k), z(d.h * d.w, d.c) {}
+  void Patches(const float* x, const Dims& d, i64 n) { Im2Col(x + n * d.h * d.w * d.ci, d, padded.data(), columns.data()); }
+  void Convolve(const float* x, const float* kernel, const Dims& d, i64 n) {
+    Patches(x, d, n);
+    z.noalias() = columns * ConstMatrixMap(kernel, d.k, d.c);
+  }
+};
+
+// Batch norm's affine map on the convolution's output without its bias: a = z * scale + shift.
+struct Normalization {
+  std::vector<float> scale, shift, inverse;
+  Normalization(const float* bias, const float* gamma, const float* beta, const float* mean, const float* variance,
+                float epsilon, const Dims& d)
+      : scale(d.c), shift(d.c), inverse(d.c) {
+    for (i64 c = 0; c < d.c; ++c) {
+      inverse[c] = 1.f / std::sqrt(variance[c] + epsilon);
+      scale[c] = gamma[c] * inverse[c];
+      shift[c] = beta[c] + (bias[c] - mean[c]) * scale[c];
+    }
+  }
+};
+
+// The 2x2 pooling windows' rows in an image's h*w x c maps: fn(rows[4], pooled index), for every window.
+template <typename Fn>
+inline void ForWindows(const Dims& d, Fn fn) {
+  for (i64 pi = 0; pi < d.ho; ++pi) {
+    for (i64 pj = 0; pj < d.wo; ++pj) {
+      const i64 top = 2 * pi * d.w + 2 * pj;
+      const i64 rows[4] = {top, top + 1, top + d.w, top + d.w + 1};
+      fn(rows, pi * d.wo + pj);
+    }
+  }
+}
+
+class ConvBlockOp : public OpKernel {
+ public:
+  explicit ConvBlockOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    Dims d;
+    OP_REQUIRES_OK(context, ReadDims(context, 0, &d));
+    const float* x = context->input(0).flat<float>().data();
+    const float* kernel = context->input(1).flat<float>().data();
+    const float* bias = context->input(2).flat<float>().data();
+    const float* gamma = context->input(3).flat<float>().data();
+    const float* beta = context->input(4).flat<float>().data();
+    Tensor *y_tensor, *mean_tensor, *variance_tensor, *covariance_tensor, *patch_mean_tensor;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({d.n, d.ho, d.wo, d.c}), &y_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({d.c}), &mean_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({d.c}), &variance_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(3, TensorShape({d.k, d.k}), &covariance_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(4, TensorShape({d.k}), &patch_mean_tensor));
+
+    // The convolution is linear in the patches, so batch norm's statistics follow from the patches' mean m and
+    // covariance C (k x k, from the input alone): mean = bias + m'W, variance = diag(W'CW). The patches are
+    // shifted by the first image's mean per input channel first (no cancellation in C when |m| >> std).
+    std::vector<float> shift(d.k, 0.f);
+    for (i64 ch = 0; ch < d.ci; ++ch) {
+      double total = 0;
+      for (i64 p = 0; p < d.h * d.w; ++p) total += x[p * d.ci + ch];
+      for (i64 o = 0; o < 9; ++o) shift[o * d.ci + ch] = static_cast<float>(total / (d.h * d.w));
+    }
+    const Row shift_row(shift.data(), d.k);
+    const i64 per_image = d.k + d.k * d.k;
+    std::vector<double> sums(d.n * per_image, 0.0);
+    ForImages(context, d, [&](i64 begin, i64 end) {
+      Image image(d);
+      Matrix gram(d.k, d.k);
+      for (i64 n = begin; n < end; ++n) {
+        image.Patches(x, d, n);
+        image.columns.rowwise() -= shift_row;
+        gram.noalias() = image.columns.transpose() * image.columns;
+        const Eigen::RowVectorXf total = image.columns.colwise().sum();
+        double* out = &sums[n * per_image];
+        for (i64 k = 0; k < d.k; ++k) out[k] = total[k];
+        for (i64 i = 0; i < d.k * d.k; ++i) out[d.k + i] = gram.data()[i];
+      }
+    });
+    std::vector<double> total(per_image, 0.0);
+    for (i64 n = 0; n < d.n; ++n)
+      for (i64 i = 0; i < per_image; ++i) total[i] += sums[n * per_image + i];
+    const double count = static_cast<double>(d.n * d.h * d.w);
+    float* covariance = covariance_tensor->flat<float>().data();
+    float* patch_mean = patch_mean_tensor->flat<float>().data();
+    std::vector<double> centred_mean(d.k), cov(d.k * d.k);
+    for (i64 k = 0; k < d.k; ++k) centred_mean[k] = total[k] / count, patch_mean[k] = shift[k] + centred_mean[k];
+    for (i64 k = 0; k < d.k; ++k) {
+      for (i64 l = 0; l < d.k; ++l) {
+        cov[k * d.k + l] = total[d.k + k * d.k + l] / count - centred_mean[k] * centred_mean[l];
+        covariance[k * d.k + l] = static_cast<float>(cov[k * d.k + l]);
+      }
+    }
+    float* mean = mean_tensor->flat<float>().data();
+    float* variance = variance_tensor->flat<float>().data();
+    for (i64 c = 0; c < d.c; ++c) {
+      double m = bias[c], v = 0;
+      for (i64 k = 0; k < d.k; ++k) {
+        const double wk = kernel[k * d.c + c];
+        m += (shift[k] + centred_mean[k]) * wk;
+        double row = 0;
+        for (i64 l = 0; l < d.k; ++l) row += cov[k * d.k + l] * kernel[l * d.c + c];
+        v += wk * row;
+      }
+      mean[c] = static_cast<float>(m), variance[c] = static_cast<float>(std::max(v, 0.0));
+    }
+
+    const Normalization norm(bias, gamma, beta, mean, variance, epsilon_, d);
+    float* y = y_tensor->flat<float>().data();
+    ForImages(context, d, [&](i64 begin, i64 end) {
+      Image image(d);
+      const float *scale = norm.scale.data(), *offset = norm.shift.data();
+      for (i64 n = begin; n < end; ++n) {
+        image.Convolve(x, kernel, d, n);
+        float* yn = y + n * d.ho * d.wo * d.c;
+        const float* z = image.z.data();
+        ForWindows(d, [&](const i64* rows, i64 pooled) {
+          const float *z0 = z + rows[0] * d.c, *z1 = z + rows[1] * d.c, *z2 = z + rows[2] * d.c,
+                      *z3 = z + rows[3] * d.c;
+          float* out = yn + pooled * d.c;
+#pragma GCC ivdep
+          for (i64 c = 0; c < d.c; ++c) {
+            // max, then ReLU, of the normalised values; a NaN anywhere in the window comes out as NaN
+            const float v0 = z0[c] * scale[c] + offset[c], v1 = z1[c] * scale[c] + offset[c];
+            const float v2 = z2[c] * scale[c] + offset[c], v3 = z3[c] * scale[c] + offset[c];
+            float m = v0;
+            m = (m >= v1) ? m : v1, m = (m >= v2) ? m : v2, m = (m >= v3) ? m : v3;
+            const float relu = m > 0.f ? m : 0.f;
+            out[c] = (m != m) ? m : relu;
+          }
+        });
+      }
+    });
+  }
+
+ private:
+  float epsilon_;
+};
+
+// Inputs of the two gradient kernels: dy, (x, kernel, bias, gamma, beta), then the forward pass's mean, variance,
+// covariance and patch_mean.
+struct GradInputs {
+  const float *dy, *x, *kernel, *bias, *gamma, *beta, *mean, *variance, *covariance, *patch_mean;
+  ::tensorflow::Status Read(OpKernelContext* context, Dims* d) {
+    TF_RETURN_IF_ERROR(ReadDims(context, 1, d));
+    const Tensor& dy_tensor = context->input(0);
+    if (dy_tensor.shape() != TensorShape({d->n, d->ho, d->wo, d->c})) {
+      return InvalidArgument("dy must be [", d->n, ", ", d->ho, ", ", d->wo, ", ", d->c, "]; got ",
+                             dy_tensor.shape().DebugString());
+    }
+    dy = dy_tensor.flat<float>().data(), x = context->input(1).flat<float>().data();
+    kernel = context->input(2).flat<float>().data(), bias = context->input(3).flat<float>().data();
+    gamma = context->input(4).flat<float>().data(), beta = context->input(5).flat<float>().data();
+    mean = context->input(6).flat<float>().data(), variance = context->input(7).flat<float>().data();
+    covariance = context->input(8).flat<float>().data(), patch_mean = context->input(9).flat<float>().data();
+    return ::tensorflow::OkStatus();
+  }
+};
+
+// One image's gradient at the convolution's output from the pooled gradient `dy`, through pooling and ReLU only:
+// each window's gradient goes to its first maximum where the normalised value there is > 0 (as MaxPoolGrad then
+// ReluGrad route it), zero elsewhere. Positions outside every window (odd sizes) stay as they are (zero).
+void Route(const Matrix& z, const Normalization& norm, const float* dy, const Dims& d, Matrix* routed) {
+  const float *scale = norm.scale.data(), *offset = norm.shift.data();
+  float* out = routed->data();
+  ForWindows(d, [&](const i64* rows, i64 pooled) {
+    const float* g = dy + pooled * d.c;
+    const float *z0 = z.data() + rows[0] * d.c, *z1 = z.data() + rows[1] * d.c, *z2 = z.data() + rows[2] * d.c,
+                *z3 = z.data() + rows[3] * d.c;
+    float *o0 = out + rows[0] * d.c, *o1 = out + rows[1] * d.c, *o2 = out + rows[2] * d.c, *o3 = out + rows[3] * d.c;
+#pragma GCC ivdep
+    for (i64 c = 0; c < d.c; ++c) {  // branch-free, so that it vectorises over channels
+      const float v0 = z0[c] * scale[c] + offset[c], v1 = z1[c] * scale[c] + offset[c];
+      const float v2 = z2[c] * scale[c] + offset[c], v3 = z3[c] * scale[c] + offset[c];
+      // s_u = 1 where v_u beats the maximum of v_0 .. v_(u-1); the first maximum is the last u with s_u = 1
+      const float s1 = v1 > v0 ? 1.f : 0.f, t1 = v1 > v0 ? v1 : v0;
+      const float s2 = v2 > t1 ? 1.f : 0.f, t2 = v2 > t1 ? v2 : t1;
+      const float s3 = v3 > t2 ? 1.f : 0.f, top = v3 > t2 ? v3 : t2;
+      const float gc = top > 0.f ? g[c] : 0.f;
+      o3[c] = gc * s3;
+      o2[c] = gc * s2 * (1.f - s3);
+      o1[c] = gc * s1 * (1.f - s2) * (1.f - s3);
+      o0[c] = gc * (1.f - s1) * (1.f - s2) * (1.f - s3);
+    }
+  });
+}
+
+class ConvBlockGradOp : public OpKernel {
+ public:
+  explicit ConvBlockGradOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    Dims d;
+    GradInputs in;
+    OP_REQUIRES_OK(context, in.Read(context, &d));
+    const Normalization norm(in.bias, in.gamma, in.beta, in.mean, in.variance, epsilon_, d);
+    // Per image: the sums of da and of da * (z - mean), and P = patches' da (k x c).
+    const i64 per_image = 2 * d.c + d.k * d.c;
+    std::vector<double> sums(d.n * per_image, 0.0);
+    Eigen::RowVectorXf offset(d.c);  // mean - bias: z (without bias) - offset = z (with bias) - mean
+    for (i64 c = 0; c < d.c; ++c) offset[c] = in.mean[c] - in.bias[c];
+    ForImages(context, d, [&](i64 begin, i64 end) {
+      Image image(d);
+      Matrix routed = Matrix::Zero(d.h * d.w, d.c), filter(d.k, d.c);
+      for (i64 n = begin; n < end; ++n) {
+        image.Convolve(in.x, in.kernel, d, n);
+        Route(image.z, norm, in.dy + n * d.ho * d.wo * d.c, d, &routed);
+        filter.noalias() = image.columns.transpose() * routed;
+        const Eigen::RowVectorXf dbeta = routed.colwise().sum();
+        const Eigen::RowVectorXf dgamma = (routed.cwiseProduct(image.z).colwise().sum() -
+                                           dbeta.cwiseProduct(offset));
+        double* total = &sums[n * per_image];
+        for (i64 c = 0; c < d.c; ++c) total[c] = dbeta[c], total[d.c + c] = dgamma[c];
+        for (i64 i = 0; i < d.k * d.c; ++i) total[2 * d.c + i] = filter.data()[i];
+      }
+    });
+    std::vector<double> total(per_image, 0.0);
+    for (i64 n = 0; n < d.n; ++n)
+      for (i64 i = 0; i < per_image; ++i) total[i] += sums[n * per_image + i];
+    const double *dbeta = total.data(), *dgamma_raw = dbeta + d.c, *filter = dgamma_raw + d.c;
+
+    Tensor *dkernel_tensor, *dbias_tensor, *dgamma_tensor, *dbeta_tensor;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({3, 3, d.ci, d.c}), &dkernel_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({d.c}), &dbias_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({d.c}), &dgamma_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(3, TensorShape({d.c}), &dbeta_tensor));
+    float* dkernel = dkernel_tensor->flat<float>().data();
+    for (i64 c = 0; c < d.c; ++c) {
+      // dz = scale * (da - dbeta / M - (z - mean) * inverse * dgamma / M) at every position M; its sum is zero,
+      // and the sum of (z - mean) * patch over the positions is M * C W.
+      const double scale = norm.scale[c], dgamma = norm.inverse[c] * dgamma_raw[c];
+      dbias_tensor->flat<float>()(c) = 0.f;
+      dgamma_tensor->flat<float>()(c) = static_cast<float>(dgamma);
+      dbeta_tensor->flat<float>()(c) = static_cast<float>(dbeta[c]);
+      for (i64 k = 0; k < d.k; ++k) {
+        double centred_patch = 0;
+        for (i64 l = 0; l < d.k; ++l) centred_patch += static_cast<double>(in.covariance[k * d.k + l]) * in.kernel[l * d.c + c];
+        const i64 i = k * d.c + c;
+        dkernel[i] = static_cast<float>(scale * (filter[i] - dbeta[c] * in.patch_mean[k] -
+                                                 norm.inverse[c] * dgamma * centred_patch));
+      }
+    }
+  }
+
+ private:
+  float epsilon_;
+};
+
+class ConvBlockInputGradOp : public OpKernel {
+ public:
+  explicit ConvBlockInputGradOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    Dims d;
+    GradInputs in;
+    OP_REQUIRES_OK(context, in.Read(context, &d));
+    const Normalization norm(in.bias, in.gamma, in.beta, in.mean, in.variance, epsilon_, d);
+    const float* dgamma = context->input(10).flat<float>().data();
+    const float* dbeta = context->input(11).flat<float>().data();
+    Tensor* dx_tensor;
+    OP_REQUIRES_OK(context, context->allocate_output(0, context->input(1).shape(), &dx_tensor));
+    float* dx = dx_tensor->flat<float>().data();
+    std::fill(dx, dx + dx_tensor->NumElements(), 0.f);
+    // dz = scale * da + offset + slope * z (z without its bias), with batch norm's dense terms in offset and slope.
+    const float count = static_cast<float>(d.n * d.h * d.w);
+    Eigen::RowVectorXf scale(d.c), offset(d.c), slope(d.c);
+    for (i64 c = 0; c < d.c; ++c) {
+      scale[c] = norm.scale[c];
+      slope[c] = -norm.scale[c] * norm.inverse[c] * dgamma[c] / count;
+      offset[c] = -norm.scale[c] * dbeta[c] / count + slope[c] * (in.bias[c] - in.mean[c]);
+    }
+    ForImages(context, d, [&](i64 begin, i64 end) {
+      Image image(d);
+      Matrix routed = Matrix::Zero(d.h * d.w, d.c), dcolumns(d.h * d.w, d.k);
+      for (i64 n = begin; n < end; ++n) {
+        image.Convolve(in.x, in.kernel, d, n);
+        Route(image.z, norm, in.dy + n * d.ho * d.wo * d.c, d, &routed);
+        image.z = (routed.array().rowwise() * scale.array() + image.z.array().rowwise() * slope.array()).rowwise() +
+                  offset.array();
+        dcolumns.noalias() = image.z * ConstMatrixMap(in.kernel, d.k, d.c).transpose();
+        Col2Im(dcolumns.data(), d, dx + n * d.h * d.w * d.ci);
+      }
+    });
+  }
+
+ private:
+  float epsilon_;
+};
+
+}  // namespace
+
+REGISTER_OP("TfmetaConvBlock")
+    .Input("x: float").Input("kernel: float").Input("bias: float").Input("gamma: float").Input("beta: float")
+    .Output("y: float").Output("mean: float").Output("variance: float").Output("covariance: float")
+    .Output("patch_mean: float")
+    .Attr("epsilon: float")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle x, kernel;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &kernel));
+      DimensionHandle height, width, patch;
+      TF_RETURN_IF_ERROR(c->Divide(c->Dim(x, 1), 2, false, &height));
+      TF_RETURN_IF_ERROR(c->Divide(c->Dim(x, 2), 2, false, &width));
+      TF_RETURN_IF_ERROR(c->Multiply(c->Dim(x, 3), 9, &patch));
+      c->set_output(0, c->MakeShape({c->Dim(x, 0), height, width, c->Dim(kernel, 3)}));
+      c->set_output(1, c->Vector(c->Dim(kernel, 3)));
+      c->set_output(2, c->Vector(c->Dim(kernel, 3)));
+      c->set_output(3, c->Matrix(patch, patch));
+      c->set_output(4, c->Vector(patch));
+      return ::tensorflow::OkStatus();
+    })
+    .Doc("tfmeta: 3x3 convolution, batch norm (batch statistics), ReLU, 2x2 max pooling; y, mean, biased variance,"
+         " and the patches' covariance and mean, which the gradient kernels take.");
+
+REGISTER_OP("TfmetaConvBlockGrad")
+    .Input("dy: float").Input("x: float").Input("kernel: float").Input("bias: float").Input("gamma: float")
+    .Input("beta: float").Input("mean: float").Input("variance: float").Input("covariance: float")
+    .Input("patch_mean: float")
+    .Output("dkernel: float").Output("dbias: float").Output("dgamma: float").Output("dbeta: float")
+    .Attr("epsilon: float")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(2));
+      for (int i = 1; i < 4; ++i) c->set_output(i, c->input(3));
+      return ::tensorflow::OkStatus();
+    });
+
+REGISTER_OP("TfmetaConvBlockInputGrad")
+    .Input("dy: float").Input("x: float").Input("kernel: float").Input("bias: float").Input("gamma: float")
+    .Input("beta: float").Input("mean: float").Input("variance: float").Input("covariance: float")
+    .Input("patch_mean: float").Input("dgamma: float").Input("dbeta: float")
+    .Output("dx: float")
+    .Attr("epsilon: float")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(1));
+      return ::tensorflow::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("TfmetaConvBlock").Device(DEVICE_CPU), ConvBlockOp);
+REGISTER_KERNEL_BUILDER(Name("TfmetaConvBlockGrad").Device(DEVICE_CPU), ConvBlockGradOp);
+REGISTER_KERNEL_BUILDER(Name("TfmetaConvBlockInputGrad").Device(DEVICE_CPU), ConvBlockInputGradOp);
+
+}  // namespace tfmeta
