@@ -145,11 +145,20 @@ inline void ForWindows(const Dims& d, Fn fn) {
   }
 }
 
-class ConvBlockOp : public OpKernel {
+// The three kernels' common part: batch norm's epsilon attribute.
+class EpsilonKernel : public OpKernel {
  public:
-  explicit ConvBlockOp(OpKernelConstruction* context) : OpKernel(context) {
+  explicit EpsilonKernel(OpKernelConstruction* context) : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
   }
+
+ protected:
+  float epsilon_;
+};
+
+class ConvBlockOp : public EpsilonKernel {
+ public:
+  using EpsilonKernel::EpsilonKernel;
 
   void Compute(OpKernelContext* context) override {
     Dims d;
@@ -246,9 +255,6 @@ class ConvBlockOp : public OpKernel {
       }
     });
   }
-
- private:
-  float epsilon_;
 };
 
 // Inputs of the two gradient kernels: dy, (x, kernel, bias, gamma, beta), then the forward pass's mean, variance,
@@ -299,11 +305,9 @@ void Route(const Matrix& z, const Normalization& norm, const float* dy, const Di
   });
 }
 
-class ConvBlockGradOp : public OpKernel {
+class ConvBlockGradOp : public EpsilonKernel {
  public:
-  explicit ConvBlockGradOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
-  }
+  using EpsilonKernel::EpsilonKernel;
 
   void Compute(OpKernelContext* context) override {
     Dims d;
@@ -357,16 +361,11 @@ class ConvBlockGradOp : public OpKernel {
       }
     }
   }
-
- private:
-  float epsilon_;
 };
 
-class ConvBlockInputGradOp : public OpKernel {
+class ConvBlockInputGradOp : public EpsilonKernel {
  public:
-  explicit ConvBlockInputGradOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
-  }
+  using EpsilonKernel::EpsilonKernel;
 
   void Compute(OpKernelContext* context) override {
     Dims d;
@@ -400,9 +399,6 @@ class ConvBlockInputGradOp : public OpKernel {
       }
     });
   }
-
- private:
-  float epsilon_;
 };
 
 }  // namespace
