@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["tfmeta", "tfmeta.*"]),
+    package_data={"tfmeta": ["kernels/*.cc"]},  # compiled at first use (tfmeta.kernels)
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.21,<2.22",

@@ -1,41 +1,26 @@
-"""Probe (issue 21): conv_net's first block as one fused CPU kernel against TensorFlow's ops, at the workloads' sizes.
+"""conv_net's first block as one fused CPU kernel against TensorFlow's ops, at the workloads' sizes (issue 21).
 
-Block 0 of conv4 (3x3 convolution of 1 or 3 input channels, batch norm, ReLU, 2x2 max pooling) takes 39-54% of
+Block 0 of conv4 (3x3 convolution of 1 or 3 input channels, batch norm, ReLU, 2x2 max pooling) took 39-54% of
 the meta-step's op time on workloads b, c and e for 3-14% of its FLOPs (docs/performance.md): its maps are the
-largest of the network, and each of its ops streams them through memory. `benchmarks/kernels/conv_block.cc` does
-the whole block, forward and backward, one image at a time in buffers that stay in cache. This script builds it
-against the installed TensorFlow (g++), checks it against the same block in float64, and times it against
-TensorFlow's ops as tfmeta runs them in a query pass (`keras.layers.Conv2D`, `tfmeta.layers.BatchNormalization`,
-ReLU, `MaxPooling2D`, forward and the gradients of the kernel, bias, scale and offset), alternating, in one process:
+largest of the network, and each of its ops streams them through memory. `tfmeta/kernels/conv_block.cc` does the
+whole block, forward and backward, one image at a time in buffers that stay in cache; `conv_net` uses it where no
+tape records its backward pass (`tfmeta.kernels.conv_block`). This script checks it against the same block in
+float64 and times it against TensorFlow's ops as tfmeta runs them without it (`keras.layers.Conv2D`,
+`tfmeta.layers.BatchNormalization`, ReLU, max pooling; forward and the gradients of the kernel, bias, scale and
+offset), alternating, in one process:
 
   python benchmarks/fused_block.py --threads 1 --rounds 5
-
-It is a measurement, not part of the library: the kernel has no second derivative (MAML's support passes would
-keep TensorFlow's ops) and no XLA or GPU kernel, and the library does not load it.
 """
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "conv_block.cc")
 # (name, batch, height, width, input channels, filters): query and support batches of the suite's workloads
 SHAPES = [("b-d query", 75, 28, 28, 1, 64), ("b-d support", 5, 28, 28, 1, 64),
           ("e query", 75, 84, 84, 3, 32), ("e support", 5, 84, 84, 3, 32)]
 EPSILON = 1e-3  # Keras' BatchNormalization default, which conv_net uses
-
-
-def build(tf) -> str:
-    """Compiles the kernel into a temporary directory; returns the shared library's path."""
-    target = os.path.join(tempfile.mkdtemp(prefix="tfmeta_kernels_"), "conv_block.so")
-    command = ["g++", "-std=c++17", "-O3", "-DNDEBUG", "-march=native", "-mno-avx512fp16", "-shared", "-fPIC", "-w",
-               SOURCE, "-o", target, *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
-    subprocess.run(command, check=True)
-    return target
 
 
 def batch_norm(filters: int, dtype: str):
@@ -144,14 +129,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per side and round")
     parser.add_argument("--out", default="", help="also append the JSON lines to this file")
     args = parser.parse_args()
-    import tfmeta  # noqa: F401  (first: its TF_ENABLE_ONEDNN_OPTS default, as in meta_step.py)
+    import tfmeta  # first: its TF_ENABLE_ONEDNN_OPTS default, as in meta_step.py
 
     import numpy as np
     import tensorflow as tf
 
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    ops = tf.load_op_library(build(tf))
+    ops = tfmeta.kernels.load()
+    if ops is None:
+        raise SystemExit("tfmeta's fused kernels are off or did not build (see the warning above)")
     rows = []
     for shape in SHAPES:
         rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ import os
 # TensorFlow; an explicit TF_ENABLE_ONEDNN_OPTS wins.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-from tfmeta import data, distribute, episodes, layers, likelihoods, metric, models, tasks, warp
+from tfmeta import data, distribute, episodes, kernels, layers, likelihoods, metric, models, tasks, warp
 from tfmeta.adapted import TransductiveModel
 from tfmeta.algorithms import (ABML, BMAML, EMAML, IMAML, MALTML, MAML, PLATIPUS, ContinualWarpGrad, Leap, Reptile,
                                WarpGrad)

@@ -36,7 +36,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from tfmeta import checks
+from tfmeta import checks, kernels
 from tfmeta import losses
 from tfmeta.algorithms.particles import SamplingLearner
 from tfmeta.data.classes import ImagePreprocessing
@@ -225,10 +225,11 @@ def export_meta_learner(meta_learner: EpisodicLearner, export_dir: str, steps: O
         endpoints["serving_with_samples"] = (adapt_with_samples, [
             *inputs(image_dtype), tf.TensorSpec([], tf.int32, name="num_samples"),
             tf.TensorSpec([], tf.int32, name="seed")])
-    functions = {name: archive.add_endpoint(name, fn, input_signature=signature)
-                 for name, (fn, signature) in endpoints.items()}
-    archive.write_out(export_dir, verbose=False)
-    return {name: function.get_concrete_function() for name, function in functions.items()}
+    with kernels.disabled():  # a served model must load without tfmeta: TensorFlow's own ops only
+        functions = {name: archive.add_endpoint(name, fn, input_signature=signature)
+                     for name, (fn, signature) in endpoints.items()}
+        archive.write_out(export_dir, verbose=False)
+        return {name: function.get_concrete_function() for name, function in functions.items()}
 
 
 def save_adapted(model: keras.Model, directory: str) -> None:
@@ -240,5 +241,6 @@ def save_adapted(model: keras.Model, directory: str) -> None:
     archive.track(model)
     inputs = getattr(model, "inputs", None) or model.learner.inputs  # a TransductiveModel wraps the learner
     spec = tf.TensorSpec([None, *inputs[0].shape[1:]], inputs[0].dtype, name="x")
-    archive.add_endpoint("serving_default", lambda x: model(x, training=False), input_signature=[spec])
-    archive.write_out(os.path.join(directory, "saved_model"), verbose=False)
+    with kernels.disabled():  # as in `export_meta_learner`
+        archive.add_endpoint("serving_default", lambda x: model(x, training=False), input_signature=[spec])
+        archive.write_out(os.path.join(directory, "saved_model"), verbose=False)

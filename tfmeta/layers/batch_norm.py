@@ -84,11 +84,17 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if update:
             count = tf.cast(tf.size(x) // channels, variance.dtype)
             # The fused op returns the unbiased variance (Bessel's correction); Keras tracks the biased one.
-            biased = tf.where(count > 1, tf.stop_gradient(variance) * (count - 1) / count, tf.zeros_like(variance))
-            self.moving_mean.assign(self.moving_mean * self.momentum + tf.stop_gradient(mean) * (1.0 - self.momentum))
-            self.moving_variance.assign(self.moving_variance * self.momentum + biased * (1.0 - self.momentum))
+            self.update_moving_statistics(mean, variance * (count - 1) / count, count)
         y = y if len(inputs.shape) == 4 else tf.reshape(y, tf.shape(inputs))
         return ops.cast(y, self.compute_dtype)
+
+    def update_moving_statistics(self, mean, variance, count) -> None:
+        """Moves the moving averages towards a batch's `mean` and biased `variance` over `count` values per channel
+        (the variance of a single value counts as 0), without gradient."""
+        variance = tf.where(count > 1, variance, tf.zeros_like(variance))
+        self.moving_mean.assign(self.moving_mean * self.momentum + tf.stop_gradient(mean) * (1.0 - self.momentum))
+        self.moving_variance.assign(
+            self.moving_variance * self.momentum + tf.stop_gradient(variance) * (1.0 - self.momentum))
 
     def _moments(self, inputs, mask):
         if mask is not None:

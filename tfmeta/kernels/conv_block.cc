@@ -1,8 +1,8 @@
 // A conv_net block with few input channels as one kernel: 3x3 convolution ("same" padding, bias), batch norm with
 // the batch's statistics, ReLU and 2x2 max pooling (stride 2, "valid"), forward and backward.
 //
-// A probe for issue 21 (benchmarks/fused_block.py builds it, checks it against float64 and times it against
-// TensorFlow's ops); it is not part of the library. Why: with 1-3 input channels the convolution does 9-27
+// tfmeta.kernels builds this file at first use; tfmeta.kernels.conv_block gives it its gradient and conv_net uses it
+// for its first block (benchmarks/fused_block.py times it against TensorFlow's ops). Why: with 1-3 input channels the convolution does 9-27
 // multiply-adds per output value, so the block is bound by memory, and as separate ops it streams its largest
 // feature maps through memory about a dozen times per forward and backward pass. Here each image is processed
 // alone in buffers that stay in cache (its patches and its convolution's output, recomputed where needed), and only

@@ -1,0 +1,133 @@
+"""tfmeta's fused CPU kernel for conv_net's first block (`tfmeta.kernels`): the layers' results and exact
+meta-gradients to second order, at the size of a 5-way 15-query episode, and only where the kernel may run."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import classification_episodes, values
+
+import tfmeta
+from tfmeta import export, kernels
+
+SHAPE = (28, 28, 1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """The kernels build on every test machine (g++ and TensorFlow's headers); a failure here names the cause."""
+    assert kernels.load() is not None, "tfmeta's fused kernels did not build: see the RuntimeWarning above"
+
+
+def learner(dtype, seed=0):
+    keras.utils.set_random_seed(seed)
+    return tfmeta.models.conv_net(SHAPE, outputs=5, filters=8, blocks=2, dtype=dtype)
+
+
+def op_types(concrete_function) -> list:
+    graph = concrete_function.graph.as_graph_def()
+    return [node.op for function in graph.library.function for node in function.node_def] + [
+        node.op for node in graph.node]
+
+
+def episodes(dtype):
+    return {k: v if v.dtype.is_integer else tf.cast(v, dtype)
+            for k, v in classification_episodes(tasks=2, ways=5, shots=1, queries=15, shape=SHAPE).items()}
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_fused_block_gives_the_float64_layers_meta_gradients(first_order):
+    """float32 conv_net runs block 0 as the fused kernel; float64 (the finite-difference-checked layers) cannot.
+    Same weights and 75 queries per task: equal meta-gradients, losses and moving statistics, to second order."""
+    fused, exact = learner("float32"), learner("float64")
+    exact.set_weights(fused.get_weights())
+    results = []
+    for model, dtype in ((fused, "float32"), (exact, "float64")):
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dtype)
+        meta = tfmeta.MAML(model, loss=loss, update_rule=tfmeta.Sgd(0.4), inner_steps=2, first_order=first_order)
+        compute = tf.function(meta.compute_meta_gradients)
+        ops = op_types(compute.get_concrete_function(episodes(dtype)))
+        # two support passes and the query pass per task; the fused backward kernel wherever no tape records the
+        # backward pass (the query pass, the meta-gradient through the support passes' outputs, first-order steps)
+        assert ops.count("TfmetaConvBlock") == (3 if model is fused else 0)
+        assert ops.count("TfmetaConvBlockGrad") == (3 if model is fused else 0)
+        grads, logs, state = compute(episodes(dtype))
+        results.append(([np.asarray(g, "float64") for g in grads], float(logs["loss"]), values(state)))
+    (g32, loss32, state32), (g64, loss64, state64) = results
+    assert loss32 == pytest.approx(loss64, rel=1e-5)
+    for a, b, variable in zip(g32, g64, fused.trainable_variables):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5, err_msg=variable.path)  # conv biases: zero
+    for a, b in zip(state32, state64):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_block_forward_input_gradient_and_moving_statistics_match_the_layers():
+    """The learner's output, its gradient with respect to the images (the kernel's input-gradient op) and the
+    updated moving statistics, in training and at inference, against the layers; a NaN pixel gives the same
+    outputs as in them."""
+    model = learner("float32")
+    x = tf.constant(np.random.default_rng(1).normal(size=(75, *SHAPE)), tf.float32)
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    @tf.function
+    def run(x, training):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y, state = model.stateless_call(trainable, non_trainable, x, training=training)
+            loss = tf.reduce_sum(tf.sin(y))
+        return y, tape.gradient(loss, x), state
+
+    for training in (True, False):
+        fused_ops = op_types(run.get_concrete_function(x, training))
+        assert "TfmetaConvBlock" in fused_ops and "TfmetaConvBlockInputGrad" in fused_ops
+        fused = run(x, training)
+        with kernels.disabled():
+            layers = tf.function(run.python_function)(x, training)
+        for a, b in zip(tf.nest.flatten(fused), tf.nest.flatten(layers)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    bad = tf.tensor_scatter_nd_update(x, [[3, 5, 5, 0]], [np.nan])
+    fused_y = run(bad, True)[0]
+    with kernels.disabled():
+        layers_y = tf.function(run.python_function)(bad, True)[0]
+    np.testing.assert_array_equal(np.isnan(fused_y), np.isnan(layers_y))
+    # the kernel's own maps are NaN (oneDNN's max pooling in the next block, as in the layers, drops NaN)
+    conv, norm = model.get_layer("conv_0"), model.get_layer("norm_0")
+    maps = kernels.load().tfmeta_conv_block(bad, conv.kernel, conv.bias, norm.gamma, norm.beta, epsilon=1e-3)[0]
+    assert np.isnan(maps).all()
+
+
+def test_kernel_is_not_used_under_xla_disabled_or_in_exports(tmp_path):
+    meta = tfmeta.MAML(learner("float32"), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       update_rule=tfmeta.Sgd(0.4), inner_steps=1)
+    data = episodes("float32")
+    assert "TfmetaConvBlock" in op_types(tf.function(meta.compute_meta_gradients).get_concrete_function(data))
+    xla = tf.function(meta.compute_meta_gradients, jit_compile=True).get_concrete_function(data)
+    assert "TfmetaConvBlock" not in op_types(xla)
+    with kernels.disabled():
+        assert "TfmetaConvBlock" not in op_types(tf.function(meta.compute_meta_gradients).get_concrete_function(data))
+    export.export_meta_learner(meta, str(tmp_path / "served"))
+    with open(tmp_path / "served" / "saved_model.pb", "rb") as f:
+        assert b"TfmetaConvBlock" not in f.read()
+    # the served model (TensorFlow's ops) adapts and predicts as the meta-learner (the kernel) does
+    served = tf.saved_model.load(str(tmp_path / "served")).signatures["serving_default"]
+    task = {k: v[0] for k, v in data.items()}
+    logits = served(support_x=task["support_x"], support_y=task["support_y"], query_x=task["query_x"])["logits"]
+    adapted = meta.adapt(task["support_x"], task["support_y"])
+    np.testing.assert_allclose(logits, adapted.predict(task["query_x"], batch_size=75, verbose=0), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_without_a_compiler_the_layers_run_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_library", None)
+    monkeypatch.setattr(kernels, "_failed", False)
+    monkeypatch.setenv("TFMETA_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_command", lambda target: ["false", target])
+    with pytest.warns(RuntimeWarning, match="could not build its fused CPU kernels"):
+        assert kernels.load() is None
+    model = learner("float32")
+    call = tf.function(lambda x: model(x, training=True)).get_concrete_function(tf.TensorSpec((5, *SHAPE)))
+    assert "TfmetaConvBlock" not in op_types(call)
+    monkeypatch.setattr(kernels, "_failed", False)
+    monkeypatch.setenv("TFMETA_FUSED_KERNELS", "0")
+    assert kernels.load() is None

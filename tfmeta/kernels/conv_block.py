@@ -1,0 +1,99 @@
+"""conv_net's first block as one fused CPU kernel: 3x3 convolution, batch norm with the batch's statistics, ReLU and
+2x2 max pooling, on inputs with few channels (images: 1 or 3).
+
+Why: with so few input channels the convolution does 9-27 multiply-adds per output value, so the block is bound by
+memory, and as separate ops it streams the network's largest feature maps through memory about a dozen times per
+forward and backward pass. It took 39-54% of a conv4 meta-step's op time for 3-14% of its FLOPs
+(docs/performance.md, issue 21). The kernel (`conv_block.cc`) processes one image at a time in buffers that stay in
+cache and writes only the pooled output: on a query pass of 75 Omniglot images, forward and backward, it is 3x
+faster than TensorFlow's ops, and at least as accurate.
+
+The kernel has a first derivative only. Where a gradient tape records the backward pass (MAML differentiates its
+support passes' gradients), the backward pass is the separate ops' own gradient, recomputed from the block's inputs,
+so that higher derivatives stay exact; elsewhere (query passes, first-order steps) it is the fused gradient kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import keras
+import tensorflow as tf
+from tensorflow.python.eager import record
+
+from tfmeta.layers.batch_norm import BatchNormalization, _fused_batch_norm
+
+MAX_INPUT_CHANNELS = 4  # measured to win with 1 and 3 (docs/performance.md); more channels make it compute-bound
+
+
+def fused_conv_block(ops, x, kernel, bias, gamma, beta, epsilon: float,
+                     separate: Callable) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`(pooled output, batch mean, biased batch variance)` of the block through the kernel in `ops`, with the
+    gradient described in the module docstring; `separate(x, kernel, bias, gamma, beta)` is the pooled output in
+    separate, differentiable ops."""
+
+    @tf.custom_gradient
+    def forward(x, kernel, bias, gamma, beta):
+        y, mean, variance, covariance, patch_mean = ops.tfmeta_conv_block(x, kernel, bias, gamma, beta,
+                                                                          epsilon=epsilon)
+
+        def backward(dy, dmean, dvariance):
+            del dmean, dvariance  # the statistics only feed the moving averages, under a stop-gradient
+            inputs = [x, kernel, bias, gamma, beta]
+            with tf.name_scope("conv_block_grad"):
+                if record.could_possibly_record():  # this backward pass is itself differentiated
+                    with tf.GradientTape() as tape:
+                        tape.watch(inputs)
+                        y_separate = separate(*inputs)
+                    return tape.gradient(y_separate, inputs, dy)
+                statistics = (mean, variance, covariance, patch_mean)
+                dkernel, dbias, dgamma, dbeta = ops.tfmeta_conv_block_grad(dy, *inputs, *statistics,
+                                                                           epsilon=epsilon)
+                dx = ops.tfmeta_conv_block_input_grad(dy, *inputs, *statistics, dgamma, dbeta, epsilon=epsilon)
+                return dx, dkernel, dbias, dgamma, dbeta
+
+        return (y, mean, variance), backward
+
+    return forward(x, kernel, bias, gamma, beta)
+
+
+def fusable_layers(layers: list) -> Optional[tuple]:
+    """`(conv, norm)` if `layers` start with conv_net's first block in the form the kernel computes (a 3x3 "same"
+    convolution with bias and no regularizer, tfmeta's batch norm over channels, ReLU, 2x2 max pooling, all in
+    float32, channels last), else None."""
+    if len(layers) < 4:
+        return None
+    conv, norm, act, pool = layers[:4]
+    return (conv, norm) if (
+        type(conv) is keras.layers.Conv2D and conv.kernel_size == (3, 3) and conv.strides == (1, 1)
+        and conv.padding == "same" and conv.dilation_rate == (1, 1) and conv.groups == 1 and conv.use_bias
+        and conv.data_format == "channels_last" and conv.activation is keras.activations.linear
+        and conv.kernel_regularizer is None and conv.bias_regularizer is None and conv.activity_regularizer is None
+        and type(norm) is BatchNormalization and norm.axis in (-1, 3) and not norm.renorm
+        and type(act) is keras.layers.Activation and act.activation is keras.activations.relu
+        and type(pool) is keras.layers.MaxPooling2D and pool.pool_size == (2, 2) and pool.strides == (2, 2)
+        and pool.padding == "valid" and pool.data_format == "channels_last"
+        and all(layer.compute_dtype == "float32" for layer in (conv, norm, act, pool))
+        and conv.input.shape[-1] is not None and conv.input.shape[-1] <= MAX_INPUT_CHANNELS
+    ) else None
+
+
+def call_block(ops, x, conv: keras.layers.Conv2D, norm: BatchNormalization, training: bool) -> tf.Tensor:
+    """The first block on `x` through the fused kernel, as the four layers would compute it with batch statistics
+    (moving averages updated in training, as `norm` updates them)."""
+    channels = conv.filters
+    kernel, bias = tf.convert_to_tensor(conv.kernel), tf.convert_to_tensor(conv.bias)
+    gamma = tf.convert_to_tensor(norm.gamma) if norm.scale else tf.ones([channels])
+    beta = tf.convert_to_tensor(norm.beta) if norm.center else tf.zeros([channels])
+    epsilon = max(norm.epsilon, 1.001e-5)  # as `_fused_batch_norm`, which the separate ops use
+
+    def separate(x, kernel, bias, gamma, beta):
+        z = tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias)
+        y, _, _ = _fused_batch_norm(z, gamma, beta, epsilon, name=norm.name)
+        return tf.nn.max_pool2d(tf.nn.relu(y), 2, 2, "VALID")
+
+    with tf.name_scope(conv.name):  # profiles attribute its ops to block 0
+        y, mean, variance = fused_conv_block(ops, tf.cast(x, tf.float32), kernel, bias, gamma, beta, epsilon, separate)
+    if training and norm.trainable:
+        norm.update_moving_statistics(mean, variance, tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32))
+    return y
