@@ -58,7 +58,7 @@ class ConvNet(keras.Model):
         layers = [layer for layer in self.layers if not isinstance(layer, keras.layers.InputLayer)]
         block = conv_block.fusable_layers(layers) if self._is_chain(layers) else None
         ops = None
-        if block is not None and mask is None and inputs.dtype == "float32":
+        if block is not None and mask is None and getattr(inputs, "dtype", None) == "float32":
             norm = block[1]
             if ((training and norm.trainable) or norm.statistics == "batch") and not norm._recording:
                 ops = kernels.usable()

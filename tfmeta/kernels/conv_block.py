@@ -26,11 +26,11 @@ from tfmeta.layers.batch_norm import BatchNormalization, _fused_batch_norm
 MAX_INPUT_CHANNELS = 4  # measured to win with 1 and 3 (docs/performance.md); more channels make it compute-bound
 
 
-def fused_conv_block(ops, x, kernel, bias, gamma, beta, epsilon: float,
-                     separate: Callable) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def fused_conv_block(ops, x, kernel, bias, gamma, beta, epsilon: float, separate: Callable,
+                     name: str = "conv_block") -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """`(pooled output, batch mean, biased batch variance)` of the block through the kernel in `ops`, with the
     gradient described in the module docstring; `separate(x, kernel, bias, gamma, beta)` is the pooled output in
-    separate, differentiable ops."""
+    separate, differentiable ops. The backward pass's ops are named `<name>_grad/...` (profiles attribute them)."""
 
     @tf.custom_gradient
     def forward(x, kernel, bias, gamma, beta):
@@ -40,7 +40,7 @@ def fused_conv_block(ops, x, kernel, bias, gamma, beta, epsilon: float,
         def backward(dy, dmean, dvariance):
             del dmean, dvariance  # the statistics only feed the moving averages, under a stop-gradient
             inputs = [x, kernel, bias, gamma, beta]
-            with tf.name_scope("conv_block_grad"):
+            with tf.name_scope(f"{name}_grad"):
                 if record.could_possibly_record():  # this backward pass is itself differentiated
                     with tf.GradientTape() as tape:
                         tape.watch(inputs)
@@ -93,7 +93,8 @@ def call_block(ops, x, conv: keras.layers.Conv2D, norm: BatchNormalization, trai
         return tf.nn.max_pool2d(tf.nn.relu(y), 2, 2, "VALID")
 
     with tf.name_scope(conv.name):  # profiles attribute its ops to block 0
-        y, mean, variance = fused_conv_block(ops, tf.cast(x, tf.float32), kernel, bias, gamma, beta, epsilon, separate)
+        y, mean, variance = fused_conv_block(ops, tf.cast(x, tf.float32), kernel, bias, gamma, beta, epsilon, separate,
+                                             name=conv.name)
     if training and norm.trainable:
         norm.update_moving_statistics(mean, variance, tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32))
     return y
