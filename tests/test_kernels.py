@@ -131,3 +131,15 @@ def test_without_a_compiler_the_layers_run_with_a_warning(monkeypatch, tmp_path)
     monkeypatch.setattr(kernels, "_failed", False)
     monkeypatch.setenv("TFMETA_FUSED_KERNELS", "0")
     assert kernels.load() is None
+
+
+def test_inputs_of_another_shape_get_the_layers_handling():
+    """Inputs that do not match the learner's input shape skip the kernel: Keras then adds a missing channel axis, and
+    rejects wrong channels with its error naming the layer and the expected shape, with or without the kernel."""
+    model = learner("float32")
+    images = np.random.default_rng(2).normal(size=(5, 28, 28)).astype("float32")
+    np.testing.assert_allclose(model(images, training=True), model(images[..., None], training=True), rtol=1e-5,
+                               atol=1e-6)
+    for context in (kernels.disabled, lambda: open(__file__)):
+        with context(), pytest.raises(ValueError, match="conv_0.*expected axis -1 of input shape to have value 1"):
+            model(np.zeros((5, 28, 28, 3), "float32"), training=True)

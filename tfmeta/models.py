@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import keras
+import tensorflow as tf
 
 from tfmeta import kernels
 from tfmeta.kernels import conv_block
@@ -57,8 +58,11 @@ class ConvNet(keras.Model):
     def call(self, inputs, training=None, mask=None):
         layers = [layer for layer in self.layers if not isinstance(layer, keras.layers.InputLayer)]
         block = conv_block.fusable_layers(layers) if self._is_chain(layers) else None
+        # Inputs of another rank or shape go to Keras, which adapts or rejects them as for any functional model.
+        fits = getattr(inputs, "dtype", None) == "float32" and tf.TensorShape(self.inputs[0].shape).is_compatible_with(
+            getattr(inputs, "shape", None))
         ops = None
-        if block is not None and mask is None and getattr(inputs, "dtype", None) == "float32":
+        if block is not None and mask is None and fits:
             norm = block[1]
             if ((training and norm.trainable) or norm.statistics == "batch") and not norm._recording:
                 ops = kernels.usable()
