@@ -305,7 +305,8 @@ void Route(const Matrix& z, const Normalization& norm, const float* dy, const Di
   });
 }
 
-class ConvBlockGradOp : public EpsilonKernel {
+// The two gradient kernels' common part: reading their inputs and batch norm's affine map.
+class GradKernel : public EpsilonKernel {
  public:
   using EpsilonKernel::EpsilonKernel;
 
@@ -313,7 +314,19 @@ class ConvBlockGradOp : public EpsilonKernel {
     Dims d;
     GradInputs in;
     OP_REQUIRES_OK(context, in.Read(context, &d));
-    const Normalization norm(in.bias, in.gamma, in.beta, in.mean, in.variance, epsilon_, d);
+    Gradient(context, d, in, Normalization(in.bias, in.gamma, in.beta, in.mean, in.variance, epsilon_, d));
+  }
+
+ protected:
+  virtual void Gradient(OpKernelContext* context, const Dims& d, const GradInputs& in, const Normalization& norm) = 0;
+};
+
+class ConvBlockGradOp : public GradKernel {
+ public:
+  using GradKernel::GradKernel;
+
+ protected:
+  void Gradient(OpKernelContext* context, const Dims& d, const GradInputs& in, const Normalization& norm) override {
     // Per image: the sums of da and of da * (z - mean), and P = patches' da (k x c).
     const i64 per_image = 2 * d.c + d.k * d.c;
     std::vector<double> sums(d.n * per_image, 0.0);
@@ -363,15 +376,12 @@ class ConvBlockGradOp : public EpsilonKernel {
   }
 };
 
-class ConvBlockInputGradOp : public EpsilonKernel {
+class ConvBlockInputGradOp : public GradKernel {
  public:
-  using EpsilonKernel::EpsilonKernel;
+  using GradKernel::GradKernel;
 
-  void Compute(OpKernelContext* context) override {
-    Dims d;
-    GradInputs in;
-    OP_REQUIRES_OK(context, in.Read(context, &d));
-    const Normalization norm(in.bias, in.gamma, in.beta, in.mean, in.variance, epsilon_, d);
+ protected:
+  void Gradient(OpKernelContext* context, const Dims& d, const GradInputs& in, const Normalization& norm) override {
     const float* dgamma = context->input(10).flat<float>().data();
     const float* dbeta = context->input(11).flat<float>().data();
     Tensor* dx_tensor;
