@@ -36,7 +36,7 @@ GROUPS = {  # op type -> group; everything else is "other (elementwise, reductio
     "MaxPool": "pooling", "MaxPoolGrad": "pooling", "MaxPoolGradGrad": "pooling",
     # tfmeta's fused first block (tfmeta.kernels): convolution, batch norm, ReLU and pooling in one op
     "TfmetaConvBlock": "fused block 0", "TfmetaConvBlockGrad": "fused block 0",
-    "TfmetaConvBlockInputGrad": "fused block 0",
+    "TfmetaConvBlockGradGrad": "fused block 0", "TfmetaConvBlockInputGrad": "fused block 0",
 }
 OTHER = "other (elementwise, reductions, control flow, copies)"
 LAYER = re.compile(r"(?:conv|norm|act|pool)_(\d+)")  # conv_net's layer names: block i's conv_i, norm_i, act_i, pool_i

@@ -47,10 +47,12 @@ def test_fused_block_gives_the_float64_layers_meta_gradients(first_order):
         meta = tfmeta.MAML(model, loss=loss, update_rule=tfmeta.Sgd(0.4), inner_steps=2, first_order=first_order)
         compute = tf.function(meta.compute_meta_gradients)
         ops = op_types(compute.get_concrete_function(episodes(dtype)))
-        # two support passes and the query pass per task; the fused backward kernel wherever no tape records the
-        # backward pass (the query pass, the meta-gradient through the support passes' outputs, first-order steps)
-        assert ops.count("TfmetaConvBlock") == (3 if model is fused else 0)
-        assert ops.count("TfmetaConvBlockGrad") == (3 if model is fused else 0)
+        # two support passes and the query pass per task, all through the kernels: the backward kernel for the two
+        # inner steps and the query pass, and at second order also for the meta-gradient's way back through the
+        # support passes' outputs, and the kernel's own gradient for the inner steps' second derivative
+        kernel_ops = {"TfmetaConvBlock": 3, "TfmetaConvBlockGrad": 3 if first_order else 5,
+                      "TfmetaConvBlockGradGrad": 0 if first_order else 2}
+        assert {op: ops.count(op) for op in kernel_ops} == (kernel_ops if model is fused else dict.fromkeys(kernel_ops, 0))
         grads, logs, state = compute(episodes(dtype))
         results.append(([np.asarray(g, "float64") for g in grads], float(logs["loss"]), values(state)))
     (g32, loss32, state32), (g64, loss64, state64) = results
@@ -95,6 +97,30 @@ def test_fused_block_forward_input_gradient_and_moving_statistics_match_the_laye
     conv, norm = model.get_layer("conv_0"), model.get_layer("norm_0")
     maps = kernels.load().tfmeta_conv_block(bad, conv.kernel, conv.bias, norm.gamma, norm.beta, epsilon=1e-3)[0]
     assert np.isnan(maps).all()
+
+
+def test_derivatives_in_the_images_stay_exact_where_a_tape_watches_them():
+    """The input gradient has no derivative of its own: where a tape watches the images and records the backward
+    pass, the block's backward pass is the layers'. A gradient of the filter gradient with respect to the images
+    equals the layers' (the kernel's weight gradients would give none)."""
+    model = learner("float32")
+    x = tf.constant(np.random.default_rng(3).normal(size=(5, *SHAPE)), tf.float32)
+    kernel = model.get_layer("conv_0").kernel
+
+    def run(x):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                loss = tf.reduce_sum(tf.sin(model(x, training=False)))
+            penalty = tf.reduce_sum(tf.square(inner.gradient(loss, kernel)))
+        return outer.gradient(penalty, x)
+
+    fused = tf.function(run)
+    assert "TfmetaConvBlock" in op_types(fused.get_concrete_function(x))
+    with kernels.disabled():
+        layers = tf.function(run)(x)
+    np.testing.assert_allclose(fused(x), layers, rtol=1e-3, atol=1e-4)
 
 
 def test_kernel_is_not_used_under_xla_disabled_or_in_exports(tmp_path):

@@ -2,8 +2,8 @@
 // the batch's statistics, ReLU and 2x2 max pooling (stride 2, "valid"), forward and backward.
 //
 // tfmeta.kernels builds this file at first use; tfmeta.kernels.conv_block gives it its gradient and conv_net uses it
-// for its first block (benchmarks/fused_block.py times it against TensorFlow's ops). Why: with 1-3 input channels the convolution does 9-27
-// multiply-adds per output value, so the block is bound by memory, and as separate ops it streams its largest
+// for its first block (benchmarks/fused_block.py times it against TensorFlow's ops). Why: with 1-3 input channels
+// the convolution does 9-27 multiply-adds per output value, so the block is bound by memory, and as separate ops it streams its largest
 // feature maps through memory about a dozen times per forward and backward pass. Here each image is processed
 // alone in buffers that stay in cache (its patches and its convolution's output, recomputed where needed), and only
 // the pooled output is written. Batch norm's statistics need the whole batch before any output: being linear in
@@ -12,7 +12,10 @@
 //
 // Batch norm's statistics are over all N*H*W convolution outputs (also those that pooling drops at odd sizes).
 // The backward pass follows the separate ops: the pooled gradient goes to the first maximum of each window, through
-// the ReLU where its input is > 0, then through batch norm and the convolution.
+// the ReLU where its input is > 0, then through batch norm and the convolution. For the weights, the kernels give
+// only the routed gradient's correlation with the patches, and its sum: batch norm's and the convolution's
+// gradients are ordinary ops on these, so that TensorFlow differentiates them again (MAML's second order); the
+// correlation's own gradient is its adjoint kernel, ConvBlockGradGrad.
 
 #include <algorithm>
 #include <cmath>
@@ -257,133 +260,175 @@ class ConvBlockOp : public EpsilonKernel {
   }
 };
 
-// Inputs of the two gradient kernels: dy, (x, kernel, bias, gamma, beta), then the forward pass's mean, variance,
-// covariance and patch_mean.
-struct GradInputs {
-  const float *dy, *x, *kernel, *bias, *gamma, *beta, *mean, *variance, *covariance, *patch_mean;
-  ::tensorflow::Status Read(OpKernelContext* context, Dims* d) {
-    TF_RETURN_IF_ERROR(ReadDims(context, 1, d));
-    const Tensor& dy_tensor = context->input(0);
-    if (dy_tensor.shape() != TensorShape({d->n, d->ho, d->wo, d->c})) {
-      return InvalidArgument("dy must be [", d->n, ", ", d->ho, ", ", d->wo, ", ", d->c, "]; got ",
-                             dy_tensor.shape().DebugString());
-    }
-    dy = dy_tensor.flat<float>().data(), x = context->input(1).flat<float>().data();
-    kernel = context->input(2).flat<float>().data(), bias = context->input(3).flat<float>().data();
-    gamma = context->input(4).flat<float>().data(), beta = context->input(5).flat<float>().data();
-    mean = context->input(6).flat<float>().data(), variance = context->input(7).flat<float>().data();
-    covariance = context->input(8).flat<float>().data(), patch_mean = context->input(9).flat<float>().data();
+// Inputs of the backward kernels from `first` on: (x, kernel, bias, gamma, beta), then the forward pass's mean,
+// variance and patch_mean. The inputs before `first` are each kernel's own.
+struct BlockInputs {
+  const float *x, *kernel, *bias, *gamma, *beta, *mean, *variance, *patch_mean;
+  ::tensorflow::Status Read(OpKernelContext* context, int first, Dims* d) {
+    TF_RETURN_IF_ERROR(ReadDims(context, first, d));
+    const float* in[8];
+    for (int i = 0; i < 8; ++i) in[i] = context->input(first + i).flat<float>().data();
+    x = in[0], kernel = in[1], bias = in[2], gamma = in[3], beta = in[4], mean = in[5], variance = in[6];
+    patch_mean = in[7];
     return ::tensorflow::OkStatus();
   }
 };
 
-// One image's gradient at the convolution's output from the pooled gradient `dy`, through pooling and ReLU only:
-// each window's gradient goes to its first maximum where the normalised value there is > 0 (as MaxPoolGrad then
-// ReluGrad route it), zero elsewhere. Positions outside every window (odd sizes) stay as they are (zero).
-void Route(const Matrix& z, const Normalization& norm, const float* dy, const Dims& d, Matrix* routed) {
+// Checks that input `i` (`name`) has `shape`.
+::tensorflow::Status CheckShape(OpKernelContext* context, int i, const char* name, const TensorShape& shape) {
+  if (context->input(i).shape() == shape) return ::tensorflow::OkStatus();
+  return InvalidArgument(name, " must be ", shape.DebugString(), "; got ", context->input(i).shape().DebugString());
+}
+
+// Where a window's pooled gradient goes, as MaxPoolGrad then ReluGrad route it: weight 1 on the first maximum of
+// the normalised values v[0..3] if it is > 0, else 0 everywhere. Branch-free, so that loops over channels vectorise.
+struct Weights {
+  float w0, w1, w2, w3;
+  Weights(float v0, float v1, float v2, float v3) {
+    // s_u = 1 where v_u beats the maximum of v_0 .. v_(u-1); the first maximum is the last u with s_u = 1
+    const float s1 = v1 > v0 ? 1.f : 0.f, t1 = v1 > v0 ? v1 : v0;
+    const float s2 = v2 > t1 ? 1.f : 0.f, t2 = v2 > t1 ? v2 : t1;
+    const float s3 = v3 > t2 ? 1.f : 0.f, top = v3 > t2 ? v3 : t2;
+    const float on = top > 0.f ? 1.f : 0.f;
+    w3 = on * s3, w2 = on * s2 * (1.f - s3), w1 = on * s1 * (1.f - s2) * (1.f - s3);
+    w0 = on * (1.f - s1) * (1.f - s2) * (1.f - s3);
+  }
+};
+
+// fn(rows, c, weights) for every pooling window (its four rows in the h*w x c maps) and channel, with the routing
+// weights of the image's convolution output `z` (without bias) under `norm`.
+template <typename Fn>
+inline void ForRoutes(const Matrix& z, const Normalization& norm, const Dims& d, Fn fn) {
   const float *scale = norm.scale.data(), *offset = norm.shift.data();
-  float* out = routed->data();
   ForWindows(d, [&](const i64* rows, i64 pooled) {
-    const float* g = dy + pooled * d.c;
     const float *z0 = z.data() + rows[0] * d.c, *z1 = z.data() + rows[1] * d.c, *z2 = z.data() + rows[2] * d.c,
                 *z3 = z.data() + rows[3] * d.c;
-    float *o0 = out + rows[0] * d.c, *o1 = out + rows[1] * d.c, *o2 = out + rows[2] * d.c, *o3 = out + rows[3] * d.c;
 #pragma GCC ivdep
-    for (i64 c = 0; c < d.c; ++c) {  // branch-free, so that it vectorises over channels
-      const float v0 = z0[c] * scale[c] + offset[c], v1 = z1[c] * scale[c] + offset[c];
-      const float v2 = z2[c] * scale[c] + offset[c], v3 = z3[c] * scale[c] + offset[c];
-      // s_u = 1 where v_u beats the maximum of v_0 .. v_(u-1); the first maximum is the last u with s_u = 1
-      const float s1 = v1 > v0 ? 1.f : 0.f, t1 = v1 > v0 ? v1 : v0;
-      const float s2 = v2 > t1 ? 1.f : 0.f, t2 = v2 > t1 ? v2 : t1;
-      const float s3 = v3 > t2 ? 1.f : 0.f, top = v3 > t2 ? v3 : t2;
-      const float gc = top > 0.f ? g[c] : 0.f;
-      o3[c] = gc * s3;
-      o2[c] = gc * s2 * (1.f - s3);
-      o1[c] = gc * s1 * (1.f - s2) * (1.f - s3);
-      o0[c] = gc * (1.f - s1) * (1.f - s2) * (1.f - s3);
+    for (i64 c = 0; c < d.c; ++c) {
+      fn(rows, pooled, c, Weights(z0[c] * scale[c] + offset[c], z1[c] * scale[c] + offset[c],
+                                  z2[c] * scale[c] + offset[c], z3[c] * scale[c] + offset[c]));
     }
   });
 }
 
-// The two gradient kernels' common part: reading their inputs and batch norm's affine map.
-class GradKernel : public EpsilonKernel {
+// One image's gradient at batch norm's output from the pooled gradient `dy` (its routes), zero elsewhere.
+// Positions outside every window (odd sizes) stay as they are (zero).
+void Route(const Matrix& z, const Normalization& norm, const float* dy, const Dims& d, Matrix* routed) {
+  float* out = routed->data();
+  ForRoutes(z, norm, d, [&](const i64* rows, i64 pooled, i64 c, const Weights& w) {
+    const float g = dy[pooled * d.c + c];
+    out[rows[0] * d.c + c] = g * w.w0, out[rows[1] * d.c + c] = g * w.w1;
+    out[rows[2] * d.c + c] = g * w.w2, out[rows[3] * d.c + c] = g * w.w3;
+  });
+}
+
+// The backward kernels' common part: reading their block inputs from `first` on, and batch norm's affine map.
+template <int first>
+class BackwardKernel : public EpsilonKernel {
  public:
   using EpsilonKernel::EpsilonKernel;
 
   void Compute(OpKernelContext* context) override {
     Dims d;
-    GradInputs in;
-    OP_REQUIRES_OK(context, in.Read(context, &d));
-    Gradient(context, d, in, Normalization(in.bias, in.gamma, in.beta, in.mean, in.variance, epsilon_, d));
+    BlockInputs in;
+    OP_REQUIRES_OK(context, in.Read(context, first, &d));
+    Backward(context, d, in, Normalization(in.bias, in.gamma, in.beta, in.mean, in.variance, epsilon_, d));
   }
 
  protected:
-  virtual void Gradient(OpKernelContext* context, const Dims& d, const GradInputs& in, const Normalization& norm) = 0;
+  virtual void Backward(OpKernelContext* context, const Dims& d, const BlockInputs& in, const Normalization& norm) = 0;
 };
 
-class ConvBlockGradOp : public GradKernel {
+// From the pooled gradient dy: the gradient at batch norm's output (its routes through pooling and ReLU), correlated
+// with the centred patches (k x c, as the kernel) and summed over positions (c). Batch norm's and the convolution's
+// gradients are ordinary ops on these two (tfmeta.kernels.conv_block), so that TensorFlow differentiates them.
+class ConvBlockGradOp : public BackwardKernel<1> {
  public:
-  using GradKernel::GradKernel;
+  using BackwardKernel::BackwardKernel;
 
  protected:
-  void Gradient(OpKernelContext* context, const Dims& d, const GradInputs& in, const Normalization& norm) override {
-    // Per image: the sums of da and of da * (z - mean), and P = patches' da (k x c).
-    const i64 per_image = 2 * d.c + d.k * d.c;
+  void Backward(OpKernelContext* context, const Dims& d, const BlockInputs& in, const Normalization& norm) override {
+    OP_REQUIRES_OK(context, CheckShape(context, 0, "dy", TensorShape({d.n, d.ho, d.wo, d.c})));
+    const float* dy = context->input(0).flat<float>().data();
+    const i64 per_image = d.c + d.k * d.c;
     std::vector<double> sums(d.n * per_image, 0.0);
-    Eigen::RowVectorXf offset(d.c);  // mean - bias: z (without bias) - offset = z (with bias) - mean
-    for (i64 c = 0; c < d.c; ++c) offset[c] = in.mean[c] - in.bias[c];
     ForImages(context, d, [&](i64 begin, i64 end) {
       Image image(d);
-      Matrix routed = Matrix::Zero(d.h * d.w, d.c), filter(d.k, d.c);
+      Matrix routed = Matrix::Zero(d.h * d.w, d.c), correlation(d.k, d.c);
       for (i64 n = begin; n < end; ++n) {
         image.Convolve(in.x, in.kernel, d, n);
-        Route(image.z, norm, in.dy + n * d.ho * d.wo * d.c, d, &routed);
-        filter.noalias() = image.columns.transpose() * routed;
-        const Eigen::RowVectorXf dbeta = routed.colwise().sum();
-        const Eigen::RowVectorXf dgamma = (routed.cwiseProduct(image.z).colwise().sum() -
-                                           dbeta.cwiseProduct(offset));
-        double* total = &sums[n * per_image];
-        for (i64 c = 0; c < d.c; ++c) total[c] = dbeta[c], total[d.c + c] = dgamma[c];
-        for (i64 i = 0; i < d.k * d.c; ++i) total[2 * d.c + i] = filter.data()[i];
+        Route(image.z, norm, dy + n * d.ho * d.wo * d.c, d, &routed);
+        correlation.noalias() = image.columns.transpose() * routed;
+        const Eigen::RowVectorXf total = routed.colwise().sum();
+        double* out = &sums[n * per_image];
+        for (i64 c = 0; c < d.c; ++c) out[c] = total[c];
+        for (i64 i = 0; i < d.k * d.c; ++i) out[d.c + i] = correlation.data()[i];
       }
     });
     std::vector<double> total(per_image, 0.0);
     for (i64 n = 0; n < d.n; ++n)
       for (i64 i = 0; i < per_image; ++i) total[i] += sums[n * per_image + i];
-    const double *dbeta = total.data(), *dgamma_raw = dbeta + d.c, *filter = dgamma_raw + d.c;
-
-    Tensor *dkernel_tensor, *dbias_tensor, *dgamma_tensor, *dbeta_tensor;
-    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({3, 3, d.ci, d.c}), &dkernel_tensor));
-    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({d.c}), &dbias_tensor));
-    OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({d.c}), &dgamma_tensor));
-    OP_REQUIRES_OK(context, context->allocate_output(3, TensorShape({d.c}), &dbeta_tensor));
-    float* dkernel = dkernel_tensor->flat<float>().data();
+    Tensor *correlation_tensor, *total_tensor;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({3, 3, d.ci, d.c}), &correlation_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({d.c}), &total_tensor));
+    float* correlation = correlation_tensor->flat<float>().data();
     for (i64 c = 0; c < d.c; ++c) {
-      // dz = scale * (da - dbeta / M - (z - mean) * inverse * dgamma / M) at every position M; its sum is zero,
-      // and the sum of (z - mean) * patch over the positions is M * C W.
-      const double scale = norm.scale[c], dgamma = norm.inverse[c] * dgamma_raw[c];
-      dbias_tensor->flat<float>()(c) = 0.f;
-      dgamma_tensor->flat<float>()(c) = static_cast<float>(dgamma);
-      dbeta_tensor->flat<float>()(c) = static_cast<float>(dbeta[c]);
-      for (i64 k = 0; k < d.k; ++k) {
-        double centred_patch = 0;
-        for (i64 l = 0; l < d.k; ++l) centred_patch += static_cast<double>(in.covariance[k * d.k + l]) * in.kernel[l * d.c + c];
-        const i64 i = k * d.c + c;
-        dkernel[i] = static_cast<float>(scale * (filter[i] - dbeta[c] * in.patch_mean[k] -
-                                                 norm.inverse[c] * dgamma * centred_patch));
+      total_tensor->flat<float>()(c) = static_cast<float>(total[c]);
+      for (i64 k = 0; k < d.k; ++k) {  // centred: the sum of routes * (patch - patch_mean)
+        correlation[k * d.c + c] = static_cast<float>(total[d.c + k * d.c + c] - in.patch_mean[k] * total[c]);
       }
     }
   }
 };
 
-class ConvBlockInputGradOp : public GradKernel {
+// The adjoint of ConvBlockGrad in dy, so its gradient: from (dcorrelation, dtotal), each window's pooled value is
+// (centred patch . dcorrelation + dtotal) at the position its gradient was routed to, zero where none was.
+class ConvBlockGradGradOp : public BackwardKernel<2> {
  public:
-  using GradKernel::GradKernel;
+  using BackwardKernel::BackwardKernel;
 
  protected:
-  void Gradient(OpKernelContext* context, const Dims& d, const GradInputs& in, const Normalization& norm) override {
-    const float* dgamma = context->input(10).flat<float>().data();
-    const float* dbeta = context->input(11).flat<float>().data();
+  void Backward(OpKernelContext* context, const Dims& d, const BlockInputs& in, const Normalization& norm) override {
+    OP_REQUIRES_OK(context, CheckShape(context, 0, "dcorrelation", TensorShape({3, 3, d.ci, d.c})));
+    OP_REQUIRES_OK(context, CheckShape(context, 1, "dtotal", TensorShape({d.c})));
+    const ConstMatrixMap dcorrelation(context->input(0).flat<float>().data(), d.k, d.c);
+    // centred patch . dcorrelation + dtotal = patch . dcorrelation + (dtotal - patch_mean . dcorrelation)
+    const Eigen::RowVectorXf offset = Row(context->input(1).flat<float>().data(), d.c) -
+                                      Row(in.patch_mean, d.k) * dcorrelation;
+    Tensor* ddy_tensor;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({d.n, d.ho, d.wo, d.c}), &ddy_tensor));
+    float* ddy = ddy_tensor->flat<float>().data();
+    ForImages(context, d, [&](i64 begin, i64 end) {
+      Image image(d);
+      Matrix values(d.h * d.w, d.c);
+      for (i64 n = begin; n < end; ++n) {
+        image.Convolve(in.x, in.kernel, d, n);
+        values.noalias() = image.columns * dcorrelation;
+        values.rowwise() += offset;
+        float* out = ddy + n * d.ho * d.wo * d.c;
+        const float* v = values.data();
+        ForRoutes(image.z, norm, d, [&](const i64* rows, i64 pooled, i64 c, const Weights& w) {
+          out[pooled * d.c + c] = w.w0 * v[rows[0] * d.c + c] + w.w1 * v[rows[1] * d.c + c] +
+                                  w.w2 * v[rows[2] * d.c + c] + w.w3 * v[rows[3] * d.c + c];
+        });
+      }
+    });
+  }
+};
+
+// The input gradient from dy, given the gradients of gamma and beta (batch norm's dense terms).
+class ConvBlockInputGradOp : public BackwardKernel<1> {
+ public:
+  using BackwardKernel::BackwardKernel;
+
+ protected:
+  void Backward(OpKernelContext* context, const Dims& d, const BlockInputs& in, const Normalization& norm) override {
+    OP_REQUIRES_OK(context, CheckShape(context, 0, "dy", TensorShape({d.n, d.ho, d.wo, d.c})));
+    OP_REQUIRES_OK(context, CheckShape(context, 9, "dgamma", TensorShape({d.c})));
+    OP_REQUIRES_OK(context, CheckShape(context, 10, "dbeta", TensorShape({d.c})));
+    const float* dy = context->input(0).flat<float>().data();
+    const float* dgamma = context->input(9).flat<float>().data();
+    const float* dbeta = context->input(10).flat<float>().data();
     Tensor* dx_tensor;
     OP_REQUIRES_OK(context, context->allocate_output(0, context->input(1).shape(), &dx_tensor));
     float* dx = dx_tensor->flat<float>().data();
@@ -401,7 +446,7 @@ class ConvBlockInputGradOp : public GradKernel {
       Matrix routed = Matrix::Zero(d.h * d.w, d.c), dcolumns(d.h * d.w, d.k);
       for (i64 n = begin; n < end; ++n) {
         image.Convolve(in.x, in.kernel, d, n);
-        Route(image.z, norm, in.dy + n * d.ho * d.wo * d.c, d, &routed);
+        Route(image.z, norm, dy + n * d.ho * d.wo * d.c, d, &routed);
         image.z = (routed.array().rowwise() * scale.array() + image.z.array().rowwise() * slope.array()).rowwise() +
                   offset.array();
         dcolumns.noalias() = image.z * ConstMatrixMap(in.kernel, d.k, d.c).transpose();
@@ -436,22 +481,38 @@ REGISTER_OP("TfmetaConvBlock")
     .Doc("tfmeta: 3x3 convolution, batch norm (batch statistics), ReLU, 2x2 max pooling; y, mean, biased variance,"
          " and the patches' covariance and mean, which the gradient kernels take.");
 
+#define TFMETA_BLOCK_INPUTS                                                                                      \
+  Input("x: float").Input("kernel: float").Input("bias: float").Input("gamma: float").Input("beta: float")         \
+      .Input("mean: float").Input("variance: float").Input("patch_mean: float")
+
 REGISTER_OP("TfmetaConvBlockGrad")
-    .Input("dy: float").Input("x: float").Input("kernel: float").Input("bias: float").Input("gamma: float")
-    .Input("beta: float").Input("mean: float").Input("variance: float").Input("covariance: float")
-    .Input("patch_mean: float")
-    .Output("dkernel: float").Output("dbias: float").Output("dgamma: float").Output("dbeta: float")
+    .Input("dy: float").TFMETA_BLOCK_INPUTS
+    .Output("correlation: float").Output("total: float")
     .Attr("epsilon: float")
     .SetShapeFn([](InferenceContext* c) {
       c->set_output(0, c->input(2));
-      for (int i = 1; i < 4; ++i) c->set_output(i, c->input(3));
+      c->set_output(1, c->input(3));
       return ::tensorflow::OkStatus();
-    });
+    })
+    .Doc("tfmeta: the gradient at the block's batch-norm output, correlated with the centred patches and summed.");
+
+REGISTER_OP("TfmetaConvBlockGradGrad")
+    .Input("dcorrelation: float").Input("dtotal: float").TFMETA_BLOCK_INPUTS
+    .Output("ddy: float")
+    .Attr("epsilon: float")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle x;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &x));
+      DimensionHandle height, width;
+      TF_RETURN_IF_ERROR(c->Divide(c->Dim(x, 1), 2, false, &height));
+      TF_RETURN_IF_ERROR(c->Divide(c->Dim(x, 2), 2, false, &width));
+      c->set_output(0, c->MakeShape({c->Dim(x, 0), height, width, c->Dim(c->input(1), 0)}));
+      return ::tensorflow::OkStatus();
+    })
+    .Doc("tfmeta: TfmetaConvBlockGrad's adjoint in dy (its gradient).");
 
 REGISTER_OP("TfmetaConvBlockInputGrad")
-    .Input("dy: float").Input("x: float").Input("kernel: float").Input("bias: float").Input("gamma: float")
-    .Input("beta: float").Input("mean: float").Input("variance: float").Input("covariance: float")
-    .Input("patch_mean: float").Input("dgamma: float").Input("dbeta: float")
+    .Input("dy: float").TFMETA_BLOCK_INPUTS.Input("dgamma: float").Input("dbeta: float")
     .Output("dx: float")
     .Attr("epsilon: float")
     .SetShapeFn([](InferenceContext* c) {
@@ -461,6 +522,7 @@ REGISTER_OP("TfmetaConvBlockInputGrad")
 
 REGISTER_KERNEL_BUILDER(Name("TfmetaConvBlock").Device(DEVICE_CPU), ConvBlockOp);
 REGISTER_KERNEL_BUILDER(Name("TfmetaConvBlockGrad").Device(DEVICE_CPU), ConvBlockGradOp);
+REGISTER_KERNEL_BUILDER(Name("TfmetaConvBlockGradGrad").Device(DEVICE_CPU), ConvBlockGradGradOp);
 REGISTER_KERNEL_BUILDER(Name("TfmetaConvBlockInputGrad").Device(DEVICE_CPU), ConvBlockInputGradOp);
 
 }  // namespace tfmeta

@@ -8,9 +8,15 @@ forward and backward pass. It took 39-54% of a conv4 meta-step's op time for 3-1
 cache and writes only the pooled output: on a query pass of 75 Omniglot images, forward and backward, it is 3x
 faster than TensorFlow's ops, and at least as accurate.
 
-The kernel has a first derivative only. Where a gradient tape records the backward pass (MAML differentiates its
-support passes' gradients), the backward pass is the separate ops' own gradient, recomputed from the block's inputs,
-so that higher derivatives stay exact; elsewhere (query passes, first-order steps) it is the fused gradient kernel.
+The backward pass is exact to any order in the block's weights. The kernel `TfmetaConvBlockGrad` gives the gradient
+at batch norm's output (routed through pooling and ReLU) correlated with the centred patches, and summed; the
+gradients of the filters, scale and offset follow from these two by a few ordinary ops on [9 * channels, filters]
+tensors, which TensorFlow differentiates (batch norm's second derivative through its statistics). The kernel's own
+gradient is its adjoint kernel `TfmetaConvBlockGradGrad` (registered below); routing through pooling and ReLU is
+piecewise constant, so it has no gradient in the weights. MAML's second-order support passes thus stay in fused
+kernels. The input gradient (`TfmetaConvBlockInputGrad`) has a first derivative only: where a tape watches the
+block's input (not in meta-learning, whose inputs are images) and also records the backward pass, the backward pass
+is the separate ops' own gradient, recomputed from the block's inputs, so that every derivative stays exact.
 """
 
 from __future__ import annotations
@@ -28,33 +34,74 @@ MAX_INPUT_CHANNELS = 4  # 1 channel: 3x faster; 3: as fast, less memory (docs/pe
 
 def fused_conv_block(ops, x, kernel, bias, gamma, beta, epsilon: float, separate: Callable,
                      name: str = "conv_block") -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """`(pooled output, batch mean, biased batch variance)` of the block through the kernel in `ops`, with the
+    """`(pooled output, batch mean, biased batch variance)` of the block through the kernels in `ops`, with the
     gradient described in the module docstring; `separate(x, kernel, bias, gamma, beta)` is the pooled output in
     separate, differentiable ops. The backward pass's ops are named `<name>_grad/...` (profiles attribute them)."""
+    x_watched = record.should_record_backprop([x])
 
     @tf.custom_gradient
     def forward(x, kernel, bias, gamma, beta):
         y, mean, variance, covariance, patch_mean = ops.tfmeta_conv_block(x, kernel, bias, gamma, beta,
                                                                           epsilon=epsilon)
+        # functions of x alone, whose derivatives the recomputed backward pass gives where a tape watches x
+        covariance, patch_mean = tf.stop_gradient(covariance), tf.stop_gradient(patch_mean)
 
         def backward(dy, dmean, dvariance):
             del dmean, dvariance  # the statistics only feed the moving averages, under a stop-gradient
-            inputs = [x, kernel, bias, gamma, beta]
             with tf.name_scope(f"{name}_grad"):
-                if record.could_possibly_record():  # this backward pass is itself differentiated
+                if x_watched and record.could_possibly_record():  # derivatives in x of this backward pass
+                    inputs = [x, kernel, bias, gamma, beta]
                     with tf.GradientTape() as tape:
                         tape.watch(inputs)
                         y_separate = separate(*inputs)
                     return tape.gradient(y_separate, inputs, dy)
-                statistics = (mean, variance, covariance, patch_mean)
-                dkernel, dbias, dgamma, dbeta = ops.tfmeta_conv_block_grad(dy, *inputs, *statistics,
-                                                                           epsilon=epsilon)
-                dx = ops.tfmeta_conv_block_input_grad(dy, *inputs, *statistics, dgamma, dbeta, epsilon=epsilon)
-                return dx, dkernel, dbias, dgamma, dbeta
+                block = (x, kernel, bias, gamma, beta, mean, variance, patch_mean)
+                correlation, dbeta = ops.tfmeta_conv_block_grad(dy, *block, epsilon=epsilon)
+                dkernel, dgamma = _weight_gradients(correlation, kernel, gamma, covariance, epsilon)
+                dx = ops.tfmeta_conv_block_input_grad(dy, *block, dgamma, dbeta, epsilon=epsilon)
+                return dx, dkernel, tf.zeros_like(bias), dgamma, dbeta
 
         return (y, mean, variance), backward
 
     return forward(x, kernel, bias, gamma, beta)
+
+
+def _weight_gradients(correlation, kernel, gamma, covariance, epsilon: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """The gradients of the filters and of batch norm's scale, from the correlation `a` of the gradient at batch
+    norm's output with the centred patches (per filter w, with the patches' covariance C and s = sqrt(w'Cw + eps),
+    the batch's standard deviation): dgamma = a'w / s and dw = gamma / s * (a - dgamma / s * Cw). The bias has
+    none: batch norm subtracts it again."""
+    filters = tf.reshape(kernel, [-1, tf.shape(kernel)[-1]])
+    a = tf.reshape(correlation, tf.shape(filters))
+    centred = tf.matmul(covariance, filters)
+    inverse = tf.math.rsqrt(tf.reduce_sum(filters * centred, axis=0) + epsilon)
+    dgamma = tf.reduce_sum(a * filters, axis=0) * inverse
+    dkernel = gamma * inverse * (a - dgamma * inverse * centred)
+    return tf.reshape(dkernel, tf.shape(kernel)), dgamma
+
+
+@tf.RegisterGradient("TfmetaConvBlockGrad")
+def _conv_block_grad_grad(op, dcorrelation, dtotal):
+    """TfmetaConvBlockGrad is linear in dy, with routes that are piecewise constant in the weights: its gradient is
+    its adjoint in dy, and none in the weights and statistics (nor in x: where a tape watches x and records the
+    backward pass, this kernel is not used)."""
+    from tfmeta import kernels
+
+    dcorrelation = tf.zeros_like(op.outputs[0]) if dcorrelation is None else dcorrelation
+    dtotal = tf.zeros_like(op.outputs[1]) if dtotal is None else dtotal
+    ddy = kernels.load().tfmeta_conv_block_grad_grad(dcorrelation, dtotal, *op.inputs[-8:],
+                                                     epsilon=op.get_attr("epsilon"))
+    return [ddy] + [None] * 8
+
+
+@tf.RegisterGradient("TfmetaConvBlockGradGrad")
+def _conv_block_grad_grad_grad(op, dddy):
+    """TfmetaConvBlockGradGrad is TfmetaConvBlockGrad's adjoint, so its gradient is that kernel."""
+    from tfmeta import kernels
+
+    dcorrelation, dtotal = kernels.load().tfmeta_conv_block_grad(dddy, *op.inputs[-8:],
+                                                                 epsilon=op.get_attr("epsilon"))
+    return [dcorrelation, dtotal] + [None] * 8
 
 
 def fusable_layers(layers: list) -> Optional[tuple]:
