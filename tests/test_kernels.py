@@ -99,6 +99,30 @@ def test_fused_block_forward_input_gradient_and_moving_statistics_match_the_laye
     assert np.isnan(maps).all()
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_grad_kernel_and_its_gradient_are_adjoints(channels):
+    """TfmetaConvBlockGrad is linear in dy and TfmetaConvBlockGradGrad is its adjoint:
+    <Grad(dy), v> = <dy, GradGrad(v)>. The registered gradient of each (of the other order) is the other."""
+    rng = np.random.default_rng(4)
+    normal = lambda *shape: tf.constant(rng.standard_normal(shape), tf.float32)  # noqa: E731
+    ops = kernels.load()
+    x, kernel, bias, gamma, beta = normal(6, 12, 10, channels), normal(3, 3, channels, 8), normal(8), normal(8), normal(8)
+    _, mean, variance, _, patch_mean = ops.tfmeta_conv_block(x, kernel, bias, gamma, beta, epsilon=1e-3)
+    block = (x, kernel, bias, gamma, beta, mean, variance, patch_mean)
+    dy, dcorrelation, dtotal = normal(6, 6, 5, 8), normal(3, 3, channels, 8), normal(8)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([dy, dcorrelation, dtotal])
+        correlation, total = ops.tfmeta_conv_block_grad(dy, *block, epsilon=1e-3)
+        ddy = ops.tfmeta_conv_block_grad_grad(dcorrelation, dtotal, *block, epsilon=1e-3)
+        forward = tf.reduce_sum(correlation * dcorrelation) + tf.reduce_sum(total * dtotal)
+        backward = tf.reduce_sum(dy * ddy)
+    assert float(forward) == pytest.approx(float(backward), rel=1e-5)
+    assert float(tf.reduce_max(tf.abs(ddy))) > 0
+    np.testing.assert_allclose(tape.gradient(forward, dy), ddy, rtol=1e-6, atol=1e-6)
+    for gradient, direct in zip(tape.gradient(backward, [dcorrelation, dtotal]), (correlation, total)):
+        np.testing.assert_allclose(gradient, direct, rtol=1e-5, atol=1e-5)
+
+
 def test_derivatives_in_the_images_stay_exact_where_a_tape_watches_them():
     """The input gradient has no derivative of its own: where a tape watches the images and records the backward
     pass, the block's backward pass is the layers'. A gradient of the filter gradient with respect to the images
