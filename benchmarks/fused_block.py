@@ -176,8 +176,9 @@ def main():
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    print("\n| shape | TensorFlow's ops | fused kernel | of which forward | speed-up | second order: TensorFlow's ops | "
-          "fused | speed-up | largest relative error against float64: fused / TensorFlow's (input gradient) |")
+    print("\n| shape | TensorFlow's ops | fused kernel | of which forward | speed-up | "
+          "second order: TensorFlow's ops | fused | speed-up | "
+          "largest relative error against float64: fused / TensorFlow's (input gradient) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         worst = lambda e: max(v for k, v in e.items() if k not in ("dbias", "dx"))  # noqa: E731

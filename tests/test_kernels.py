@@ -52,7 +52,8 @@ def test_fused_block_gives_the_float64_layers_meta_gradients(first_order):
         # support passes' outputs, and the kernel's own gradient for the inner steps' second derivative
         kernel_ops = {"TfmetaConvBlock": 3, "TfmetaConvBlockGrad": 3 if first_order else 5,
                       "TfmetaConvBlockGradGrad": 0 if first_order else 2}
-        assert {op: ops.count(op) for op in kernel_ops} == (kernel_ops if model is fused else dict.fromkeys(kernel_ops, 0))
+        expected = kernel_ops if model is fused else dict.fromkeys(kernel_ops, 0)
+        assert {op: ops.count(op) for op in kernel_ops} == expected
         grads, logs, state = compute(episodes(dtype))
         results.append(([np.asarray(g, "float64") for g in grads], float(logs["loss"]), values(state)))
     (g32, loss32, state32), (g64, loss64, state64) = results
@@ -106,7 +107,8 @@ def test_grad_kernel_and_its_gradient_are_adjoints(channels):
     rng = np.random.default_rng(4)
     normal = lambda *shape: tf.constant(rng.standard_normal(shape), tf.float32)  # noqa: E731
     ops = kernels.load()
-    x, kernel, bias, gamma, beta = normal(6, 12, 10, channels), normal(3, 3, channels, 8), normal(8), normal(8), normal(8)
+    x, kernel = normal(6, 12, 10, channels), normal(3, 3, channels, 8)
+    bias, gamma, beta = normal(8), normal(8), normal(8)
     _, mean, variance, _, patch_mean = ops.tfmeta_conv_block(x, kernel, bias, gamma, beta, epsilon=1e-3)
     block = (x, kernel, bias, gamma, beta, mean, variance, patch_mean)
     dy, dcorrelation, dtotal = normal(6, 6, 5, 8), normal(3, 3, channels, 8), normal(8)

@@ -3,12 +3,12 @@
 //
 // tfmeta.kernels builds this file at first use; tfmeta.kernels.conv_block gives it its gradient and conv_net uses it
 // for its first block (benchmarks/fused_block.py times it against TensorFlow's ops). Why: with 1-3 input channels
-// the convolution does 9-27 multiply-adds per output value, so the block is bound by memory, and as separate ops it streams its largest
-// feature maps through memory about a dozen times per forward and backward pass. Here each image is processed
-// alone in buffers that stay in cache (its patches and its convolution's output, recomputed where needed), and only
-// the pooled output is written. Batch norm's statistics need the whole batch before any output: being linear in
-// the patches, the convolution's mean and variance follow from the patches' mean and covariance (9*ci values), so
-// no pass over the maps is spent on them.
+// the convolution does 9-27 multiply-adds per output value, so the block is bound by memory, and as separate ops it
+// streams its largest feature maps through memory about a dozen times per forward and backward pass. Here each image
+// is processed alone in buffers that stay in cache (its patches and its convolution's output, recomputed where
+// needed), and only the pooled output is written. Batch norm's statistics need the whole batch before any output:
+// being linear in the patches, the convolution's mean and variance follow from the patches' mean and covariance
+// (9*ci values), so no pass over the maps is spent on them.
 //
 // Batch norm's statistics are over all N*H*W convolution outputs (also those that pooling drops at odd sizes).
 // The backward pass follows the separate ops: the pooled gradient goes to the first maximum of each window, through
