@@ -110,6 +110,27 @@ void ForImages(OpKernelContext* context, const Dims& d, Fn fn) {
   ::tensorflow::Shard(workers->num_threads, workers->workers, d.n, cost, fn);
 }
 
+// The sum over the batch, in double, of each image's `size` values, which `make_worker()(n, out)` writes for image n
+// (one worker, with its own buffers, per range of images on TensorFlow's intra-op threads).
+template <typename MakeWorker>
+std::vector<double> SumOverImages(OpKernelContext* context, const Dims& d, i64 size, MakeWorker make_worker) {
+  std::vector<double> sums(d.n * size, 0.0);
+  ForImages(context, d, [&](i64 begin, i64 end) {
+    auto worker = make_worker();
+    for (i64 n = begin; n < end; ++n) worker(n, &sums[n * size]);
+  });
+  std::vector<double> total(size, 0.0);
+  for (i64 n = 0; n < d.n; ++n)
+    for (i64 i = 0; i < size; ++i) total[i] += sums[n * size + i];
+  return total;
+}
+
+// Writes a row vector, then a matrix's values, to `out`.
+void Store(const Eigen::RowVectorXf& row, const Matrix& matrix, double* out) {
+  std::copy(row.data(), row.data() + row.size(), out);
+  std::copy(matrix.data(), matrix.data() + matrix.size(), out + row.size());
+}
+
 // One image at a time, in buffers that stay in cache: its patches and its convolution's output without the bias.
 struct Image {
   std::vector<float> padded;
@@ -188,24 +209,14 @@ class ConvBlockOp : public EpsilonKernel {
       for (i64 o = 0; o < 9; ++o) shift[o * d.ci + ch] = static_cast<float>(total / (d.h * d.w));
     }
     const Row shift_row(shift.data(), d.k);
-    const i64 per_image = d.k + d.k * d.k;
-    std::vector<double> sums(d.n * per_image, 0.0);
-    ForImages(context, d, [&](i64 begin, i64 end) {
-      Image image(d);
-      Matrix gram(d.k, d.k);
-      for (i64 n = begin; n < end; ++n) {
+    const std::vector<double> total = SumOverImages(context, d, d.k + d.k * d.k, [&] {
+      return [&, image = Image(d), gram = Matrix(d.k, d.k)](i64 n, double* out) mutable {
         image.Patches(x, d, n);
         image.columns.rowwise() -= shift_row;
         gram.noalias() = image.columns.transpose() * image.columns;
-        const Eigen::RowVectorXf total = image.columns.colwise().sum();
-        double* out = &sums[n * per_image];
-        for (i64 k = 0; k < d.k; ++k) out[k] = total[k];
-        for (i64 i = 0; i < d.k * d.k; ++i) out[d.k + i] = gram.data()[i];
-      }
+        Store(image.columns.colwise().sum(), gram, out);
+      };
     });
-    std::vector<double> total(per_image, 0.0);
-    for (i64 n = 0; n < d.n; ++n)
-      for (i64 i = 0; i < per_image; ++i) total[i] += sums[n * per_image + i];
     const double count = static_cast<double>(d.n * d.h * d.w);
     float* covariance = covariance_tensor->flat<float>().data();
     float* patch_mean = patch_mean_tensor->flat<float>().data();
@@ -350,24 +361,15 @@ class ConvBlockGradOp : public BackwardKernel<1> {
   void Backward(OpKernelContext* context, const Dims& d, const BlockInputs& in, const Normalization& norm) override {
     OP_REQUIRES_OK(context, CheckShape(context, 0, "dy", TensorShape({d.n, d.ho, d.wo, d.c})));
     const float* dy = context->input(0).flat<float>().data();
-    const i64 per_image = d.c + d.k * d.c;
-    std::vector<double> sums(d.n * per_image, 0.0);
-    ForImages(context, d, [&](i64 begin, i64 end) {
-      Image image(d);
-      Matrix routed = Matrix::Zero(d.h * d.w, d.c), correlation(d.k, d.c);
-      for (i64 n = begin; n < end; ++n) {
+    const std::vector<double> total = SumOverImages(context, d, d.c + d.k * d.c, [&] {
+      return [&, image = Image(d), routed = Matrix(Matrix::Zero(d.h * d.w, d.c)),
+              correlation = Matrix(d.k, d.c)](i64 n, double* out) mutable {
         image.Convolve(in.x, in.kernel, d, n);
         Route(image.z, norm, dy + n * d.ho * d.wo * d.c, d, &routed);
         correlation.noalias() = image.columns.transpose() * routed;
-        const Eigen::RowVectorXf total = routed.colwise().sum();
-        double* out = &sums[n * per_image];
-        for (i64 c = 0; c < d.c; ++c) out[c] = total[c];
-        for (i64 i = 0; i < d.k * d.c; ++i) out[d.c + i] = correlation.data()[i];
-      }
+        Store(routed.colwise().sum(), correlation, out);
+      };
     });
-    std::vector<double> total(per_image, 0.0);
-    for (i64 n = 0; n < d.n; ++n)
-      for (i64 i = 0; i < per_image; ++i) total[i] += sums[n * per_image + i];
     Tensor *correlation_tensor, *total_tensor;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({3, 3, d.ci, d.c}), &correlation_tensor));
     OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({d.c}), &total_tensor));
