@@ -50,8 +50,10 @@ def test_fused_block_gives_the_float64_layers_meta_gradients(first_order):
         # two support passes and the query pass per task, all through the kernels: the backward kernel for the two
         # inner steps and the query pass, and at second order also for the meta-gradient's way back through the
         # support passes' outputs, and the kernel's own gradient for the inner steps' second derivative
+        # (and alike for block 1's batch norm, ReLU and pooling)
         kernel_ops = {"TfmetaConvBlock": 3, "TfmetaConvBlockGrad": 3 if first_order else 5,
-                      "TfmetaConvBlockGradGrad": 0 if first_order else 2}
+                      "TfmetaConvBlockGradGrad": 0 if first_order else 2,
+                      "TfmetaNormPoolGrad": 3 if first_order else 5, "TfmetaNormPoolGradGrad": 0 if first_order else 2}
         expected = kernel_ops if model is fused else dict.fromkeys(kernel_ops, 0)
         assert {op: ops.count(op) for op in kernel_ops} == expected
         grads, logs, state = compute(episodes(dtype))
@@ -62,6 +64,40 @@ def test_fused_block_gives_the_float64_layers_meta_gradients(first_order):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5, err_msg=variable.path)  # conv biases: zero
     for a, b in zip(state32, state64):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5, 14, 14, 8), (3, 7, 7, 5), (2, 3, 3, 4)])
+def test_norm_pool_backward_and_its_gradients_match_float64_ops_to_third_order(shape):
+    """The fused backward pass of batch norm, ReLU and pooling (`tfmeta.kernels.norm_pool`), its kernel gradient and
+    the recomputed third derivative, in float32, against the same block in float64 ordinary ops (odd sizes too)."""
+    from tfmeta.kernels import norm_pool
+
+    rng = np.random.default_rng(0)
+    n, h, w, c = shape
+    arrays = (rng.normal(size=shape), rng.uniform(0.5, 1.5, c), 0.3 * rng.normal(size=c),
+              rng.normal(size=(n, h // 2, w // 2, c)), rng.normal(size=shape), rng.normal(size=c))
+    epsilon = 1e-3
+
+    def derivatives(dtype, block):
+        z, gamma, beta, dp, v, a = (tf.constant(x, dtype) for x in arrays)
+        with tf.GradientTape(persistent=True) as third:
+            third.watch([z, gamma, dp])
+            with tf.GradientTape() as first:
+                first.watch([z, gamma, beta])
+                p = block(z, gamma, beta)
+            dz, dgamma, dbeta = first.gradient(p, [z, gamma, beta], dp)
+            second = third.gradient(tf.reduce_sum(dz * v) + tf.reduce_sum(dgamma * a) + tf.reduce_sum(dbeta * a * a),
+                                    [z, gamma, dp])
+            objective = tf.reduce_sum(tf.sin(second[0])) + tf.reduce_sum(second[1] ** 2) + tf.reduce_sum(second[2] * dp)
+        return [p, dz, dgamma, dbeta, *second, *third.gradient(objective, [z, gamma, dp])]
+
+    ops = kernels.load()
+    fused = derivatives(tf.float32, lambda z, g, b: norm_pool.norm_relu_pool(ops, z, g, b, epsilon)[0])
+    exact = derivatives(tf.float64, lambda z, g, b: norm_pool._separate(z, g, b, epsilon))
+    names = ["output", "dz", "dgamma", "dbeta", "2nd in z", "2nd in gamma", "2nd in dp", "3rd in z", "3rd in gamma",
+             "3rd in dp"]
+    for name, a, b in zip(names, fused, exact):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()), err_msg=name)
 
 
 def test_fused_block_forward_input_gradient_and_moving_statistics_match_the_layers():

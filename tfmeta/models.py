@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 from tfmeta import kernels
-from tfmeta.kernels import conv_block
+from tfmeta.kernels import conv_block, norm_pool
 from tfmeta.layers import BatchNormalization, LinearTransform, Offset, PerStepBatchNormalization
 
 POOLINGS = {"max": keras.layers.MaxPooling2D, "average": keras.layers.AveragePooling2D}
@@ -51,27 +51,34 @@ def mlp(
 @keras.saving.register_keras_serializable(package="tfmeta")
 class ConvNet(keras.Model):
     """`conv_net`'s functional model: the same layers and weights as `keras.Model(inputs, outputs)`, except that
-    its first block runs as one fused CPU kernel (`tfmeta.kernels.conv_block`) where it normalises with batch
-    statistics, on inputs with few channels, and where the kernel may run (`tfmeta.kernels.usable`: no XLA, no
-    GPU, not in a SavedModel export). The results agree with the layers' to float rounding."""
+    where its batch norms use the batch's statistics and tfmeta's kernels may run (`tfmeta.kernels.usable`: no XLA,
+    no GPU, not in a SavedModel export), its first block runs as one fused CPU kernel on inputs with few channels
+    (`tfmeta.kernels.conv_block`), and the other blocks' batch norm, ReLU and max pooling have a fused backward pass
+    (`tfmeta.kernels.norm_pool`). The results agree with the layers' to float rounding."""
 
     def call(self, inputs, training=None, mask=None):
         layers = [layer for layer in self.layers if not isinstance(layer, keras.layers.InputLayer)]
-        block = conv_block.fusable_layers(layers) if self._is_chain(layers) else None
         # Inputs of another rank or shape go to Keras, which adapts or rejects them as for any functional model.
         fits = getattr(inputs, "dtype", None) == "float32" and tf.TensorShape(self.inputs[0].shape).is_compatible_with(
             getattr(inputs, "shape", None))
-        ops = None
-        if block is not None and mask is None and fits:
-            norm = block[1]
-            if ((training and norm.trainable) or norm.statistics == "batch") and not norm._recording:
-                ops = kernels.usable()
+        ops = kernels.usable() if mask is None and fits and self._is_chain(layers) else None
         if ops is None:
             return super().call(inputs, training=training, mask=mask)
-        x = conv_block.call_block(ops, inputs, *block, training=bool(training))
-        for layer in layers[4:]:
-            x = layer(x, training=training)
+        block = conv_block.fusable_layers(layers)
+        x, i = inputs, 0
+        if block is not None and self._batch_statistics(block[1], training):
+            x, i = conv_block.call_block(ops, inputs, *block, training=bool(training)), 4
+        while i < len(layers):
+            if norm_pool.fusable(layers[i:]) and self._batch_statistics(layers[i], training):
+                x, i = norm_pool.call_norm_pool(ops, x, layers[i], training=bool(training)), i + 3
+            else:
+                x, i = layers[i](x, training=training), i + 1
         return x
+
+    @staticmethod
+    def _batch_statistics(norm: BatchNormalization, training) -> bool:
+        """Whether `norm` normalises with the batch's statistics in this call, as the kernels do."""
+        return ((training and norm.trainable) or norm.statistics == "batch") and not norm._recording
 
     def _is_chain(self, layers: list) -> bool:
         """Whether the model is one chain of `layers` (as `conv_net` builds it), which `call` can run in order."""

@@ -1,12 +1,13 @@
 """tfmeta's own CPU kernels, compiled at first use against the installed TensorFlow.
 
-`conv_block.cc` fuses conv_net's first block (see `tfmeta.kernels.conv_block`). It is built once per machine with
-g++ and TensorFlow's headers (`tf.sysconfig`, about 20 s) into `$TFMETA_KERNEL_CACHE` (default
-`~/.cache/tfmeta/kernels`), keyed by the source, TensorFlow's version and the CPU (it is compiled for the machine's
-own instruction set). Where no compiler is present or the build fails, `load()` warns once and returns None, and
-tfmeta runs TensorFlow's own ops instead: the kernels change speed, never results beyond float rounding.
-`TFMETA_FUSED_KERNELS=0` turns them off; `disabled()` does so while a block of code traces (SavedModel exports use
-it, so that a served model needs no tfmeta kernels).
+`conv_block.cc` fuses conv_net's first block (`tfmeta.kernels.conv_block`); `norm_pool.cc` gives the later blocks'
+batch norm, ReLU and pooling one backward kernel and one for its gradient (`tfmeta.kernels.norm_pool`). Both are
+built once per machine with g++ and TensorFlow's headers (`tf.sysconfig`, about 30 s) into one library in
+`$TFMETA_KERNEL_CACHE` (default `~/.cache/tfmeta/kernels`), keyed by the sources, TensorFlow's version and the CPU
+(it is compiled for the machine's own instruction set). Where no compiler is present or the build fails, `load()`
+warns once and returns None, and tfmeta runs TensorFlow's own ops instead: the kernels change speed, never results
+beyond float rounding. `TFMETA_FUSED_KERNELS=0` turns them off; `disabled()` does so while a block of code traces
+(SavedModel exports use it, so that a served model needs no tfmeta kernels).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Iterator, Optional
 
 import tensorflow as tf
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conv_block.cc")
+SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name) for name in ("conv_block.cc", "norm_pool.cc")]
 _lock = threading.Lock()
 _state = threading.local()
 _library = None
@@ -45,14 +46,17 @@ def _command(target: str) -> list[str]:
     flags = ["-std=c++17", "-O3", "-DNDEBUG", "-march=native", "-shared", "-fPIC", "-w"]
     if "avx512_fp16" in _cpu() or "avx512fp16" in _cpu():
         flags.append("-mno-avx512fp16")  # Eigen's AVX512-FP16 code in TensorFlow's headers does not build with g++
-    return ["g++", *flags, SOURCE, "-o", target, *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+    return ["g++", *flags, *SOURCES, "-o", target, *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
 
 
 def library_path() -> str:
     """Where the compiled kernels are (or will be) for this source, TensorFlow and CPU."""
-    with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + tf.__version__.encode() + _cpu().encode()
-                             + " ".join(_command("")).encode()).hexdigest()[:16]
+    sources = []
+    for source in SOURCES:
+        with open(source, "rb") as f:
+            sources.append(f.read())
+    key = hashlib.sha256(b"".join(sources) + tf.__version__.encode() + _cpu().encode()
+                         + " ".join(_command("")).encode()).hexdigest()[:16]
     cache = os.environ.get("TFMETA_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tfmeta",
                                                                   "kernels")
     return os.path.join(cache, key, "conv_block.so")

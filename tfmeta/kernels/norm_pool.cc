@@ -1,0 +1,388 @@
+// The backward pass of batch norm (the batch's statistics), ReLU and 2x2 max pooling (stride 2, "valid"), and that
+// backward pass's own gradient: conv_net's later blocks, after their convolution.
+//
+// tfmeta.kernels builds this file with conv_block.cc; tfmeta.kernels.norm_pool registers NormPoolGradGrad as
+// NormPoolGrad's gradient. Why: a MAML support pass's backward through batch norm is differentiated again, so it
+// used to run as about 20 ordinary ops, and their derivative as about 40 more, each a pass over the maps; with the
+// pooling and ReLU gradients they took a sixth of a 5-step second-order meta-step's op time (docs/performance.md).
+// Here each is one kernel of two or three passes.
+//
+// Per channel, over the M = N*H*W values z of the batch (also those that pooling drops at odd sizes), with
+// c = z - mean(z), r = 1/sqrt(mean(c^2) + epsilon), y = gamma*c*r + beta: the pooled gradient dp goes to the first
+// maximum of its window where that maximum is > 0 (through the ReLU), giving g at full resolution. Then
+//   dbeta = sum(g), dgamma = r*sum(g*c), dz = gamma*r*g - gamma*r*mean(g) - gamma*r^3*mean(g*c)*c.
+// The routing is piecewise constant in z, gamma and beta, so the gradient of (dz, dgamma, dbeta) with cotangents
+// (u, a, b) is, with P = mean(g*c), Q = mean(u*c), K = sum(u*g) - mean(g)*sum(u):
+//   in g:     gamma*r*(u - mean(u)) - gamma*r^3*Q*c + a*r*c + b  (gathered back to the pooled positions: in dp)
+//   in gamma: r*K - r^3*M*P*Q
+//   in z:     alpha*c + beta1*(u - mean(u)) + beta2*(g - mean(g)), where
+//             alpha = -r^3/M*(gamma*K - 3*gamma*r^2*M*P*Q + a*M*P), beta1 = -gamma*r^3*P, beta2 = a*r - gamma*r^3*Q.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace tfmeta {
+namespace {
+
+using ::tensorflow::DEVICE_CPU;
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Status;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+using ::tensorflow::errors::InvalidArgument;
+using ::tensorflow::shape_inference::InferenceContext;
+using ::tensorflow::shape_inference::ShapeHandle;
+typedef int64_t i64;
+
+struct Dims {
+  i64 n, h, w, c, ho, wo;
+  i64 values() const { return n * h * w; }    // per channel
+  i64 windows() const { return n * ho * wo; }  // per channel
+};
+
+Status CheckShape(OpKernelContext* context, int index, const char* name, const TensorShape& expected) {
+  if (context->input(index).shape() == expected) return ::tensorflow::OkStatus();
+  return InvalidArgument(name, " must have shape ", expected.DebugString(), "; got ",
+                         context->input(index).shape().DebugString());
+}
+
+// Reads z [n, h, w, c] at `z_index` and checks dp [n, h/2, w/2, c] at `dp_index` and gamma, beta [c] after z.
+Status ReadDims(OpKernelContext* context, int dp_index, int z_index, Dims* d) {
+  const Tensor& z = context->input(z_index);
+  if (z.dims() != 4) {
+    return InvalidArgument("z must be [batch, height, width, channels]; got ", z.shape().DebugString());
+  }
+  *d = {z.dim_size(0), z.dim_size(1), z.dim_size(2), z.dim_size(3), z.dim_size(1) / 2, z.dim_size(2) / 2};
+  TF_RETURN_IF_ERROR(CheckShape(context, dp_index, "dp", TensorShape({d->n, d->ho, d->wo, d->c})));
+  TF_RETURN_IF_ERROR(CheckShape(context, z_index + 1, "gamma", TensorShape({d->c})));
+  return CheckShape(context, z_index + 2, "beta", TensorShape({d->c}));
+}
+
+// The inner loops over channels, with pointers that do not alias (so that they vectorize).
+void AddSums(const float* __restrict row, i64 c, double* __restrict sum, double* __restrict squares) {
+  for (i64 ch = 0; ch < c; ++ch) {
+    const double value = row[ch];
+    sum[ch] += value;
+    squares[ch] += value * value;
+  }
+}
+
+void Route(const float* __restrict z0, const float* __restrict z1, const float* __restrict z2,
+           const float* __restrict z3, const float* __restrict scale, const float* __restrict shift, i64 c,
+           int32_t* __restrict out) {
+  for (i64 ch = 0; ch < c; ++ch) {
+    const float y0 = z0[ch] * scale[ch] + shift[ch], y1 = z1[ch] * scale[ch] + shift[ch];
+    const float y2 = z2[ch] * scale[ch] + shift[ch], y3 = z3[ch] * scale[ch] + shift[ch];
+    const float best = std::max(std::max(y0, y1), std::max(y2, y3));
+    int32_t where = y2 == best ? 2 : 3;  // the first maximum, as selects (which vectorize)
+    where = y1 == best ? 1 : where;
+    where = y0 == best ? 0 : where;
+    where = best > 0.0f ? where : 4;  // only a maximum > 0 passes the ReLU
+    out[ch] = where;
+  }
+}
+
+// Sums of the routed g and g*c (c = z - centre) at one of a window's positions (`k`).
+void AddRouted(const float* __restrict g, const int32_t* __restrict to, int32_t k, const float* __restrict zk,
+               const float* __restrict centre, i64 c, float* __restrict sum_g, float* __restrict sum_gc) {
+  for (i64 ch = 0; ch < c; ++ch) {
+    const float routed = to[ch] == k ? g[ch] : 0.0f;
+    sum_g[ch] += routed;
+    sum_gc[ch] += routed * (zk[ch] - centre[ch]);
+  }
+}
+
+void GradAt(const float* __restrict g, const int32_t* __restrict to, int32_t k, const float* __restrict zk,
+            const float* __restrict k0, const float* __restrict k2, const float* __restrict offset, i64 c,
+            float* __restrict out) {
+  for (i64 ch = 0; ch < c; ++ch) out[ch] = offset[ch] - k2[ch] * zk[ch] + (to[ch] == k ? k0[ch] * g[ch] : 0.0f);
+}
+
+// Sums (in `sums`: u, u*c, g, g*c, u*g, each c long) at one of a window's positions (`k`).
+void AddRoutedAndU(const float* __restrict g, const int32_t* __restrict to, int32_t k, const float* __restrict zk,
+                   const float* __restrict uk, const float* __restrict centre, i64 c, float* __restrict sums) {
+  float *__restrict sum_u = sums, *__restrict sum_uc = sums + c, *__restrict sum_g = sums + 2 * c;
+  float *__restrict sum_gc = sums + 3 * c, *__restrict sum_ug = sums + 4 * c;
+  for (i64 ch = 0; ch < c; ++ch) {
+    const float routed = to[ch] == k ? g[ch] : 0.0f, centred = zk[ch] - centre[ch];
+    sum_u[ch] += uk[ch];
+    sum_uc[ch] += uk[ch] * centred;
+    sum_g[ch] += routed;
+    sum_gc[ch] += routed * centred;
+    sum_ug[ch] += routed * uk[ch];
+  }
+}
+
+// The gradients in z (`out`) and, added to `back`, in dp at one of a window's positions (`k`); `coefficients` holds
+// gu, gz, g0, zz, zu, zg, z0, each c long (NormPoolGradGradOp).
+void GradGradAt(const float* __restrict g, const int32_t* __restrict to, int32_t k, const float* __restrict zk,
+                const float* __restrict uk, const float* __restrict coefficients, i64 c, float* __restrict out,
+                float* __restrict back) {
+  const float *__restrict gu = coefficients, *__restrict gz = gu + c, *__restrict g0 = gz + c;
+  const float *__restrict zz = g0 + c, *__restrict zu = zz + c, *__restrict zg = zu + c, *__restrict z0 = zg + c;
+  for (i64 ch = 0; ch < c; ++ch) {
+    const bool routed = to[ch] == k;
+    out[ch] = zz[ch] * zk[ch] + zu[ch] * uk[ch] + z0[ch] + (routed ? zg[ch] * g[ch] : 0.0f);
+    back[ch] += routed ? gu[ch] * uk[ch] + gz[ch] * zk[ch] + g0[ch] : 0.0f;
+  }
+}
+
+// Per channel: the batch's mean and r = 1/sqrt(biased variance + epsilon), from sums in double (one pass).
+void Statistics(const float* z, const Dims& d, float epsilon, std::vector<double>* mean, std::vector<double>* r) {
+  std::vector<double> sums(2 * d.c, 0.0);
+  double* sum = sums.data();
+  double* squares = sum + d.c;
+  for (i64 p = 0; p < d.values(); ++p) AddSums(z + p * d.c, d.c, sum, squares);
+  mean->resize(d.c);
+  r->resize(d.c);
+  for (i64 ch = 0; ch < d.c; ++ch) {
+    const double m = sum[ch] / d.values();
+    (*mean)[ch] = m;
+    (*r)[ch] = 1.0 / std::sqrt(std::max(squares[ch] / d.values() - m * m, 0.0) + epsilon);
+  }
+}
+
+// Calls visit(window, offsets) for each pooling window (its index among the n*ho*wo, and the offsets in z of its
+// four positions, in row-major order), then leftover(offset) for each position no window covers (odd sizes).
+template <typename Visit, typename Leftover>
+void ForWindows(const Dims& d, Visit visit, Leftover leftover) {
+  for (i64 b = 0; b < d.n; ++b) {
+    for (i64 i = 0; i < d.h; ++i) {
+      for (i64 j = 0; j < d.w; ++j) {
+        if (i >= 2 * d.ho || j >= 2 * d.wo) leftover(((b * d.h + i) * d.w + j) * d.c);
+      }
+    }
+    for (i64 i = 0; i < d.ho; ++i) {
+      for (i64 j = 0; j < d.wo; ++j) {
+        const i64 corner = ((b * d.h + 2 * i) * d.w + 2 * j) * d.c;
+        const i64 offsets[4] = {corner, corner + d.c, corner + d.w * d.c, corner + (d.w + 1) * d.c};
+        visit((b * d.ho + i) * d.wo + j, offsets);
+      }
+    }
+  }
+}
+
+// For each window and channel, which of the window's four positions (0-3) the pooled gradient goes to: the first
+// maximum of y = gamma*c*r + beta, or 4 where that maximum is <= 0 (the ReLU stops it).
+std::vector<int32_t> Routes(const float* z, const float* gamma, const float* beta, const Dims& d,
+                           const std::vector<double>& mean, const std::vector<double>& r) {
+  std::vector<int32_t> routes(d.windows() * d.c);
+  std::vector<float> scales(d.c), shifts(d.c);
+  for (i64 ch = 0; ch < d.c; ++ch) {
+    scales[ch] = static_cast<float>(gamma[ch] * r[ch]);
+    shifts[ch] = static_cast<float>(beta[ch] - gamma[ch] * r[ch] * mean[ch]);
+  }
+  const float* scale = scales.data();
+  const float* shift = shifts.data();
+  int32_t* route = routes.data();
+  ForWindows(d, [&](i64 window, const i64* offsets) {
+    int32_t* out = route + window * d.c;
+    Route(z + offsets[0], z + offsets[1], z + offsets[2], z + offsets[3], scale, shift, d.c, out);
+  }, [](i64) {});
+  return routes;
+}
+
+class NormPoolGradOp : public OpKernel {
+ public:
+  explicit NormPoolGradOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
+  }
+
+  // Inputs: dp, z, gamma, beta. Outputs: dz, dgamma, dbeta.
+  void Compute(OpKernelContext* context) override {
+    Dims d;
+    OP_REQUIRES_OK(context, ReadDims(context, 0, 1, &d));
+    const float* dp = context->input(0).flat<float>().data();
+    const float* z = context->input(1).flat<float>().data();
+    const float* gamma = context->input(2).flat<float>().data();
+    Tensor *dz_tensor, *dgamma_tensor, *dbeta_tensor;
+    OP_REQUIRES_OK(context, context->allocate_output(0, context->input(1).shape(), &dz_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({d.c}), &dgamma_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({d.c}), &dbeta_tensor));
+    std::vector<double> mean, r;
+    Statistics(z, d, epsilon_, &mean, &r);
+    const std::vector<int32_t> routes = Routes(z, gamma, context->input(3).flat<float>().data(), d, mean, r);
+    // sums of g and g*c over the routed positions, per window row in float, in double across rows
+    const std::vector<float> centres(mean.begin(), mean.end());
+    const float* centre = centres.data();
+    std::vector<double> sums(2 * d.c, 0.0);
+    std::vector<float> partial(2 * d.c, 0.0f);
+    double *sum_g = sums.data(), *sum_gc = sum_g + d.c;
+    float *row_g = partial.data(), *row_gc = row_g + d.c;
+    const int32_t* route = routes.data();
+    ForWindows(d, [&](i64 window, const i64* offsets) {
+      const float* g = dp + window * d.c;
+      const int32_t* to = route + window * d.c;
+      for (int32_t k = 0; k < 4; ++k) AddRouted(g, to, k, z + offsets[k], centre, d.c, row_g, row_gc);
+      if ((window + 1) % d.wo == 0) {
+        for (i64 ch = 0; ch < 2 * d.c; ++ch) sum_g[ch] += row_g[ch], row_g[ch] = 0.0f;
+      }
+    }, [](i64) {});
+    // dz = k0*g - k1 - k2*c, with c = z - mean: k0*g + offset - k2*z
+    std::vector<float> coefficients(3 * d.c);
+    float *k0 = coefficients.data(), *k2 = k0 + d.c, *offset = k2 + d.c;
+    float* dgamma = dgamma_tensor->flat<float>().data();
+    float* dbeta = dbeta_tensor->flat<float>().data();
+    for (i64 ch = 0; ch < d.c; ++ch) {
+      const double m = d.values(), gr = gamma[ch] * r[ch];
+      const double k1 = gr * sum_g[ch] / m, slope = gr * r[ch] * r[ch] * sum_gc[ch] / m;
+      k0[ch] = static_cast<float>(gr);
+      k2[ch] = static_cast<float>(slope);
+      offset[ch] = static_cast<float>(slope * mean[ch] - k1);
+      dgamma[ch] = static_cast<float>(r[ch] * sum_gc[ch]);
+      dbeta[ch] = static_cast<float>(sum_g[ch]);
+    }
+    float* dz = dz_tensor->flat<float>().data();
+    ForWindows(d, [&](i64 window, const i64* offsets) {
+      const float* g = dp + window * d.c;
+      const int32_t* to = route + window * d.c;
+      for (int32_t k = 0; k < 4; ++k) GradAt(g, to, k, z + offsets[k], k0, k2, offset, d.c, dz + offsets[k]);
+    }, [&](i64 at) {
+      for (i64 ch = 0; ch < d.c; ++ch) dz[at + ch] = offset[ch] - k2[ch] * z[at + ch];
+    });
+  }
+
+ private:
+  float epsilon_;
+};
+
+class NormPoolGradGradOp : public OpKernel {
+ public:
+  explicit NormPoolGradGradOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
+  }
+
+  // Inputs: u (cotangent of dz), a (of dgamma), b (of dbeta), dp, z, gamma, beta. Outputs: ddp, dz, dgamma.
+  void Compute(OpKernelContext* context) override {
+    Dims d;
+    OP_REQUIRES_OK(context, ReadDims(context, 3, 4, &d));
+    OP_REQUIRES_OK(context, CheckShape(context, 0, "u", context->input(4).shape()));
+    OP_REQUIRES_OK(context, CheckShape(context, 1, "a", TensorShape({d.c})));
+    OP_REQUIRES_OK(context, CheckShape(context, 2, "b", TensorShape({d.c})));
+    const float* u = context->input(0).flat<float>().data();
+    const float* a = context->input(1).flat<float>().data();
+    const float* b = context->input(2).flat<float>().data();
+    const float* dp = context->input(3).flat<float>().data();
+    const float* z = context->input(4).flat<float>().data();
+    const float* gamma = context->input(5).flat<float>().data();
+    Tensor *ddp_tensor, *dz_tensor, *dgamma_tensor;
+    OP_REQUIRES_OK(context, context->allocate_output(0, context->input(3).shape(), &ddp_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(1, context->input(4).shape(), &dz_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({d.c}), &dgamma_tensor));
+    std::vector<double> mean, r;
+    Statistics(z, d, epsilon_, &mean, &r);
+    const std::vector<int32_t> routes = Routes(z, gamma, context->input(6).flat<float>().data(), d, mean, r);
+    // Sums over all values (u, u*c) and over the routed ones (g, g*c, u*g): per window row in float, then in double.
+    const std::vector<float> centres(mean.begin(), mean.end());
+    const float* centre = centres.data();
+    constexpr int kSums = 5;
+    std::vector<double> sums(kSums * d.c, 0.0);
+    std::vector<float> partial(kSums * d.c, 0.0f);
+    double *sum_u = sums.data(), *sum_uc = sum_u + d.c, *sum_g = sum_uc + d.c, *sum_gc = sum_g + d.c,
+           *sum_ug = sum_gc + d.c;
+    float *row_u = partial.data(), *row_uc = row_u + d.c;  // the sums over positions no window covers
+    const int32_t* route = routes.data();
+    auto flush = [&]() {
+      for (i64 i = 0; i < kSums * d.c; ++i) sums[i] += partial[i], partial[i] = 0.0f;
+    };
+    ForWindows(d, [&](i64 window, const i64* offsets) {
+      const float* g = dp + window * d.c;
+      const int32_t* to = route + window * d.c;
+      for (int32_t k = 0; k < 4; ++k) {
+        AddRoutedAndU(g, to, k, z + offsets[k], u + offsets[k], centre, d.c, partial.data());
+      }
+      if ((window + 1) % d.wo == 0) flush();
+    }, [&](i64 at) {
+      for (i64 ch = 0; ch < d.c; ++ch) row_u[ch] += u[at + ch], row_uc[ch] += u[at + ch] * (z[at + ch] - centre[ch]);
+    });
+    flush();
+    // Per channel, the gradient in g is gu*u + gz*z + g0, and the gradient in z is zz*z + zu*u + zg*g + z0.
+    std::vector<float> coefficients(7 * d.c);
+    float *gu = coefficients.data(), *gz = gu + d.c, *g0 = gz + d.c, *zz = g0 + d.c, *zu = zz + d.c,
+          *zg = zu + d.c, *z0 = zg + d.c;
+    float* dgamma = dgamma_tensor->flat<float>().data();
+    for (i64 ch = 0; ch < d.c; ++ch) {
+      const double m = d.values(), rc = r[ch], r3 = rc * rc * rc, gm = gamma[ch];
+      const double mean_u = sum_u[ch] / m, mean_g = sum_g[ch] / m;
+      const double P = sum_gc[ch] / m, Q = sum_uc[ch] / m;
+      const double K = sum_ug[ch] - mean_g * sum_u[ch];
+      const double alpha = -r3 / m * (gm * K - 3.0 * gm * rc * rc * m * P * Q + a[ch] * m * P);
+      const double beta1 = -gm * r3 * P, beta2 = a[ch] * rc - gm * r3 * Q;  // beta2 is also the g-gradient's slope
+      gu[ch] = static_cast<float>(gm * rc);
+      gz[ch] = static_cast<float>(beta2);
+      g0[ch] = static_cast<float>(-gm * rc * mean_u - beta2 * mean[ch] + b[ch]);
+      zz[ch] = static_cast<float>(alpha);
+      zu[ch] = static_cast<float>(beta1);
+      zg[ch] = static_cast<float>(beta2);
+      z0[ch] = static_cast<float>(-alpha * mean[ch] - beta1 * mean_u - beta2 * mean_g);
+      dgamma[ch] = static_cast<float>(rc * K - r3 * m * P * Q);
+    }
+    float* dz = dz_tensor->flat<float>().data();
+    float* ddp = ddp_tensor->flat<float>().data();
+    ForWindows(d, [&](i64 window, const i64* offsets) {
+      const float* g = dp + window * d.c;
+      const int32_t* to = route + window * d.c;
+      float* back = ddp + window * d.c;
+      for (i64 ch = 0; ch < d.c; ++ch) back[ch] = 0.0f;
+      for (int32_t k = 0; k < 4; ++k) {
+        GradGradAt(g, to, k, z + offsets[k], u + offsets[k], coefficients.data(), d.c, dz + offsets[k], back);
+      }
+    }, [&](i64 at) {
+      for (i64 ch = 0; ch < d.c; ++ch) dz[at + ch] = zz[ch] * z[at + ch] + zu[ch] * u[at + ch] + z0[ch];
+    });
+  }
+
+ private:
+  float epsilon_;
+};
+
+REGISTER_OP("TfmetaNormPoolGrad")
+    .Input("dp: float")
+    .Input("z: float")
+    .Input("gamma: float")
+    .Input("beta: float")
+    .Output("dz: float")
+    .Output("dgamma: float")
+    .Output("dbeta: float")
+    .Attr("epsilon: float")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle z;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &z));
+      c->set_output(0, z);
+      c->set_output(1, c->Vector(c->Dim(z, 3)));
+      c->set_output(2, c->Vector(c->Dim(z, 3)));
+      return ::tensorflow::OkStatus();
+    });
+
+REGISTER_OP("TfmetaNormPoolGradGrad")
+    .Input("u: float")
+    .Input("a: float")
+    .Input("b: float")
+    .Input("dp: float")
+    .Input("z: float")
+    .Input("gamma: float")
+    .Input("beta: float")
+    .Output("ddp: float")
+    .Output("dz: float")
+    .Output("dgamma: float")
+    .Attr("epsilon: float")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(3));
+      c->set_output(1, c->input(4));
+      c->set_output(2, c->input(5));
+      return ::tensorflow::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("TfmetaNormPoolGrad").Device(DEVICE_CPU), NormPoolGradOp);
+REGISTER_KERNEL_BUILDER(Name("TfmetaNormPoolGradGrad").Device(DEVICE_CPU), NormPoolGradGradOp);
+
+}  // namespace
+}  // namespace tfmeta
