@@ -37,8 +37,9 @@ GROUPS = {  # op type -> group; everything else is "other (elementwise, reductio
     # tfmeta's fused first block (tfmeta.kernels): convolution, batch norm, ReLU and pooling in one op
     "TfmetaConvBlock": "fused block 0", "TfmetaConvBlockGrad": "fused block 0",
     "TfmetaConvBlockGradGrad": "fused block 0", "TfmetaConvBlockInputGrad": "fused block 0",
-    # tfmeta's fused backward pass of the later blocks' batch norm, ReLU and pooling (tfmeta.kernels.norm_pool)
-    "TfmetaNormPoolGrad": "fused norm-pool backward", "TfmetaNormPoolGradGrad": "fused norm-pool backward",
+    # tfmeta's kernels for the later blocks' batch norm, ReLU and pooling (tfmeta.kernels.norm_pool)
+    "TfmetaNormPool": "fused norm-pool", "TfmetaNormPoolGrad": "fused norm-pool",
+    "TfmetaNormPoolGradGrad": "fused norm-pool",
 }
 OTHER = "other (elementwise, reductions, control flow, copies)"
 LAYER = re.compile(r"(?:conv|norm|act|pool)_(\d+)")  # conv_net's layer names: block i's conv_i, norm_i, act_i, pool_i

@@ -1,5 +1,5 @@
-// The backward pass of batch norm (the batch's statistics), ReLU and 2x2 max pooling (stride 2, "valid"), and that
-// backward pass's own gradient: conv_net's later blocks, after their convolution.
+// Batch norm with the batch's statistics, ReLU and 2x2 max pooling (stride 2, "valid"): the forward pass, its
+// backward pass, and that backward pass's own gradient. conv_net's later blocks, after their convolution.
 //
 // tfmeta.kernels builds this file with conv_block.cc; tfmeta.kernels.norm_pool registers NormPoolGradGrad as
 // NormPoolGrad's gradient. Why: a MAML support pass's backward through batch norm is differentiated again, so it
@@ -90,6 +90,21 @@ void Route(const float* __restrict z0, const float* __restrict z1, const float* 
   }
 }
 
+// The pooled outputs of one window: the maximum of max(0, y) over its four positions, y = z*scale + shift.
+void Pool(const float* __restrict z0, const float* __restrict z1, const float* __restrict z2,
+          const float* __restrict z3, const float* __restrict scale, const float* __restrict shift, i64 c,
+          float* __restrict out) {
+  for (i64 ch = 0; ch < c; ++ch) {
+    const float y0 = z0[ch] * scale[ch] + shift[ch], y1 = z1[ch] * scale[ch] + shift[ch];
+    const float y2 = z2[ch] * scale[ch] + shift[ch], y3 = z3[ch] * scale[ch] + shift[ch];
+    float best = 0.0f;  // ReLU and then the maximum; a NaN is never selected (as ReLU and oneDNN's pooling do)
+    best = y0 > best ? y0 : best;
+    best = y1 > best ? y1 : best;
+    best = y2 > best ? y2 : best;
+    out[ch] = y3 > best ? y3 : best;
+  }
+}
+
 // Sums of the routed g and g*c (c = z - centre) at one of a window's positions (`k`).
 void AddRouted(const float* __restrict g, const int32_t* __restrict to, int32_t k, const float* __restrict zk,
                const float* __restrict centre, i64 c, float* __restrict sum_g, float* __restrict sum_gc) {
@@ -172,16 +187,23 @@ void ForWindows(const Dims& d, Visit visit, Leftover leftover) {
 
 // For each window and channel, which of the window's four positions (0-3) the pooled gradient goes to: the first
 // maximum of y = gamma*c*r + beta, or 4 where that maximum is <= 0 (the ReLU stops it).
+// Batch norm as y = z*scale + shift per channel: scale = gamma*r, shift = beta - gamma*r*mean (`affine`: 2*c).
+std::vector<float> Affine(const float* gamma, const float* beta, const Dims& d, const std::vector<double>& mean,
+                          const std::vector<double>& r) {
+  std::vector<float> affine(2 * d.c);
+  for (i64 ch = 0; ch < d.c; ++ch) {
+    affine[ch] = static_cast<float>(gamma[ch] * r[ch]);
+    affine[d.c + ch] = static_cast<float>(beta[ch] - gamma[ch] * r[ch] * mean[ch]);
+  }
+  return affine;
+}
+
 std::vector<int32_t> Routes(const float* z, const float* gamma, const float* beta, const Dims& d,
                            const std::vector<double>& mean, const std::vector<double>& r) {
   std::vector<int32_t> routes(d.windows() * d.c);
-  std::vector<float> scales(d.c), shifts(d.c);
-  for (i64 ch = 0; ch < d.c; ++ch) {
-    scales[ch] = static_cast<float>(gamma[ch] * r[ch]);
-    shifts[ch] = static_cast<float>(beta[ch] - gamma[ch] * r[ch] * mean[ch]);
-  }
-  const float* scale = scales.data();
-  const float* shift = shifts.data();
+  const std::vector<float> affine = Affine(gamma, beta, d, mean, r);
+  const float* scale = affine.data();
+  const float* shift = scale + d.c;
   int32_t* route = routes.data();
   ForWindows(d, [&](i64 window, const i64* offsets) {
     int32_t* out = route + window * d.c;
@@ -189,6 +211,45 @@ std::vector<int32_t> Routes(const float* z, const float* gamma, const float* bet
   }, [](i64) {});
   return routes;
 }
+
+class NormPoolOp : public OpKernel {
+ public:
+  explicit NormPoolOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
+  }
+
+  // Inputs: z, gamma, beta. Outputs: the pooled output, the batch's mean and biased variance.
+  void Compute(OpKernelContext* context) override {
+    const Tensor& z_tensor = context->input(0);
+    OP_REQUIRES(context, z_tensor.dims() == 4,
+                InvalidArgument("z must be [batch, height, width, channels]; got ", z_tensor.shape().DebugString()));
+    const Dims d{z_tensor.dim_size(0), z_tensor.dim_size(1), z_tensor.dim_size(2), z_tensor.dim_size(3),
+                 z_tensor.dim_size(1) / 2, z_tensor.dim_size(2) / 2};
+    OP_REQUIRES_OK(context, CheckShape(context, 1, "gamma", TensorShape({d.c})));
+    OP_REQUIRES_OK(context, CheckShape(context, 2, "beta", TensorShape({d.c})));
+    Tensor *p_tensor, *mean_tensor, *variance_tensor;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({d.n, d.ho, d.wo, d.c}), &p_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({d.c}), &mean_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({d.c}), &variance_tensor));
+    const float* z = z_tensor.flat<float>().data();
+    std::vector<double> mean, r;
+    Statistics(z, d, epsilon_, &mean, &r);
+    for (i64 ch = 0; ch < d.c; ++ch) {
+      mean_tensor->flat<float>()(ch) = static_cast<float>(mean[ch]);
+      variance_tensor->flat<float>()(ch) = static_cast<float>(1.0 / (r[ch] * r[ch]) - epsilon_);
+    }
+    const std::vector<float> affine =
+        Affine(context->input(1).flat<float>().data(), context->input(2).flat<float>().data(), d, mean, r);
+    float* p = p_tensor->flat<float>().data();
+    ForWindows(d, [&](i64 window, const i64* offsets) {
+      Pool(z + offsets[0], z + offsets[1], z + offsets[2], z + offsets[3], affine.data(), affine.data() + d.c, d.c,
+           p + window * d.c);
+    }, [](i64) {});
+  }
+
+ private:
+  float epsilon_;
+};
 
 class NormPoolGradOp : public OpKernel {
  public:
@@ -344,6 +405,26 @@ class NormPoolGradGradOp : public OpKernel {
   float epsilon_;
 };
 
+REGISTER_OP("TfmetaNormPool")
+    .Input("z: float")
+    .Input("gamma: float")
+    .Input("beta: float")
+    .Output("p: float")
+    .Output("mean: float")
+    .Output("variance: float")
+    .Attr("epsilon: float")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle z;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &z));
+      auto half = [c](::tensorflow::shape_inference::DimensionHandle dim) {
+        return c->ValueKnown(dim) ? c->MakeDim(c->Value(dim) / 2) : c->UnknownDim();
+      };
+      c->set_output(0, c->MakeShape({c->Dim(z, 0), half(c->Dim(z, 1)), half(c->Dim(z, 2)), c->Dim(z, 3)}));
+      c->set_output(1, c->Vector(c->Dim(z, 3)));
+      c->set_output(2, c->Vector(c->Dim(z, 3)));
+      return ::tensorflow::OkStatus();
+    });
+
 REGISTER_OP("TfmetaNormPoolGrad")
     .Input("dp: float")
     .Input("z: float")
@@ -381,6 +462,7 @@ REGISTER_OP("TfmetaNormPoolGradGrad")
       return ::tensorflow::OkStatus();
     });
 
+REGISTER_KERNEL_BUILDER(Name("TfmetaNormPool").Device(DEVICE_CPU), NormPoolOp);
 REGISTER_KERNEL_BUILDER(Name("TfmetaNormPoolGrad").Device(DEVICE_CPU), NormPoolGradOp);
 REGISTER_KERNEL_BUILDER(Name("TfmetaNormPoolGradGrad").Device(DEVICE_CPU), NormPoolGradGradOp);
 

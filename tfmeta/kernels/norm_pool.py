@@ -1,15 +1,16 @@
-"""Batch norm (the batch's statistics), ReLU and 2x2 max pooling with a fused backward pass whose gradient is a fused
-kernel too: conv_net's later blocks, after their convolution.
+"""Batch norm (the batch's statistics), ReLU and 2x2 max pooling as CPU kernels whose backward pass has a kernel
+gradient too: conv_net's later blocks, after their convolution.
 
 Why: MAML differentiates each support pass's backward pass again. Batch norm's backward pass was about 20 ordinary
 ops (so that TensorFlow could differentiate it), its derivative about 40 more, and the ReLU's and pooling's
 gradients and their derivatives a few more, each a pass over small maps with a fixed cost per op: 0.62 s of a 5-step
-second-order Omniglot meta-step's 4.25 s of op time (docs/performance.md, issue 21). Here the backward pass is one
-kernel (`TfmetaNormPoolGrad`) and its gradient another (`TfmetaNormPoolGradGrad`, registered below; `norm_pool.cc`
-states the formulas). The forward pass stays TensorFlow's fused batch norm, ReLU and pooling.
+second-order Omniglot meta-step's 4.25 s of op time (docs/performance.md, issue 21). Here the forward pass is one
+kernel (`TfmetaNormPool`: statistics, normalisation, ReLU and pooling, writing only the pooled maps), the backward
+pass another (`TfmetaNormPoolGrad`) and its gradient a third (`TfmetaNormPoolGradGrad`, registered below;
+`norm_pool.cc` states the formulas). They run on the calling thread: a meta-batch's tasks keep the cores busy.
 
-Routing the pooled gradient (first maximum of each window, through the ReLU) is piecewise constant, so the second
-kernel is the exact derivative of the first. Its own gradient (third order) is the separate ops' third derivative,
+Routing the pooled gradient (first maximum of each window, through the ReLU) is piecewise constant, so the third
+kernel is the exact derivative of the second. Its own gradient (third order) is the separate ops' third derivative,
 recomputed from the inputs.
 """
 
@@ -35,22 +36,19 @@ def fusable(layers: list) -> bool:
 
 
 def norm_relu_pool(ops, z, gamma, beta, epsilon: float, name: str = "norm_pool"):
-    """`(pooled output, batch mean, unbiased batch variance)` of batch norm, ReLU and pooling on NHWC `z`, with the
-    fused backward pass; its ops are named `<name>_grad/...` (profiles attribute them to the layer)."""
-    empty = tf.constant([], tf.float32)
+    """`(pooled output, batch mean, biased batch variance)` of batch norm, ReLU and pooling on NHWC `z` through the
+    kernels; the backward pass's ops are named `<name>_grad/...` (profiles attribute them to the layer)."""
 
     @tf.custom_gradient
     def forward(z, gamma, beta):
-        y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
-            x=z, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon, data_format="NHWC",
-            is_training=True)
+        p, mean, variance = ops.tfmeta_norm_pool(z, gamma, beta, epsilon=epsilon)
 
         def backward(dp, dmean, dvariance):
             del dmean, dvariance  # the statistics only feed the moving averages, under a stop-gradient
             with tf.name_scope(f"{name}_grad"):
                 return ops.tfmeta_norm_pool_grad(dp, z, gamma, beta, epsilon=epsilon)
 
-        return (tf.nn.max_pool2d(tf.nn.relu(y), 2, 2, "VALID"), mean, variance), backward
+        return (p, mean, variance), backward
 
     return forward(z, gamma, beta)
 
@@ -65,8 +63,7 @@ def call_norm_pool(ops, z, norm: BatchNormalization, training: bool) -> tf.Tenso
         y, mean, variance = norm_relu_pool(ops, tf.cast(z, tf.float32), gamma, beta, max(norm.epsilon, 1.001e-5),
                                            name=norm.name)
     if training and norm.trainable:
-        count = tf.cast(tf.size(z) // channels, tf.float32)
-        norm.update_moving_statistics(mean, variance * (count - 1) / count, count)  # Keras tracks the biased one
+        norm.update_moving_statistics(mean, variance, tf.cast(tf.size(z) // channels, tf.float32))
     return y
 
 
