@@ -185,6 +185,23 @@ void ForWindows(const Dims& d, Visit visit, Leftover leftover) {
   }
 }
 
+// `count` sums per channel over the windows (and leftover positions): visit(window, offsets, partial) and
+// leftover(offset, partial) add into float partial sums, which go into double once per row of windows.
+template <typename Visit, typename Leftover>
+std::vector<double> SumByRows(const Dims& d, i64 count, Visit visit, Leftover leftover) {
+  std::vector<double> sums(count * d.c, 0.0);
+  std::vector<float> partial(count * d.c, 0.0f);
+  auto flush = [&]() {
+    for (i64 i = 0; i < count * d.c; ++i) sums[i] += partial[i], partial[i] = 0.0f;
+  };
+  ForWindows(d, [&](i64 window, const i64* offsets) {
+    visit(window, offsets, partial.data());
+    if ((window + 1) % d.wo == 0) flush();
+  }, [&](i64 at) { leftover(at, partial.data()); });
+  flush();
+  return sums;
+}
+
 // For each window and channel, which of the window's four positions (0-3) the pooled gradient goes to: the first
 // maximum of y = gamma*c*r + beta, or 4 where that maximum is <= 0 (the ReLU stops it).
 // Batch norm as y = z*scale + shift per channel: scale = gamma*r, shift = beta - gamma*r*mean (`affine`: 2*c).
@@ -212,11 +229,20 @@ std::vector<int32_t> Routes(const float* z, const float* gamma, const float* bet
   return routes;
 }
 
-class NormPoolOp : public OpKernel {
+// The three kernels' common part: batch norm's epsilon.
+class NormPoolKernel : public OpKernel {
  public:
-  explicit NormPoolOp(OpKernelConstruction* context) : OpKernel(context) {
+  explicit NormPoolKernel(OpKernelConstruction* context) : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
   }
+
+ protected:
+  float epsilon_;
+};
+
+class NormPoolOp : public NormPoolKernel {
+ public:
+  using NormPoolKernel::NormPoolKernel;
 
   // Inputs: z, gamma, beta. Outputs: the pooled output, the batch's mean and biased variance.
   void Compute(OpKernelContext* context) override {
@@ -246,16 +272,11 @@ class NormPoolOp : public OpKernel {
            p + window * d.c);
     }, [](i64) {});
   }
-
- private:
-  float epsilon_;
 };
 
-class NormPoolGradOp : public OpKernel {
+class NormPoolGradOp : public NormPoolKernel {
  public:
-  explicit NormPoolGradOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
-  }
+  using NormPoolKernel::NormPoolKernel;
 
   // Inputs: dp, z, gamma, beta. Outputs: dz, dgamma, dbeta.
   void Compute(OpKernelContext* context) override {
@@ -271,22 +292,16 @@ class NormPoolGradOp : public OpKernel {
     std::vector<double> mean, r;
     Statistics(z, d, epsilon_, &mean, &r);
     const std::vector<int32_t> routes = Routes(z, gamma, context->input(3).flat<float>().data(), d, mean, r);
-    // sums of g and g*c over the routed positions, per window row in float, in double across rows
+    // sums of g and g*c over the routed positions
     const std::vector<float> centres(mean.begin(), mean.end());
-    const float* centre = centres.data();
-    std::vector<double> sums(2 * d.c, 0.0);
-    std::vector<float> partial(2 * d.c, 0.0f);
-    double *sum_g = sums.data(), *sum_gc = sum_g + d.c;
-    float *row_g = partial.data(), *row_gc = row_g + d.c;
     const int32_t* route = routes.data();
-    ForWindows(d, [&](i64 window, const i64* offsets) {
-      const float* g = dp + window * d.c;
-      const int32_t* to = route + window * d.c;
-      for (int32_t k = 0; k < 4; ++k) AddRouted(g, to, k, z + offsets[k], centre, d.c, row_g, row_gc);
-      if ((window + 1) % d.wo == 0) {
-        for (i64 ch = 0; ch < 2 * d.c; ++ch) sum_g[ch] += row_g[ch], row_g[ch] = 0.0f;
+    const std::vector<double> sums = SumByRows(d, 2, [&](i64 window, const i64* offsets, float* partial) {
+      for (int32_t k = 0; k < 4; ++k) {
+        AddRouted(dp + window * d.c, route + window * d.c, k, z + offsets[k], centres.data(), d.c, partial,
+                  partial + d.c);
       }
-    }, [](i64) {});
+    }, [](i64, float*) {});
+    const double *sum_g = sums.data(), *sum_gc = sum_g + d.c;
     // dz = k0*g - k1 - k2*c, with c = z - mean: k0*g + offset - k2*z
     std::vector<float> coefficients(3 * d.c);
     float *k0 = coefficients.data(), *k2 = k0 + d.c, *offset = k2 + d.c;
@@ -310,16 +325,11 @@ class NormPoolGradOp : public OpKernel {
       for (i64 ch = 0; ch < d.c; ++ch) dz[at + ch] = offset[ch] - k2[ch] * z[at + ch];
     });
   }
-
- private:
-  float epsilon_;
 };
 
-class NormPoolGradGradOp : public OpKernel {
+class NormPoolGradGradOp : public NormPoolKernel {
  public:
-  explicit NormPoolGradGradOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
-  }
+  using NormPoolKernel::NormPoolKernel;
 
   // Inputs: u (cotangent of dz), a (of dgamma), b (of dbeta), dp, z, gamma, beta. Outputs: ddp, dz, dgamma.
   void Compute(OpKernelContext* context) override {
@@ -341,30 +351,23 @@ class NormPoolGradGradOp : public OpKernel {
     std::vector<double> mean, r;
     Statistics(z, d, epsilon_, &mean, &r);
     const std::vector<int32_t> routes = Routes(z, gamma, context->input(6).flat<float>().data(), d, mean, r);
-    // Sums over all values (u, u*c) and over the routed ones (g, g*c, u*g): per window row in float, then in double.
+    // sums over all values (u, u*c) and over the routed ones (g, g*c, u*g)
     const std::vector<float> centres(mean.begin(), mean.end());
     const float* centre = centres.data();
-    constexpr int kSums = 5;
-    std::vector<double> sums(kSums * d.c, 0.0);
-    std::vector<float> partial(kSums * d.c, 0.0f);
-    double *sum_u = sums.data(), *sum_uc = sum_u + d.c, *sum_g = sum_uc + d.c, *sum_gc = sum_g + d.c,
-           *sum_ug = sum_gc + d.c;
-    float *row_u = partial.data(), *row_uc = row_u + d.c;  // the sums over positions no window covers
     const int32_t* route = routes.data();
-    auto flush = [&]() {
-      for (i64 i = 0; i < kSums * d.c; ++i) sums[i] += partial[i], partial[i] = 0.0f;
-    };
-    ForWindows(d, [&](i64 window, const i64* offsets) {
-      const float* g = dp + window * d.c;
-      const int32_t* to = route + window * d.c;
+    const std::vector<double> sums = SumByRows(d, 5, [&](i64 window, const i64* offsets, float* partial) {
       for (int32_t k = 0; k < 4; ++k) {
-        AddRoutedAndU(g, to, k, z + offsets[k], u + offsets[k], centre, d.c, partial.data());
+        AddRoutedAndU(dp + window * d.c, route + window * d.c, k, z + offsets[k], u + offsets[k], centre, d.c,
+                      partial);
       }
-      if ((window + 1) % d.wo == 0) flush();
-    }, [&](i64 at) {
-      for (i64 ch = 0; ch < d.c; ++ch) row_u[ch] += u[at + ch], row_uc[ch] += u[at + ch] * (z[at + ch] - centre[ch]);
+    }, [&](i64 at, float* partial) {
+      for (i64 ch = 0; ch < d.c; ++ch) {
+        partial[ch] += u[at + ch];
+        partial[d.c + ch] += u[at + ch] * (z[at + ch] - centre[ch]);
+      }
     });
-    flush();
+    const double *sum_u = sums.data(), *sum_uc = sum_u + d.c, *sum_g = sum_uc + d.c, *sum_gc = sum_g + d.c,
+                 *sum_ug = sum_gc + d.c;
     // Per channel, the gradient in g is gu*u + gz*z + g0, and the gradient in z is zz*z + zu*u + zg*g + z0.
     std::vector<float> coefficients(7 * d.c);
     float *gu = coefficients.data(), *gz = gu + d.c, *g0 = gz + d.c, *zz = g0 + d.c, *zu = zz + d.c,
@@ -400,9 +403,6 @@ class NormPoolGradGradOp : public OpKernel {
       for (i64 ch = 0; ch < d.c; ++ch) dz[at + ch] = zz[ch] * z[at + ch] + zu[ch] * u[at + ch] + z0[ch];
     });
   }
-
- private:
-  float epsilon_;
 };
 
 REGISTER_OP("TfmetaNormPool")
