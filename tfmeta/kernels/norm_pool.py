@@ -55,7 +55,7 @@ def norm_relu_pool(ops, z, gamma, beta, epsilon: float, name: str = "norm_pool")
 
 def call_norm_pool(ops, z, norm: BatchNormalization, training: bool) -> tf.Tensor:
     """Batch norm (with the batch's statistics; moving averages updated in training, as `norm` updates them), ReLU
-    and 2x2 max pooling on `z`, through the fused backward pass."""
+    and 2x2 max pooling on `z`, through the kernels."""
     channels = z.shape[-1]
     gamma = tf.convert_to_tensor(norm.gamma) if norm.scale else tf.ones([channels])
     beta = tf.convert_to_tensor(norm.beta) if norm.center else tf.zeros([channels])
