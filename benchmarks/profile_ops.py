@@ -7,7 +7,7 @@
 Builds the workload exactly as `benchmarks/meta_step.py` does (tfmeta's defaults), runs `--warmup` untimed steps,
 then profiles `--steps` steps with `tf.profiler.experimental` and reads the trace (`*.xplane.pb`): the time of
 every op event on the host's threads, summed by op type, by group (convolution forward, its input and filter
-gradients, matrix products, batch norm, pooling, tfmeta's fused first block, the rest) and by conv_net block. With 2 cores, op time can reach
+gradients, matrix products, batch norm, pooling, tfmeta's kernels, the rest) and by conv_net block. With 2 cores, op time can reach
 2 x wall time; the ratio of op time to wall x cores is the share of the machine the step kept busy. Prints one JSON line (`--out`
 appends it to a file) and a Markdown table. The trace stays in `--logdir` for TensorBoard's profile plugin.
 """

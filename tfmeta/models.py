@@ -53,8 +53,8 @@ class ConvNet(keras.Model):
     """`conv_net`'s functional model: the same layers and weights as `keras.Model(inputs, outputs)`, except that
     where its batch norms use the batch's statistics and tfmeta's kernels may run (`tfmeta.kernels.usable`: no XLA,
     no GPU, not in a SavedModel export), its first block runs as one fused CPU kernel on inputs with few channels
-    (`tfmeta.kernels.conv_block`), and the other blocks' batch norm, ReLU and max pooling have a fused backward pass
-    (`tfmeta.kernels.norm_pool`). The results agree with the layers' to float rounding."""
+    (`tfmeta.kernels.conv_block`), and the other blocks' batch norm, ReLU and max pooling run as kernels, forward and
+    backward (`tfmeta.kernels.norm_pool`). The results agree with the layers' to float rounding."""
 
     def call(self, inputs, training=None, mask=None):
         layers = [layer for layer in self.layers if not isinstance(layer, keras.layers.InputLayer)]
@@ -77,8 +77,9 @@ class ConvNet(keras.Model):
 
     @staticmethod
     def _batch_statistics(norm: BatchNormalization, training) -> bool:
-        """Whether `norm` normalises with the batch's statistics in this call, as the kernels do."""
-        return ((training and norm.trainable) or norm.statistics == "batch") and not norm._recording
+        """Whether `norm` normalises with the batch's statistics in this call, as the kernels do (and is not
+        recording them as its moving averages: `freeze_batch_statistics`)."""
+        return norm.uses_batch_statistics(training) and not norm._recording
 
     def _is_chain(self, layers: list) -> bool:
         """Whether the model is one chain of `layers` (as `conv_net` builds it), which `call` can run in order."""

@@ -1,13 +1,13 @@
 """tfmeta's own CPU kernels, compiled at first use against the installed TensorFlow.
 
-`conv_block.cc` fuses conv_net's first block (`tfmeta.kernels.conv_block`); `norm_pool.cc` gives the later blocks'
-batch norm, ReLU and pooling one backward kernel and one for its gradient (`tfmeta.kernels.norm_pool`). Both are
-built once per machine with g++ and TensorFlow's headers (`tf.sysconfig`, about 30 s) into one library in
-`$TFMETA_KERNEL_CACHE` (default `~/.cache/tfmeta/kernels`), keyed by the sources, TensorFlow's version and the CPU
-(it is compiled for the machine's own instruction set). Where no compiler is present or the build fails, `load()`
-warns once and returns None, and tfmeta runs TensorFlow's own ops instead: the kernels change speed, never results
-beyond float rounding. `TFMETA_FUSED_KERNELS=0` turns them off; `disabled()` does so while a block of code traces
-(SavedModel exports use it, so that a served model needs no tfmeta kernels).
+`conv_block.cc` fuses conv_net's first block (`tfmeta.kernels.conv_block`); `norm_pool.cc` runs the later
+blocks' batch norm, ReLU and pooling forward, backward, and that backward pass's gradient
+(`tfmeta.kernels.norm_pool`). Both are built once per machine with g++ and TensorFlow's headers (`tf.sysconfig`,
+about 30 s) into one library in `$TFMETA_KERNEL_CACHE` (default `~/.cache/tfmeta/kernels`), keyed by the sources,
+TensorFlow's version and the CPU (it is compiled for the machine's own instruction set). Where no compiler is
+present or the build fails, `load()` warns once and returns None, and tfmeta runs TensorFlow's own ops instead: the
+kernels change speed, never results beyond float rounding. `TFMETA_FUSED_KERNELS=0` turns them off; `disabled()`
+does so while a block of code traces (SavedModel exports use it, so that a served model needs no tfmeta kernels).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _command(target: str) -> list[str]:
 
 
 def library_path() -> str:
-    """Where the compiled kernels are (or will be) for this source, TensorFlow and CPU."""
+    """Where the compiled kernels are (or will be) for these sources, TensorFlow and CPU."""
     sources = []
     for source in SOURCES:
         with open(source, "rb") as f:

@@ -27,6 +27,7 @@ import keras
 import tensorflow as tf
 from tensorflow.python.eager import record
 
+from tfmeta.kernels import norm_pool
 from tfmeta.layers.batch_norm import BatchNormalization, _fused_batch_norm
 
 MAX_INPUT_CHANNELS = 4  # 1 channel: 3x faster; 3: as fast, less memory (docs/performance.md); more: compute-bound
@@ -110,17 +111,13 @@ def fusable_layers(layers: list) -> Optional[tuple]:
     float32, channels last), else None."""
     if len(layers) < 4:
         return None
-    conv, norm, act, pool = layers[:4]
+    conv, norm = layers[:2]
     return (conv, norm) if (
         type(conv) is keras.layers.Conv2D and conv.kernel_size == (3, 3) and conv.strides == (1, 1)
         and conv.padding == "same" and conv.dilation_rate == (1, 1) and conv.groups == 1 and conv.use_bias
         and conv.data_format == "channels_last" and conv.activation is keras.activations.linear
         and conv.kernel_regularizer is None and conv.bias_regularizer is None and conv.activity_regularizer is None
-        and type(norm) is BatchNormalization and norm.axis in (-1, 3) and not norm.renorm
-        and type(act) is keras.layers.Activation and act.activation is keras.activations.relu
-        and type(pool) is keras.layers.MaxPooling2D and pool.pool_size == (2, 2) and pool.strides == (2, 2)
-        and pool.padding == "valid" and pool.data_format == "channels_last"
-        and all(layer.compute_dtype == "float32" for layer in (conv, norm, act, pool))
+        and conv.compute_dtype == "float32" and norm_pool.fusable(layers[1:4])
         and conv.input.shape[-1] is not None and conv.input.shape[-1] <= MAX_INPUT_CHANNELS
     ) else None
 

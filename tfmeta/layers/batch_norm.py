@@ -46,7 +46,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             mean, variance = self._moments(ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32")), mask)
             self.moving_mean.assign(ops.cast(mean, self.moving_mean.dtype))
             self.moving_variance.assign(ops.cast(variance, self.moving_variance.dtype))
-        batch_statistics = (training and self.trainable) or self.statistics == "batch"
+        batch_statistics = self.uses_batch_statistics(training)
         if batch_statistics and self._fusable(inputs, mask):
             return self._fused_call(inputs, update=bool(training and self.trainable))
         if (training and self.trainable) or self.statistics == "running":
@@ -64,6 +64,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
             epsilon=self.epsilon,
         )
         return ops.cast(outputs, self.compute_dtype)
+
+    def uses_batch_statistics(self, training) -> bool:
+        """Whether a call with `training` normalises with the batch's statistics (training, or `statistics="batch"`)
+        rather than the moving averages."""
+        return bool((training and self.trainable) or self.statistics == "batch")
 
     def _fusable(self, inputs, mask) -> bool:
         rank = len(inputs.shape)
