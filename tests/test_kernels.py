@@ -136,6 +136,29 @@ def test_fused_block_forward_input_gradient_and_moving_statistics_match_the_laye
     assert np.isnan(maps).all()
 
 
+@pytest.mark.parametrize("shape, offset", [((4, 12, 9, 3), 0.0), ((3, 7, 5, 1), 0.0), ((2, 1, 4, 2), 0.0),
+                                           ((2, 84, 84, 3), 0.0), ((3, 10, 6, 3), 1000.0)])
+def test_block_statistics_match_the_patches_in_float64(shape, offset):
+    """The forward kernel's batch statistics, patch mean and covariance (from the image's lag products, not its
+    patches) against the explicit zero-padded patches in float64: non-square, odd and one-row images, one to three
+    channels, e's size, and pixels around 1000 with unit spread (the patches are shifted before their products)."""
+    rng = np.random.default_rng(7)
+    n, h, w, ci = shape
+    x = (offset + rng.normal(size=shape) * np.arange(1, ci + 1)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, ci, 6)).astype(np.float32)
+    bias, gamma, beta = (rng.normal(size=6).astype(np.float32) for _ in range(3))
+    _, mean, variance, covariance, patch_mean = kernels.load().tfmeta_conv_block(
+        x, kernel, bias, gamma, beta, epsilon=1e-3)
+    padded = np.pad(x.astype(np.float64), [(0, 0), (1, 1), (1, 1), (0, 0)])
+    patches = np.stack([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=3).reshape(-1, 9 * ci)
+    z = patches @ kernel.reshape(9 * ci, 6).astype(np.float64) + bias
+    np.testing.assert_allclose(patch_mean, patches.mean(0), rtol=1e-5, atol=1e-5 * (1 + offset))
+    expected = np.cov(patches, rowvar=False, bias=True)
+    np.testing.assert_allclose(covariance, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(mean, z.mean(0), rtol=1e-5, atol=1e-4 * (1 + offset))
+    np.testing.assert_allclose(variance, z.var(0), rtol=1e-4)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_grad_kernel_and_its_gradient_are_adjoints(channels):
     """TfmetaConvBlockGrad is linear in dy and TfmetaConvBlockGradGrad is its adjoint:
