@@ -147,7 +147,7 @@ def test_block_statistics_match_the_patches_in_float64(shape, offset):
     x = (offset + rng.normal(size=shape) * np.arange(1, ci + 1)).astype(np.float32)
     kernel = rng.normal(size=(3, 3, ci, 6)).astype(np.float32)
     bias, gamma, beta = (rng.normal(size=6).astype(np.float32) for _ in range(3))
-    _, mean, variance, covariance, patch_mean = kernels.load().tfmeta_conv_block(
+    _, mean, variance, covariance, patch_mean, _ = kernels.load().tfmeta_conv_block(
         x, kernel, bias, gamma, beta, epsilon=1e-3)
     padded = np.pad(x.astype(np.float64), [(0, 0), (1, 1), (1, 1), (0, 0)])
     patches = np.stack([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=3).reshape(-1, 9 * ci)
@@ -168,13 +168,13 @@ def test_grad_kernel_and_its_gradient_are_adjoints(channels):
     ops = kernels.load()
     x, kernel = normal(6, 12, 10, channels), normal(3, 3, channels, 8)
     bias, gamma, beta = normal(8), normal(8), normal(8)
-    _, mean, variance, _, patch_mean = ops.tfmeta_conv_block(x, kernel, bias, gamma, beta, epsilon=1e-3)
-    block = (x, kernel, bias, gamma, beta, mean, variance, patch_mean)
+    *_, patch_mean, routes = ops.tfmeta_conv_block(x, kernel, bias, gamma, beta, epsilon=1e-3)
+    block = (routes, x, patch_mean)
     dy, dcorrelation, dtotal = normal(6, 6, 5, 8), normal(3, 3, channels, 8), normal(8)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([dy, dcorrelation, dtotal])
-        correlation, total = ops.tfmeta_conv_block_grad(dy, *block, epsilon=1e-3)
-        ddy = ops.tfmeta_conv_block_grad_grad(dcorrelation, dtotal, *block, epsilon=1e-3)
+        correlation, total = ops.tfmeta_conv_block_grad(dy, *block)
+        ddy = ops.tfmeta_conv_block_grad_grad(dcorrelation, dtotal, *block)
         forward = tf.reduce_sum(correlation * dcorrelation) + tf.reduce_sum(total * dtotal)
         backward = tf.reduce_sum(dy * ddy)
     assert float(forward) == pytest.approx(float(backward), rel=1e-5)

@@ -8,14 +8,15 @@
 // is processed alone in buffers that stay in cache (its patches and its convolution's output, recomputed where
 // needed), and only the pooled output is written. Batch norm's statistics need the whole batch before any output:
 // being linear in the patches, the convolution's mean and variance follow from the patches' mean and covariance
-// (9*ci values), so no pass over the maps is spent on them.
+// (9*ci values, from the image's lag products), so no pass over the maps is spent on them.
 //
 // Batch norm's statistics are over all N*H*W convolution outputs (also those that pooling drops at odd sizes).
 // The backward pass follows the separate ops: the pooled gradient goes to the first maximum of each window, through
-// the ReLU where its input is > 0, then through batch norm and the convolution. For the weights, the kernels give
-// only the routed gradient's correlation with the patches, and its sum: batch norm's and the convolution's
-// gradients are ordinary ops on these, so that TensorFlow differentiates them again (MAML's second order); the
-// correlation's own gradient is its adjoint kernel, ConvBlockGradGrad.
+// the ReLU where its input is > 0, then through batch norm and the convolution. The forward kernel stores each pooled
+// value's route (a byte), so the backward kernels need not recompute the convolution to find it. For the weights,
+// the kernels give only the routed gradient's correlation with the patches, and its sum: batch norm's and the
+// convolution's gradients are ordinary ops on these, so that TensorFlow differentiates them again (MAML's second
+// order); the correlation's own gradient is its adjoint kernel, ConvBlockGradGrad.
 
 #include <algorithm>
 #include <cmath>
@@ -131,13 +132,20 @@ void Store(const Eigen::RowVectorXf& row, const Matrix& matrix, double* out) {
   std::copy(matrix.data(), matrix.data() + matrix.size(), out + row.size());
 }
 
-// One image at a time, in buffers that stay in cache: its patches and its convolution's output without the bias.
-struct Image {
+// An image's 3x3 patches, in buffers that stay in cache (one image at a time).
+struct Patches {
   std::vector<float> padded;
-  Matrix columns, z;
-  explicit Image(const Dims& d) : padded((d.h + 2) * (d.w + 2) * d.ci, 0.f), columns(d.h * d.w, d.k), z(d.h * d.w, d.c) {}
+  Matrix columns;
+  explicit Patches(const Dims& d) : padded((d.h + 2) * (d.w + 2) * d.ci, 0.f), columns(d.h * d.w, d.k) {}
+  void Of(const float* x, const Dims& d, i64 n) { Im2Col(x + n * d.h * d.w * d.ci, d, padded.data(), columns.data()); }
+};
+
+// An image's patches and its convolution's output without the bias.
+struct Image : Patches {
+  Matrix z;
+  explicit Image(const Dims& d) : Patches(d), z(d.h * d.w, d.c) {}
   void Convolve(const float* x, const float* kernel, const Dims& d, i64 n) {
-    Im2Col(x + n * d.h * d.w * d.ci, d, padded.data(), columns.data());
+    Of(x, d, n);
     z.noalias() = columns * ConstMatrixMap(kernel, d.k, d.c);
   }
 };
@@ -295,7 +303,16 @@ inline void ForWindows(const Dims& d, Fn fn) {
   }
 }
 
-// The three kernels' common part: batch norm's epsilon attribute.
+// A window's route: the slot (0-3) of the value that its pooled gradient goes to, as MaxPoolGrad then ReluGrad route
+// it (the first maximum of the normalised values v0..v3, if it is > 0), or 4 for none. A float from selects, so that
+// loops over channels vectorise (an integer or a branch here stops them); the forward kernel stores it in a byte.
+inline float WindowRoute(float v0, float v1, float v2, float v3) {
+  const float t1 = v1 > v0 ? v1 : v0, t2 = v2 > t1 ? v2 : t1, top = v3 > t2 ? v3 : t2;
+  const float slot = v3 > t2 ? 3.f : v2 > t1 ? 2.f : v1 > v0 ? 1.f : 0.f;
+  return top > 0.f ? slot : 4.f;
+}
+
+// The kernels' common part: batch norm's epsilon attribute.
 class EpsilonKernel : public OpKernel {
  public:
   explicit EpsilonKernel(OpKernelConstruction* context) : OpKernel(context) {
@@ -318,12 +335,13 @@ class ConvBlockOp : public EpsilonKernel {
     const float* bias = context->input(2).flat<float>().data();
     const float* gamma = context->input(3).flat<float>().data();
     const float* beta = context->input(4).flat<float>().data();
-    Tensor *y_tensor, *mean_tensor, *variance_tensor, *covariance_tensor, *patch_mean_tensor;
+    Tensor *y_tensor, *mean_tensor, *variance_tensor, *covariance_tensor, *patch_mean_tensor, *routes_tensor;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({d.n, d.ho, d.wo, d.c}), &y_tensor));
     OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({d.c}), &mean_tensor));
     OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({d.c}), &variance_tensor));
     OP_REQUIRES_OK(context, context->allocate_output(3, TensorShape({d.k, d.k}), &covariance_tensor));
     OP_REQUIRES_OK(context, context->allocate_output(4, TensorShape({d.k}), &patch_mean_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(5, TensorShape({d.n, d.ho, d.wo, d.c}), &routes_tensor));
 
     // The convolution is linear in the patches, so batch norm's statistics follow from the patches' mean m and
     // covariance C (k x k, from the input alone): mean = bias + m'W, variance = diag(W'CW). The patches are
@@ -366,8 +384,11 @@ class ConvBlockOp : public EpsilonKernel {
 
     const Normalization norm(bias, gamma, beta, mean, variance, epsilon_, d);
     float* y = y_tensor->flat<float>().data();
+    uint8_t* routes = routes_tensor->flat<uint8_t>().data();
     ForImages(context, d, [&](i64 begin, i64 end) {
       Image image(d);
+      const i64 pooled_size = d.ho * d.wo * d.c;  // a local: the byte stores below may alias d
+      std::vector<float> image_routes(pooled_size);
       const float *scale = norm.scale.data(), *offset = norm.shift.data();
       for (i64 n = begin; n < end; ++n) {
         image.Convolve(x, kernel, d, n);
@@ -377,6 +398,7 @@ class ConvBlockOp : public EpsilonKernel {
           const float *z0 = z + rows[0] * d.c, *z1 = z + rows[1] * d.c, *z2 = z + rows[2] * d.c,
                       *z3 = z + rows[3] * d.c;
           float* out = yn + pooled * d.c;
+          float* route = image_routes.data() + pooled * d.c;
 #pragma GCC ivdep
           for (i64 c = 0; c < d.c; ++c) {
             // max, then ReLU, of the normalised values; a NaN anywhere in the window comes out as NaN
@@ -386,24 +408,13 @@ class ConvBlockOp : public EpsilonKernel {
             m = (m >= v1) ? m : v1, m = (m >= v2) ? m : v2, m = (m >= v3) ? m : v3;
             const float relu = m > 0.f ? m : 0.f;
             out[c] = (m != m) ? m : relu;
+            route[c] = WindowRoute(v0, v1, v2, v3);
           }
         });
+        uint8_t* routes_n = routes + n * pooled_size;
+        for (i64 i = 0; i < pooled_size; ++i) routes_n[i] = static_cast<uint8_t>(image_routes[i]);
       }
     });
-  }
-};
-
-// Inputs of the backward kernels from `first` on: (x, kernel, bias, gamma, beta), then the forward pass's mean,
-// variance and patch_mean. The inputs before `first` are each kernel's own.
-struct BlockInputs {
-  const float *x, *kernel, *bias, *gamma, *beta, *mean, *variance, *patch_mean;
-  ::tensorflow::Status Read(OpKernelContext* context, int first, Dims* d) {
-    TF_RETURN_IF_ERROR(ReadDims(context, first, d));
-    const float* in[8];
-    for (int i = 0; i < 8; ++i) in[i] = context->input(first + i).flat<float>().data();
-    x = in[0], kernel = in[1], bias = in[2], gamma = in[3], beta = in[4], mean = in[5], variance = in[6];
-    patch_mean = in[7];
-    return ::tensorflow::OkStatus();
   }
 };
 
@@ -413,82 +424,68 @@ struct BlockInputs {
   return InvalidArgument(name, " must be ", shape.DebugString(), "; got ", context->input(i).shape().DebugString());
 }
 
-// Where a window's pooled gradient goes, as MaxPoolGrad then ReluGrad route it: weight 1 on the first maximum of
-// the normalised values v[0..3] if it is > 0, else 0 everywhere. Branch-free, so that loops over channels vectorise.
-struct Weights {
-  float w0, w1, w2, w3;
-  Weights(float v0, float v1, float v2, float v3) {
-    // s_u = 1 where v_u beats the maximum of v_0 .. v_(u-1); the first maximum is the last u with s_u = 1
-    const float s1 = v1 > v0 ? 1.f : 0.f, t1 = v1 > v0 ? v1 : v0;
-    const float s2 = v2 > t1 ? 1.f : 0.f, t2 = v2 > t1 ? v2 : t1;
-    const float s3 = v3 > t2 ? 1.f : 0.f, top = v3 > t2 ? v3 : t2;
-    const float on = top > 0.f ? 1.f : 0.f;
-    w3 = on * s3, w2 = on * s2 * (1.f - s3), w1 = on * s1 * (1.f - s2) * (1.f - s3);
-    w0 = on * (1.f - s1) * (1.f - s2) * (1.f - s3);
+// The route kernels' inputs from `first` on: the forward kernel's routes, the block's input x and the patches'
+// mean. Their gradient arguments come before `first`.
+struct RouteInputs {
+  const uint8_t* routes;
+  const float *x, *patch_mean;
+  ::tensorflow::Status Read(OpKernelContext* context, int first, Dims* d) {
+    const Tensor &routes_tensor = context->input(first), &x_tensor = context->input(first + 1);
+    if (x_tensor.dims() != 4) {
+      return InvalidArgument("x must be [batch, height, width, channels]; got ", x_tensor.shape().DebugString());
+    }
+    if (routes_tensor.dims() != 4) {
+      return InvalidArgument("routes must be [batch, height / 2, width / 2, filters]; got ",
+                             routes_tensor.shape().DebugString());
+    }
+    d->n = x_tensor.dim_size(0), d->h = x_tensor.dim_size(1), d->w = x_tensor.dim_size(2), d->ci = x_tensor.dim_size(3);
+    d->c = routes_tensor.dim_size(3), d->ho = d->h / 2, d->wo = d->w / 2, d->k = 9 * d->ci;
+    TF_RETURN_IF_ERROR(CheckShape(context, first, "routes", TensorShape({d->n, d->ho, d->wo, d->c})));
+    TF_RETURN_IF_ERROR(CheckShape(context, first + 2, "patch_mean", TensorShape({d->k})));
+    routes = routes_tensor.flat<uint8_t>().data();
+    x = x_tensor.flat<float>().data();
+    patch_mean = context->input(first + 2).flat<float>().data();
+    return ::tensorflow::OkStatus();
   }
 };
 
-// fn(rows, c, weights) for every pooling window (its four rows in the h*w x c maps) and channel, with the routing
-// weights of the image's convolution output `z` (without bias) under `norm`.
-template <typename Fn>
-inline void ForRoutes(const Matrix& z, const Normalization& norm, const Dims& d, Fn fn) {
-  const float *scale = norm.scale.data(), *offset = norm.shift.data();
+// One image's gradient at batch norm's output: each window's pooled gradient `dy` on its route's position, zero
+// elsewhere (positions outside every window, at odd sizes, stay zero).
+void Route(const uint8_t* routes, const float* dy, const Dims& d, Matrix* routed) {
+  float* out = routed->data();
   ForWindows(d, [&](const i64* rows, i64 pooled) {
-    const float *z0 = z.data() + rows[0] * d.c, *z1 = z.data() + rows[1] * d.c, *z2 = z.data() + rows[2] * d.c,
-                *z3 = z.data() + rows[3] * d.c;
+    const uint8_t* route = routes + pooled * d.c;
+    const float* g = dy + pooled * d.c;
+    float *out0 = out + rows[0] * d.c, *out1 = out + rows[1] * d.c, *out2 = out + rows[2] * d.c,
+          *out3 = out + rows[3] * d.c;
 #pragma GCC ivdep
     for (i64 c = 0; c < d.c; ++c) {
-      fn(rows, pooled, c, Weights(z0[c] * scale[c] + offset[c], z1[c] * scale[c] + offset[c],
-                                  z2[c] * scale[c] + offset[c], z3[c] * scale[c] + offset[c]));
+      out0[c] = route[c] == 0 ? g[c] : 0.f, out1[c] = route[c] == 1 ? g[c] : 0.f;
+      out2[c] = route[c] == 2 ? g[c] : 0.f, out3[c] = route[c] == 3 ? g[c] : 0.f;
     }
   });
 }
 
-// One image's gradient at batch norm's output from the pooled gradient `dy` (its routes), zero elsewhere.
-// Positions outside every window (odd sizes) stay as they are (zero).
-void Route(const Matrix& z, const Normalization& norm, const float* dy, const Dims& d, Matrix* routed) {
-  float* out = routed->data();
-  ForRoutes(z, norm, d, [&](const i64* rows, i64 pooled, i64 c, const Weights& w) {
-    const float g = dy[pooled * d.c + c];
-    out[rows[0] * d.c + c] = g * w.w0, out[rows[1] * d.c + c] = g * w.w1;
-    out[rows[2] * d.c + c] = g * w.w2, out[rows[3] * d.c + c] = g * w.w3;
-  });
-}
-
-// The backward kernels' common part: reading their block inputs from `first` on, and batch norm's affine map.
-template <int first>
-class BackwardKernel : public EpsilonKernel {
+// From the pooled gradient dy: the gradient at batch norm's output (along the forward pass's routes through pooling
+// and ReLU), correlated with the centred patches (k x c, as the kernel) and summed over positions (c). Batch norm's
+// and the convolution's gradients are ordinary ops on these two (tfmeta.kernels.conv_block), so that TensorFlow
+// differentiates them.
+class ConvBlockGradOp : public OpKernel {
  public:
-  using EpsilonKernel::EpsilonKernel;
+  using OpKernel::OpKernel;
 
   void Compute(OpKernelContext* context) override {
     Dims d;
-    BlockInputs in;
-    OP_REQUIRES_OK(context, in.Read(context, first, &d));
-    Backward(context, d, in, Normalization(in.bias, in.gamma, in.beta, in.mean, in.variance, epsilon_, d));
-  }
-
- protected:
-  virtual void Backward(OpKernelContext* context, const Dims& d, const BlockInputs& in, const Normalization& norm) = 0;
-};
-
-// From the pooled gradient dy: the gradient at batch norm's output (its routes through pooling and ReLU), correlated
-// with the centred patches (k x c, as the kernel) and summed over positions (c). Batch norm's and the convolution's
-// gradients are ordinary ops on these two (tfmeta.kernels.conv_block), so that TensorFlow differentiates them.
-class ConvBlockGradOp : public BackwardKernel<1> {
- public:
-  using BackwardKernel::BackwardKernel;
-
- protected:
-  void Backward(OpKernelContext* context, const Dims& d, const BlockInputs& in, const Normalization& norm) override {
+    RouteInputs in;
+    OP_REQUIRES_OK(context, in.Read(context, 1, &d));
     OP_REQUIRES_OK(context, CheckShape(context, 0, "dy", TensorShape({d.n, d.ho, d.wo, d.c})));
     const float* dy = context->input(0).flat<float>().data();
     const std::vector<double> total = SumOverImages(context, d, d.c + d.k * d.c, [&] {
-      return [&, image = Image(d), routed = Matrix(Matrix::Zero(d.h * d.w, d.c)),
+      return [&, patches = Patches(d), routed = Matrix(Matrix::Zero(d.h * d.w, d.c)),
               correlation = Matrix(d.k, d.c)](i64 n, double* out) mutable {
-        image.Convolve(in.x, in.kernel, d, n);
-        Route(image.z, norm, dy + n * d.ho * d.wo * d.c, d, &routed);
-        correlation.noalias() = image.columns.transpose() * routed;
+        patches.Of(in.x, d, n);
+        Route(in.routes + n * d.ho * d.wo * d.c, dy + n * d.ho * d.wo * d.c, d, &routed);
+        correlation.noalias() = patches.columns.transpose() * routed;
         Store(routed.colwise().sum(), correlation, out);
       };
     });
@@ -506,13 +503,15 @@ class ConvBlockGradOp : public BackwardKernel<1> {
 };
 
 // The adjoint of ConvBlockGrad in dy, so its gradient: from (dcorrelation, dtotal), each window's pooled value is
-// (centred patch . dcorrelation + dtotal) at the position its gradient was routed to, zero where none was.
-class ConvBlockGradGradOp : public BackwardKernel<2> {
+// (centred patch . dcorrelation + dtotal) at the position of its route, zero where it has none.
+class ConvBlockGradGradOp : public OpKernel {
  public:
-  using BackwardKernel::BackwardKernel;
+  using OpKernel::OpKernel;
 
- protected:
-  void Backward(OpKernelContext* context, const Dims& d, const BlockInputs& in, const Normalization& norm) override {
+  void Compute(OpKernelContext* context) override {
+    Dims d;
+    RouteInputs in;
+    OP_REQUIRES_OK(context, in.Read(context, 2, &d));
     OP_REQUIRES_OK(context, CheckShape(context, 0, "dcorrelation", TensorShape({3, 3, d.ci, d.c})));
     OP_REQUIRES_OK(context, CheckShape(context, 1, "dtotal", TensorShape({d.c})));
     const ConstMatrixMap dcorrelation(context->input(0).flat<float>().data(), d.k, d.c);
@@ -523,36 +522,51 @@ class ConvBlockGradGradOp : public BackwardKernel<2> {
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({d.n, d.ho, d.wo, d.c}), &ddy_tensor));
     float* ddy = ddy_tensor->flat<float>().data();
     ForImages(context, d, [&](i64 begin, i64 end) {
-      Image image(d);
+      Patches patches(d);
       Matrix values(d.h * d.w, d.c);
+      const i64 pooled_size = d.ho * d.wo * d.c;
+      std::vector<float> image_routes(pooled_size);  // as floats, so that the selects below vectorise
       for (i64 n = begin; n < end; ++n) {
-        image.Convolve(in.x, in.kernel, d, n);
-        values.noalias() = image.columns * dcorrelation;
+        patches.Of(in.x, d, n);
+        values.noalias() = patches.columns * dcorrelation;
         values.rowwise() += offset;
-        float* out = ddy + n * d.ho * d.wo * d.c;
-        const float* v = values.data();
-        ForRoutes(image.z, norm, d, [&](const i64* rows, i64 pooled, i64 c, const Weights& w) {
-          out[pooled * d.c + c] = w.w0 * v[rows[0] * d.c + c] + w.w1 * v[rows[1] * d.c + c] +
-                                  w.w2 * v[rows[2] * d.c + c] + w.w3 * v[rows[3] * d.c + c];
+        const uint8_t* routes = in.routes + n * pooled_size;
+        for (i64 i = 0; i < pooled_size; ++i) image_routes[i] = routes[i];
+        float* out = ddy + n * pooled_size;
+        ForWindows(d, [&](const i64* rows, i64 pooled) {
+          const float* route = image_routes.data() + pooled * d.c;
+          const float *v0 = values.data() + rows[0] * d.c, *v1 = values.data() + rows[1] * d.c,
+                      *v2 = values.data() + rows[2] * d.c, *v3 = values.data() + rows[3] * d.c;
+          float* o = out + pooled * d.c;
+#pragma GCC ivdep
+          for (i64 c = 0; c < d.c; ++c) {
+            const float r = route[c], a0 = v0[c], a1 = v1[c], a2 = v2[c], a3 = v3[c];  // a sum of selects vectorises
+            o[c] = (r == 0.f ? a0 : 0.f) + (r == 1.f ? a1 : 0.f) + (r == 2.f ? a2 : 0.f) + (r == 3.f ? a3 : 0.f);
+          }
         });
       }
     });
   }
 };
 
-// The input gradient from dy, given the gradients of gamma and beta (batch norm's dense terms).
-class ConvBlockInputGradOp : public BackwardKernel<1> {
+// The input gradient from dy, given the gradients of gamma and beta (batch norm's dense terms). Its inputs: dy, the
+// block's (x, kernel, bias, gamma, beta), the forward pass's mean, variance and routes, then dgamma and dbeta.
+class ConvBlockInputGradOp : public EpsilonKernel {
  public:
-  using BackwardKernel::BackwardKernel;
+  using EpsilonKernel::EpsilonKernel;
 
- protected:
-  void Backward(OpKernelContext* context, const Dims& d, const BlockInputs& in, const Normalization& norm) override {
+  void Compute(OpKernelContext* context) override {
+    Dims d;
+    OP_REQUIRES_OK(context, ReadDims(context, 1, &d));
+    for (int i : {6, 7, 9, 10}) OP_REQUIRES_OK(context, CheckShape(context, i, "mean, variance, dgamma and dbeta",
+                                                                    TensorShape({d.c})));
+    OP_REQUIRES_OK(context, CheckShape(context, 8, "routes", TensorShape({d.n, d.ho, d.wo, d.c})));
     OP_REQUIRES_OK(context, CheckShape(context, 0, "dy", TensorShape({d.n, d.ho, d.wo, d.c})));
-    OP_REQUIRES_OK(context, CheckShape(context, 9, "dgamma", TensorShape({d.c})));
-    OP_REQUIRES_OK(context, CheckShape(context, 10, "dbeta", TensorShape({d.c})));
-    const float* dy = context->input(0).flat<float>().data();
-    const float* dgamma = context->input(9).flat<float>().data();
-    const float* dbeta = context->input(10).flat<float>().data();
+    const float* in[11];
+    for (int i : {0, 1, 2, 3, 4, 5, 6, 7, 9, 10}) in[i] = context->input(i).flat<float>().data();
+    const float *dy = in[0], *x = in[1], *kernel = in[2], *bias = in[3], *mean = in[6], *dgamma = in[9], *dbeta = in[10];
+    const uint8_t* routes = context->input(8).flat<uint8_t>().data();
+    const Normalization norm(bias, in[4], in[5], mean, in[7], epsilon_, d);
     Tensor* dx_tensor;
     OP_REQUIRES_OK(context, context->allocate_output(0, context->input(1).shape(), &dx_tensor));
     float* dx = dx_tensor->flat<float>().data();
@@ -563,17 +577,17 @@ class ConvBlockInputGradOp : public BackwardKernel<1> {
     for (i64 c = 0; c < d.c; ++c) {
       scale[c] = norm.scale[c];
       slope[c] = -norm.scale[c] * norm.inverse[c] * dgamma[c] / count;
-      offset[c] = -norm.scale[c] * dbeta[c] / count + slope[c] * (in.bias[c] - in.mean[c]);
+      offset[c] = -norm.scale[c] * dbeta[c] / count + slope[c] * (bias[c] - mean[c]);
     }
     ForImages(context, d, [&](i64 begin, i64 end) {
       Image image(d);
       Matrix routed = Matrix::Zero(d.h * d.w, d.c), dcolumns(d.h * d.w, d.k);
       for (i64 n = begin; n < end; ++n) {
-        image.Convolve(in.x, in.kernel, d, n);
-        Route(image.z, norm, dy + n * d.ho * d.wo * d.c, d, &routed);
+        image.Convolve(x, kernel, d, n);
+        Route(routes + n * d.ho * d.wo * d.c, dy + n * d.ho * d.wo * d.c, d, &routed);
         image.z = (routed.array().rowwise() * scale.array() + image.z.array().rowwise() * slope.array()).rowwise() +
                   offset.array();
-        dcolumns.noalias() = image.z * ConstMatrixMap(in.kernel, d.k, d.c).transpose();
+        dcolumns.noalias() = image.z * ConstMatrixMap(kernel, d.k, d.c).transpose();
         Col2Im(dcolumns.data(), d, dx + n * d.h * d.w * d.ci);
       }
     });
@@ -585,7 +599,7 @@ class ConvBlockInputGradOp : public BackwardKernel<1> {
 REGISTER_OP("TfmetaConvBlock")
     .Input("x: float").Input("kernel: float").Input("bias: float").Input("gamma: float").Input("beta: float")
     .Output("y: float").Output("mean: float").Output("variance: float").Output("covariance: float")
-    .Output("patch_mean: float")
+    .Output("patch_mean: float").Output("routes: uint8")
     .Attr("epsilon: float")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle x, kernel;
@@ -600,43 +614,40 @@ REGISTER_OP("TfmetaConvBlock")
       c->set_output(2, c->Vector(c->Dim(kernel, 3)));
       c->set_output(3, c->Matrix(patch, patch));
       c->set_output(4, c->Vector(patch));
+      c->set_output(5, c->output(0));
       return ::tensorflow::OkStatus();
     })
     .Doc("tfmeta: 3x3 convolution, batch norm (batch statistics), ReLU, 2x2 max pooling; y, mean, biased variance,"
-         " and the patches' covariance and mean, which the gradient kernels take.");
-
-#define TFMETA_BLOCK_INPUTS                                                                                      \
-  Input("x: float").Input("kernel: float").Input("bias: float").Input("gamma: float").Input("beta: float")         \
-      .Input("mean: float").Input("variance: float").Input("patch_mean: float")
+         " the patches' covariance and mean, and each pooled value's route (the slot 0-3 its gradient goes to, 4 for"
+         " none), which the gradient kernels take.");
 
 REGISTER_OP("TfmetaConvBlockGrad")
-    .Input("dy: float").TFMETA_BLOCK_INPUTS
+    .Input("dy: float").Input("routes: uint8").Input("x: float").Input("patch_mean: float")
     .Output("correlation: float").Output("total: float")
-    .Attr("epsilon: float")
     .SetShapeFn([](InferenceContext* c) {
-      c->set_output(0, c->input(2));
-      c->set_output(1, c->input(3));
+      ShapeHandle x, dy;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &x));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &dy));
+      c->set_output(0, c->MakeShape({3, 3, c->Dim(x, 3), c->Dim(dy, 3)}));
+      c->set_output(1, c->Vector(c->Dim(dy, 3)));
       return ::tensorflow::OkStatus();
     })
     .Doc("tfmeta: the gradient at the block's batch-norm output, correlated with the centred patches and summed.");
 
 REGISTER_OP("TfmetaConvBlockGradGrad")
-    .Input("dcorrelation: float").Input("dtotal: float").TFMETA_BLOCK_INPUTS
+    .Input("dcorrelation: float").Input("dtotal: float").Input("routes: uint8").Input("x: float")
+    .Input("patch_mean: float")
     .Output("ddy: float")
-    .Attr("epsilon: float")
     .SetShapeFn([](InferenceContext* c) {
-      ShapeHandle x;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &x));
-      DimensionHandle height, width;
-      TF_RETURN_IF_ERROR(c->Divide(c->Dim(x, 1), 2, false, &height));
-      TF_RETURN_IF_ERROR(c->Divide(c->Dim(x, 2), 2, false, &width));
-      c->set_output(0, c->MakeShape({c->Dim(x, 0), height, width, c->Dim(c->input(1), 0)}));
+      c->set_output(0, c->input(2));
       return ::tensorflow::OkStatus();
     })
     .Doc("tfmeta: TfmetaConvBlockGrad's adjoint in dy (its gradient).");
 
 REGISTER_OP("TfmetaConvBlockInputGrad")
-    .Input("dy: float").TFMETA_BLOCK_INPUTS.Input("dgamma: float").Input("dbeta: float")
+    .Input("dy: float").Input("x: float").Input("kernel: float").Input("bias: float").Input("gamma: float")
+    .Input("beta: float").Input("mean: float").Input("variance: float").Input("routes: uint8")
+    .Input("dgamma: float").Input("dbeta: float")
     .Output("dx: float")
     .Attr("epsilon: float")
     .SetShapeFn([](InferenceContext* c) {

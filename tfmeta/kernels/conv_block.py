@@ -8,15 +8,17 @@ forward and backward pass. It took 39-54% of a conv4 meta-step's op time for 3-1
 cache and writes only the pooled output: on a query pass of 75 Omniglot images, forward and backward, it is 3x
 faster than TensorFlow's ops, and at least as accurate.
 
-The backward pass is exact to any order in the block's weights. The kernel `TfmetaConvBlockGrad` gives the gradient
-at batch norm's output (routed through pooling and ReLU) correlated with the centred patches, and summed; the
-gradients of the filters, scale and offset follow from these two by a few ordinary ops on [9 * channels, filters]
-tensors, which TensorFlow differentiates (batch norm's second derivative through its statistics). The kernel's own
-gradient is its adjoint kernel `TfmetaConvBlockGradGrad` (registered below); routing through pooling and ReLU is
-piecewise constant, so it has no gradient in the weights. MAML's second-order support passes thus stay in fused
-kernels. The input gradient (`TfmetaConvBlockInputGrad`) has a first derivative only: where a tape watches the
-block's input (not in meta-learning, whose inputs are images) and also records the backward pass, the backward pass
-is the separate ops' own gradient, recomputed from the block's inputs, so that every derivative stays exact.
+The backward pass is exact to any order in the block's weights. The forward kernel stores each pooled value's route
+through pooling and ReLU (one byte: which of its window's four values, if any, receives its gradient), so that the
+backward kernels need not recompute the convolution to find it. The kernel `TfmetaConvBlockGrad` gives the gradient
+at batch norm's output (along those routes) correlated with the centred patches, and summed; the gradients of the
+filters, scale and offset follow from these two by a few ordinary ops on [9 * channels, filters] tensors, which
+TensorFlow differentiates (batch norm's second derivative through its statistics). The kernel's own gradient is its
+adjoint kernel `TfmetaConvBlockGradGrad` (registered below); routing through pooling and ReLU is piecewise constant,
+so it has no gradient in the weights. MAML's second-order support passes thus stay in fused kernels. The input
+gradient (`TfmetaConvBlockInputGrad`) has a first derivative only: where a tape watches the block's input (not in
+meta-learning, whose inputs are images) and also records the backward pass, the backward pass is the separate ops'
+own gradient, recomputed from the block's inputs, so that every derivative stays exact.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ def fused_conv_block(ops, x, kernel, bias, gamma, beta, epsilon: float, separate
 
     @tf.custom_gradient
     def forward(x, kernel, bias, gamma, beta):
-        y, mean, variance, covariance, patch_mean = ops.tfmeta_conv_block(x, kernel, bias, gamma, beta,
-                                                                          epsilon=epsilon)
+        y, mean, variance, covariance, patch_mean, routes = ops.tfmeta_conv_block(x, kernel, bias, gamma, beta,
+                                                                                  epsilon=epsilon)
         # functions of x alone, whose derivatives the recomputed backward pass gives where a tape watches x
         covariance, patch_mean = tf.stop_gradient(covariance), tf.stop_gradient(patch_mean)
 
@@ -56,10 +58,10 @@ def fused_conv_block(ops, x, kernel, bias, gamma, beta, epsilon: float, separate
                         tape.watch(inputs)
                         y_separate = separate(*inputs)
                     return tape.gradient(y_separate, inputs, dy)
-                block = (x, kernel, bias, gamma, beta, mean, variance, patch_mean)
-                correlation, dbeta = ops.tfmeta_conv_block_grad(dy, *block, epsilon=epsilon)
+                correlation, dbeta = ops.tfmeta_conv_block_grad(dy, routes, x, patch_mean)
                 dkernel, dgamma = _weight_gradients(correlation, kernel, gamma, covariance, epsilon)
-                dx = ops.tfmeta_conv_block_input_grad(dy, *block, dgamma, dbeta, epsilon=epsilon)
+                dx = ops.tfmeta_conv_block_input_grad(dy, x, kernel, bias, gamma, beta, mean, variance, routes,
+                                                      dgamma, dbeta, epsilon=epsilon)
                 return dx, dkernel, tf.zeros_like(bias), dgamma, dbeta
 
         return (y, mean, variance), backward
@@ -83,16 +85,15 @@ def _weight_gradients(correlation, kernel, gamma, covariance, epsilon: float) ->
 
 @tf.RegisterGradient("TfmetaConvBlockGrad")
 def _conv_block_grad_grad(op, dcorrelation, dtotal):
-    """TfmetaConvBlockGrad is linear in dy, with routes that are piecewise constant in the weights: its gradient is
-    its adjoint in dy, and none in the weights and statistics (nor in x: where a tape watches x and records the
+    """TfmetaConvBlockGrad is linear in dy, along routes that are piecewise constant in the weights: its gradient is
+    its adjoint in dy, and none in the routes and patch mean (nor in x: where a tape watches x and records the
     backward pass, this kernel is not used)."""
     from tfmeta import kernels
 
     dcorrelation = tf.zeros_like(op.outputs[0]) if dcorrelation is None else dcorrelation
     dtotal = tf.zeros_like(op.outputs[1]) if dtotal is None else dtotal
-    ddy = kernels.load().tfmeta_conv_block_grad_grad(dcorrelation, dtotal, *op.inputs[-8:],
-                                                     epsilon=op.get_attr("epsilon"))
-    return [ddy] + [None] * 8
+    ddy = kernels.load().tfmeta_conv_block_grad_grad(dcorrelation, dtotal, *op.inputs[1:])
+    return [ddy, None, None, None]
 
 
 @tf.RegisterGradient("TfmetaConvBlockGradGrad")
@@ -100,9 +101,8 @@ def _conv_block_grad_grad_grad(op, dddy):
     """TfmetaConvBlockGradGrad is TfmetaConvBlockGrad's adjoint, so its gradient is that kernel."""
     from tfmeta import kernels
 
-    dcorrelation, dtotal = kernels.load().tfmeta_conv_block_grad(dddy, *op.inputs[-8:],
-                                                                 epsilon=op.get_attr("epsilon"))
-    return [dcorrelation, dtotal] + [None] * 8
+    dcorrelation, dtotal = kernels.load().tfmeta_conv_block_grad(dddy, *op.inputs[2:])
+    return [dcorrelation, dtotal, None, None, None]
 
 
 def fusable_layers(layers: list) -> Optional[tuple]:
