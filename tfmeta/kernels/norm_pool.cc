@@ -165,6 +165,20 @@ void Statistics(const float* z, const Dims& d, float epsilon, std::vector<double
   }
 }
 
+// The forward kernel's statistics, inputs `index` (mean) and `index` + 1 (biased variance), as Statistics gives
+// them: the backward kernels take them rather than pass over z again.
+Status ReadStatistics(OpKernelContext* context, int index, const Dims& d, float epsilon, std::vector<double>* mean,
+                      std::vector<double>* r) {
+  TF_RETURN_IF_ERROR(CheckShape(context, index, "mean", TensorShape({d.c})));
+  TF_RETURN_IF_ERROR(CheckShape(context, index + 1, "variance", TensorShape({d.c})));
+  const float* m = context->input(index).flat<float>().data();
+  const float* v = context->input(index + 1).flat<float>().data();
+  mean->assign(m, m + d.c);
+  r->resize(d.c);
+  for (i64 ch = 0; ch < d.c; ++ch) (*r)[ch] = 1.0 / std::sqrt(static_cast<double>(v[ch]) + epsilon);
+  return ::tensorflow::OkStatus();
+}
+
 // Calls visit(window, offsets) for each pooling window (its index among the n*ho*wo, and the offsets in z of its
 // four positions, in row-major order), then leftover(offset) for each position no window covers (odd sizes).
 template <typename Visit, typename Leftover>
@@ -278,7 +292,7 @@ class NormPoolGradOp : public NormPoolKernel {
  public:
   using NormPoolKernel::NormPoolKernel;
 
-  // Inputs: dp, z, gamma, beta. Outputs: dz, dgamma, dbeta.
+  // Inputs: dp, z, gamma, beta, and the forward kernel's mean and variance. Outputs: dz, dgamma, dbeta.
   void Compute(OpKernelContext* context) override {
     Dims d;
     OP_REQUIRES_OK(context, ReadDims(context, 0, 1, &d));
@@ -290,7 +304,7 @@ class NormPoolGradOp : public NormPoolKernel {
     OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({d.c}), &dgamma_tensor));
     OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({d.c}), &dbeta_tensor));
     std::vector<double> mean, r;
-    Statistics(z, d, epsilon_, &mean, &r);
+    OP_REQUIRES_OK(context, ReadStatistics(context, 4, d, epsilon_, &mean, &r));
     const std::vector<int32_t> routes = Routes(z, gamma, context->input(3).flat<float>().data(), d, mean, r);
     // sums of g and g*c over the routed positions
     const std::vector<float> centres(mean.begin(), mean.end());
@@ -331,7 +345,8 @@ class NormPoolGradGradOp : public NormPoolKernel {
  public:
   using NormPoolKernel::NormPoolKernel;
 
-  // Inputs: u (cotangent of dz), a (of dgamma), b (of dbeta), dp, z, gamma, beta. Outputs: ddp, dz, dgamma.
+  // Inputs: u (cotangent of dz), a (of dgamma), b (of dbeta), dp, z, gamma, beta, and the forward kernel's mean and
+  // variance. Outputs: ddp, dz, dgamma.
   void Compute(OpKernelContext* context) override {
     Dims d;
     OP_REQUIRES_OK(context, ReadDims(context, 3, 4, &d));
@@ -349,7 +364,7 @@ class NormPoolGradGradOp : public NormPoolKernel {
     OP_REQUIRES_OK(context, context->allocate_output(1, context->input(4).shape(), &dz_tensor));
     OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({d.c}), &dgamma_tensor));
     std::vector<double> mean, r;
-    Statistics(z, d, epsilon_, &mean, &r);
+    OP_REQUIRES_OK(context, ReadStatistics(context, 7, d, epsilon_, &mean, &r));
     const std::vector<int32_t> routes = Routes(z, gamma, context->input(6).flat<float>().data(), d, mean, r);
     // sums over all values (u, u*c) and over the routed ones (g, g*c, u*g)
     const std::vector<float> centres(mean.begin(), mean.end());
@@ -430,6 +445,8 @@ REGISTER_OP("TfmetaNormPoolGrad")
     .Input("z: float")
     .Input("gamma: float")
     .Input("beta: float")
+    .Input("mean: float")
+    .Input("variance: float")
     .Output("dz: float")
     .Output("dgamma: float")
     .Output("dbeta: float")
@@ -451,6 +468,8 @@ REGISTER_OP("TfmetaNormPoolGradGrad")
     .Input("z: float")
     .Input("gamma: float")
     .Input("beta: float")
+    .Input("mean: float")
+    .Input("variance: float")
     .Output("ddp: float")
     .Output("dz: float")
     .Output("dgamma: float")

@@ -46,7 +46,7 @@ def norm_relu_pool(ops, z, gamma, beta, epsilon: float, name: str = "norm_pool")
         def backward(dp, dmean, dvariance):
             del dmean, dvariance  # the statistics only feed the moving averages, under a stop-gradient
             with tf.name_scope(f"{name}_grad"):
-                return ops.tfmeta_norm_pool_grad(dp, z, gamma, beta, epsilon=epsilon)
+                return ops.tfmeta_norm_pool_grad(dp, z, gamma, beta, mean, variance, epsilon=epsilon)
 
         return (p, mean, variance), backward
 
@@ -87,26 +87,27 @@ def _separate_grad_grad(u, a, b, dp, z, gamma, beta, epsilon: float):
 
 @tf.RegisterGradient("TfmetaNormPoolGrad")
 def _norm_pool_grad_grad(op, ddz, ddgamma, ddbeta):
-    """The backward pass's gradient in dp, z and gamma (none in beta, which only moves the routes)."""
+    """The backward pass's gradient in dp, z and gamma (none in beta, which only moves the routes; z's statistics
+    are inputs only to spare a pass over z, and its derivative counts their dependence on z)."""
     from tfmeta import kernels
 
-    dp, z, gamma, beta = op.inputs
+    dp, z, gamma, beta, mean, variance = op.inputs
     u = tf.zeros_like(z) if ddz is None else ddz
     a = tf.zeros_like(gamma) if ddgamma is None else ddgamma
     b = tf.zeros_like(gamma) if ddbeta is None else ddbeta
-    ddp, dz, dgamma = kernels.load().tfmeta_norm_pool_grad_grad(u, a, b, dp, z, gamma, beta,
+    ddp, dz, dgamma = kernels.load().tfmeta_norm_pool_grad_grad(u, a, b, dp, z, gamma, beta, mean, variance,
                                                                  epsilon=op.get_attr("epsilon"))
-    return [ddp, dz, dgamma, None]
+    return [ddp, dz, dgamma, None, None, None]
 
 
 @tf.RegisterGradient("TfmetaNormPoolGradGrad")
 def _norm_pool_grad_grad_grad(op, dddp, ddz, ddgamma):
     """Third order: the separate ops' derivative of `_separate_grad_grad`, recomputed from the kernel's inputs."""
-    inputs = list(op.inputs)
+    inputs = list(op.inputs)[:7]  # u, a, b, dp, z, gamma, beta (then z's statistics, which z determines)
     watched = inputs[:6]  # u, a, b, dp, z, gamma (beta only moves the routes)
     cotangents = [tf.zeros_like(output) if grad is None else grad
                   for output, grad in zip(op.outputs, (dddp, ddz, ddgamma))]
     with tf.GradientTape() as tape:
         tape.watch(watched)
         outputs = _separate_grad_grad(*inputs, op.get_attr("epsilon"))
-    return tape.gradient(outputs, watched, cotangents) + [None]
+    return tape.gradient(outputs, watched, cotangents) + [None, None, None]
