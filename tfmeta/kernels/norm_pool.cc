@@ -75,6 +75,9 @@ void AddSums(const float* __restrict row, i64 c, double* __restrict sum, double*
   }
 }
 
+// For each channel of a window, which of its four positions (0-3) the pooled gradient goes to: the first maximum of
+// y = z*scale + shift, or 4 where that maximum is <= 0 (the ReLU stops it). The forward kernel outputs these routes,
+// so that the backward kernels need not recompute them.
 void Route(const float* __restrict z0, const float* __restrict z1, const float* __restrict z2,
            const float* __restrict z3, const float* __restrict scale, const float* __restrict shift, i64 c,
            int32_t* __restrict out) {
@@ -216,8 +219,6 @@ std::vector<double> SumByRows(const Dims& d, i64 count, Visit visit, Leftover le
   return sums;
 }
 
-// For each window and channel, which of the window's four positions (0-3) the pooled gradient goes to: the first
-// maximum of y = gamma*c*r + beta, or 4 where that maximum is <= 0 (the ReLU stops it).
 // Batch norm as y = z*scale + shift per channel: scale = gamma*r, shift = beta - gamma*r*mean (`affine`: 2*c).
 std::vector<float> Affine(const float* gamma, const float* beta, const Dims& d, const std::vector<double>& mean,
                           const std::vector<double>& r) {
@@ -227,20 +228,6 @@ std::vector<float> Affine(const float* gamma, const float* beta, const Dims& d, 
     affine[d.c + ch] = static_cast<float>(beta[ch] - gamma[ch] * r[ch] * mean[ch]);
   }
   return affine;
-}
-
-std::vector<int32_t> Routes(const float* z, const float* gamma, const float* beta, const Dims& d,
-                           const std::vector<double>& mean, const std::vector<double>& r) {
-  std::vector<int32_t> routes(d.windows() * d.c);
-  const std::vector<float> affine = Affine(gamma, beta, d, mean, r);
-  const float* scale = affine.data();
-  const float* shift = scale + d.c;
-  int32_t* route = routes.data();
-  ForWindows(d, [&](i64 window, const i64* offsets) {
-    int32_t* out = route + window * d.c;
-    Route(z + offsets[0], z + offsets[1], z + offsets[2], z + offsets[3], scale, shift, d.c, out);
-  }, [](i64) {});
-  return routes;
 }
 
 // The three kernels' common part: batch norm's epsilon.
@@ -258,7 +245,7 @@ class NormPoolOp : public NormPoolKernel {
  public:
   using NormPoolKernel::NormPoolKernel;
 
-  // Inputs: z, gamma, beta. Outputs: the pooled output, the batch's mean and biased variance.
+  // Inputs: z, gamma, beta. Outputs: the pooled output, the batch's mean and biased variance, and the routes.
   void Compute(OpKernelContext* context) override {
     const Tensor& z_tensor = context->input(0);
     OP_REQUIRES(context, z_tensor.dims() == 4,
@@ -267,10 +254,11 @@ class NormPoolOp : public NormPoolKernel {
                  z_tensor.dim_size(1) / 2, z_tensor.dim_size(2) / 2};
     OP_REQUIRES_OK(context, CheckShape(context, 1, "gamma", TensorShape({d.c})));
     OP_REQUIRES_OK(context, CheckShape(context, 2, "beta", TensorShape({d.c})));
-    Tensor *p_tensor, *mean_tensor, *variance_tensor;
+    Tensor *p_tensor, *mean_tensor, *variance_tensor, *routes_tensor;
     OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({d.n, d.ho, d.wo, d.c}), &p_tensor));
     OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({d.c}), &mean_tensor));
     OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({d.c}), &variance_tensor));
+    OP_REQUIRES_OK(context, context->allocate_output(3, p_tensor->shape(), &routes_tensor));
     const float* z = z_tensor.flat<float>().data();
     std::vector<double> mean, r;
     Statistics(z, d, epsilon_, &mean, &r);
@@ -281,9 +269,12 @@ class NormPoolOp : public NormPoolKernel {
     const std::vector<float> affine =
         Affine(context->input(1).flat<float>().data(), context->input(2).flat<float>().data(), d, mean, r);
     float* p = p_tensor->flat<float>().data();
+    int32_t* routes = routes_tensor->flat<int32_t>().data();
+    const float *scale = affine.data(), *shift = scale + d.c;
     ForWindows(d, [&](i64 window, const i64* offsets) {
-      Pool(z + offsets[0], z + offsets[1], z + offsets[2], z + offsets[3], affine.data(), affine.data() + d.c, d.c,
-           p + window * d.c);
+      const float *z0 = z + offsets[0], *z1 = z + offsets[1], *z2 = z + offsets[2], *z3 = z + offsets[3];
+      Pool(z0, z1, z2, z3, scale, shift, d.c, p + window * d.c);
+      Route(z0, z1, z2, z3, scale, shift, d.c, routes + window * d.c);
     }, [](i64) {});
   }
 };
@@ -292,7 +283,7 @@ class NormPoolGradOp : public NormPoolKernel {
  public:
   using NormPoolKernel::NormPoolKernel;
 
-  // Inputs: dp, z, gamma, beta, and the forward kernel's mean and variance. Outputs: dz, dgamma, dbeta.
+  // Inputs: dp, z, gamma, beta, and the forward kernel's mean, variance and routes. Outputs: dz, dgamma, dbeta.
   void Compute(OpKernelContext* context) override {
     Dims d;
     OP_REQUIRES_OK(context, ReadDims(context, 0, 1, &d));
@@ -305,10 +296,10 @@ class NormPoolGradOp : public NormPoolKernel {
     OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({d.c}), &dbeta_tensor));
     std::vector<double> mean, r;
     OP_REQUIRES_OK(context, ReadStatistics(context, 4, d, epsilon_, &mean, &r));
-    const std::vector<int32_t> routes = Routes(z, gamma, context->input(3).flat<float>().data(), d, mean, r);
+    OP_REQUIRES_OK(context, CheckShape(context, 6, "routes", context->input(0).shape()));
+    const int32_t* route = context->input(6).flat<int32_t>().data();
     // sums of g and g*c over the routed positions
     const std::vector<float> centres(mean.begin(), mean.end());
-    const int32_t* route = routes.data();
     const std::vector<double> sums = SumByRows(d, 2, [&](i64 window, const i64* offsets, float* partial) {
       for (int32_t k = 0; k < 4; ++k) {
         AddRouted(dp + window * d.c, route + window * d.c, k, z + offsets[k], centres.data(), d.c, partial,
@@ -345,8 +336,8 @@ class NormPoolGradGradOp : public NormPoolKernel {
  public:
   using NormPoolKernel::NormPoolKernel;
 
-  // Inputs: u (cotangent of dz), a (of dgamma), b (of dbeta), dp, z, gamma, beta, and the forward kernel's mean and
-  // variance. Outputs: ddp, dz, dgamma.
+  // Inputs: u (cotangent of dz), a (of dgamma), b (of dbeta), dp, z, gamma, beta, and the forward kernel's mean,
+  // variance and routes. Outputs: ddp, dz, dgamma.
   void Compute(OpKernelContext* context) override {
     Dims d;
     OP_REQUIRES_OK(context, ReadDims(context, 3, 4, &d));
@@ -365,11 +356,11 @@ class NormPoolGradGradOp : public NormPoolKernel {
     OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({d.c}), &dgamma_tensor));
     std::vector<double> mean, r;
     OP_REQUIRES_OK(context, ReadStatistics(context, 7, d, epsilon_, &mean, &r));
-    const std::vector<int32_t> routes = Routes(z, gamma, context->input(6).flat<float>().data(), d, mean, r);
+    OP_REQUIRES_OK(context, CheckShape(context, 9, "routes", context->input(3).shape()));
+    const int32_t* route = context->input(9).flat<int32_t>().data();
     // sums over all values (u, u*c) and over the routed ones (g, g*c, u*g)
     const std::vector<float> centres(mean.begin(), mean.end());
     const float* centre = centres.data();
-    const int32_t* route = routes.data();
     const std::vector<double> sums = SumByRows(d, 5, [&](i64 window, const i64* offsets, float* partial) {
       for (int32_t k = 0; k < 4; ++k) {
         AddRoutedAndU(dp + window * d.c, route + window * d.c, k, z + offsets[k], u + offsets[k], centre, d.c,
@@ -427,6 +418,7 @@ REGISTER_OP("TfmetaNormPool")
     .Output("p: float")
     .Output("mean: float")
     .Output("variance: float")
+    .Output("routes: int32")
     .Attr("epsilon: float")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle z;
@@ -437,6 +429,7 @@ REGISTER_OP("TfmetaNormPool")
       c->set_output(0, c->MakeShape({c->Dim(z, 0), half(c->Dim(z, 1)), half(c->Dim(z, 2)), c->Dim(z, 3)}));
       c->set_output(1, c->Vector(c->Dim(z, 3)));
       c->set_output(2, c->Vector(c->Dim(z, 3)));
+      c->set_output(3, c->output(0));
       return ::tensorflow::OkStatus();
     });
 
@@ -447,6 +440,7 @@ REGISTER_OP("TfmetaNormPoolGrad")
     .Input("beta: float")
     .Input("mean: float")
     .Input("variance: float")
+    .Input("routes: int32")
     .Output("dz: float")
     .Output("dgamma: float")
     .Output("dbeta: float")
@@ -470,6 +464,7 @@ REGISTER_OP("TfmetaNormPoolGradGrad")
     .Input("beta: float")
     .Input("mean: float")
     .Input("variance: float")
+    .Input("routes: int32")
     .Output("ddp: float")
     .Output("dz: float")
     .Output("dgamma: float")

@@ -5,9 +5,10 @@ Why: MAML differentiates each support pass's backward pass again. Batch norm's b
 ops (so that TensorFlow could differentiate it), its derivative about 40 more, and the ReLU's and pooling's
 gradients and their derivatives a few more, each a pass over small maps with a fixed cost per op: 0.62 s of a 5-step
 second-order Omniglot meta-step's 4.25 s of op time (docs/performance.md, issue 21). Here the forward pass is one
-kernel (`TfmetaNormPool`: statistics, normalisation, ReLU and pooling, writing only the pooled maps), the backward
-pass another (`TfmetaNormPoolGrad`) and its gradient a third (`TfmetaNormPoolGradGrad`, registered below;
-`norm_pool.cc` states the formulas). They run on the calling thread: a meta-batch's tasks keep the cores busy.
+kernel (`TfmetaNormPool`: statistics, normalisation, ReLU and pooling, writing only the pooled maps and, for the
+backward kernels, the statistics and each pooled value's route), the backward pass another (`TfmetaNormPoolGrad`)
+and its gradient a third (`TfmetaNormPoolGradGrad`, registered below; `norm_pool.cc` states the formulas). They
+run on the calling thread: a meta-batch's tasks keep the cores busy.
 
 Routing the pooled gradient (first maximum of each window, through the ReLU) is piecewise constant, so the third
 kernel is the exact derivative of the second. Its own gradient (third order) is the separate ops' third derivative,
@@ -41,12 +42,12 @@ def norm_relu_pool(ops, z, gamma, beta, epsilon: float, name: str = "norm_pool")
 
     @tf.custom_gradient
     def forward(z, gamma, beta):
-        p, mean, variance = ops.tfmeta_norm_pool(z, gamma, beta, epsilon=epsilon)
+        p, mean, variance, routes = ops.tfmeta_norm_pool(z, gamma, beta, epsilon=epsilon)
 
         def backward(dp, dmean, dvariance):
             del dmean, dvariance  # the statistics only feed the moving averages, under a stop-gradient
             with tf.name_scope(f"{name}_grad"):
-                return ops.tfmeta_norm_pool_grad(dp, z, gamma, beta, mean, variance, epsilon=epsilon)
+                return ops.tfmeta_norm_pool_grad(dp, z, gamma, beta, mean, variance, routes, epsilon=epsilon)
 
         return (p, mean, variance), backward
 
@@ -88,26 +89,26 @@ def _separate_grad_grad(u, a, b, dp, z, gamma, beta, epsilon: float):
 @tf.RegisterGradient("TfmetaNormPoolGrad")
 def _norm_pool_grad_grad(op, ddz, ddgamma, ddbeta):
     """The backward pass's gradient in dp, z and gamma (none in beta, which only moves the routes; z's statistics
-    are inputs only to spare a pass over z, and its derivative counts their dependence on z)."""
+    and routes are inputs only to spare passes over z, and its derivative counts the statistics' dependence on z)."""
     from tfmeta import kernels
 
-    dp, z, gamma, beta, mean, variance = op.inputs
+    dp, z, gamma, beta, mean, variance, routes = op.inputs
     u = tf.zeros_like(z) if ddz is None else ddz
     a = tf.zeros_like(gamma) if ddgamma is None else ddgamma
     b = tf.zeros_like(gamma) if ddbeta is None else ddbeta
-    ddp, dz, dgamma = kernels.load().tfmeta_norm_pool_grad_grad(u, a, b, dp, z, gamma, beta, mean, variance,
+    ddp, dz, dgamma = kernels.load().tfmeta_norm_pool_grad_grad(u, a, b, dp, z, gamma, beta, mean, variance, routes,
                                                                  epsilon=op.get_attr("epsilon"))
-    return [ddp, dz, dgamma, None, None, None]
+    return [ddp, dz, dgamma, None, None, None, None]
 
 
 @tf.RegisterGradient("TfmetaNormPoolGradGrad")
 def _norm_pool_grad_grad_grad(op, dddp, ddz, ddgamma):
     """Third order: the separate ops' derivative of `_separate_grad_grad`, recomputed from the kernel's inputs."""
-    inputs = list(op.inputs)[:7]  # u, a, b, dp, z, gamma, beta (then z's statistics, which z determines)
+    inputs = list(op.inputs)[:7]  # u, a, b, dp, z, gamma, beta (then z's statistics and routes, which they determine)
     watched = inputs[:6]  # u, a, b, dp, z, gamma (beta only moves the routes)
     cotangents = [tf.zeros_like(output) if grad is None else grad
                   for output, grad in zip(op.outputs, (dddp, ddz, ddgamma))]
     with tf.GradientTape() as tape:
         tape.watch(watched)
         outputs = _separate_grad_grad(*inputs, op.get_attr("epsilon"))
-    return tape.gradient(outputs, watched, cotangents) + [None, None, None]
+    return tape.gradient(outputs, watched, cotangents) + [None, None, None, None]
