@@ -579,8 +579,8 @@ class ConvBlockInputGradOp : public EpsilonKernel {
   void Compute(OpKernelContext* context) override {
     Dims d;
     OP_REQUIRES_OK(context, ReadDims(context, 1, &d));
-    for (int i : {6, 7, 9, 10}) OP_REQUIRES_OK(context, CheckShape(context, i, "mean, variance, dgamma and dbeta",
-                                                                    TensorShape({d.c})));
+    const std::pair<int, const char*> vectors[] = {{6, "mean"}, {7, "variance"}, {9, "dgamma"}, {10, "dbeta"}};
+    for (const auto& [i, name] : vectors) OP_REQUIRES_OK(context, CheckShape(context, i, name, TensorShape({d.c})));
     OP_REQUIRES_OK(context, CheckShape(context, 8, "routes", TensorShape({d.n, d.ho, d.wo, d.c})));
     OP_REQUIRES_OK(context, CheckShape(context, 0, "dy", TensorShape({d.n, d.ho, d.wo, d.c})));
     const float* in[11];
