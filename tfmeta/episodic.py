@@ -354,14 +354,16 @@ class EpisodicLearner(keras.Model):
         self._layouts[function] = layout
 
     def make_train_function(self, force: bool = False):
-        """Keras' train function, made leaner where that is safe: on the default strategy, one step per call, in
-        graph mode, the step reads its batch inside one traced function. Keras' own wraps every step's logs in a
-        `tf.experimental.Optional` inside a second function call: on a small learner (the sine MLP) that is a
-        sixth of the meta-step (docs/performance.md, issue 21). Each iterator's traced function is called directly,
-        which spares matching its types on every call (another tenth there). At the end of a finite dataset the
-        read raises `OutOfRangeError`, which `fit` takes as the end of the epoch, as with Keras' function. Everything
-        else (`train_on_batch`'s generators, strategies, `steps_per_execution`, `run_eagerly`) runs Keras'
-        function."""
+        """Keras' train function, made leaner where that is safe: on the default strategy, one step per call, in graph
+        mode, the step reads its batch inside one traced function. Keras' own wraps every step's logs in a
+        `tf.experimental.Optional` inside a second function call: on a small learner (the sine MLP) that is a sixth of
+        the meta-step (docs/performance.md, issue 21). Each iterator's traced function is called directly, which spares
+        matching its types on every call (another tenth there). Tasks mapped with `tf.vectorized_map` make the step a
+        chain of small batched ops, which TensorFlow's default executor hands back and forth between its inter-op
+        threads at more cost than gain: they run on the calling thread instead (the single-threaded executor; kernels
+        still split large ops over the intra-op threads), a tenth faster there. At the end of a finite dataset the read
+        raises `OutOfRangeError`, which `fit` takes as the end of the epoch, as with Keras' function. Everything else
+        (`train_on_batch`'s generators, strategies, `steps_per_execution`, `run_eagerly`) runs Keras' function."""
         if self.train_function is not None and not force:
             return self.train_function
         super().make_train_function(force=True)
@@ -372,13 +374,15 @@ class EpisodicLearner(keras.Model):
         step = tf.function(self.train_step, jit_compile=self.jit_compile, reduce_retracing=True)
         lean = tf.function(lambda iterator: step(iterator.get_next()), reduce_retracing=True)
         traced = weakref.WeakKeyDictionary()  # iterator -> its traced function, called without re-matching types
+        executor = "SINGLE_THREADED_EXECUTOR" if self.task_mapping == "vectorized_map" else ""
 
         def function(iterator):
             if not isinstance(iterator, tf.data.Iterator):
                 return keras_function(iterator)
-            if iterator not in traced:
-                traced[iterator] = lean.get_concrete_function(iterator)
-            return traced[iterator](iterator)
+            with tf.experimental.function_executor_type(executor):
+                if iterator not in traced:
+                    traced[iterator] = lean.get_concrete_function(iterator)
+                return traced[iterator](iterator)
 
         self.train_function = function
         return function
