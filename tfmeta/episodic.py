@@ -91,6 +91,9 @@ class EpisodicLearner(keras.Model):
 
     takes_support_streams = False  # Gradient-based learners can take one support batch per inner step.
     vectorizes_dense_learners = False  # Whether "auto" may vectorise this algorithm's tasks over dense learners.
+    # The TensorFlow executor of `fit`'s train function: None picks the single-threaded one for tasks mapped with
+    # `tf.vectorized_map` and TensorFlow's default ("") otherwise (`make_train_function`).
+    step_executor: Optional[str] = None
 
     def __init__(
         self,
@@ -374,7 +377,9 @@ class EpisodicLearner(keras.Model):
         step = tf.function(self.train_step, jit_compile=self.jit_compile, reduce_retracing=True)
         lean = tf.function(lambda iterator: step(iterator.get_next()), reduce_retracing=True)
         traced = weakref.WeakKeyDictionary()  # iterator -> its traced function, called without re-matching types
-        executor = "SINGLE_THREADED_EXECUTOR" if self.task_mapping == "vectorized_map" else ""
+        executor = self.step_executor
+        if executor is None:
+            executor = "SINGLE_THREADED_EXECUTOR" if self.task_mapping == "vectorized_map" else ""
 
         def function(iterator):
             if not isinstance(iterator, tf.data.Iterator):

@@ -1,13 +1,15 @@
 """tfmeta's own CPU kernels, compiled at first use against the installed TensorFlow.
 
-`conv_block.cc` fuses conv_net's first block (`tfmeta.kernels.conv_block`); `norm_pool.cc` runs the later
-blocks' batch norm, ReLU and pooling forward, backward, and that backward pass's gradient
-(`tfmeta.kernels.norm_pool`). Both are built once per machine with g++ and TensorFlow's headers (`tf.sysconfig`,
-about 30 s) into one library in `$TFMETA_KERNEL_CACHE` (default `~/.cache/tfmeta/kernels`), keyed by the sources,
-TensorFlow's version and the CPU (it is compiled for the machine's own instruction set). Where no compiler is
-present or the build fails, `load()` warns once and returns None, and tfmeta runs TensorFlow's own ops instead: the
-kernels change speed, never results beyond float rounding. `TFMETA_FUSED_KERNELS=0` turns them off; `disabled()`
-does so while a block of code traces (SavedModel exports use it, so that a served model needs no tfmeta kernels).
+`conv_block.cc` fuses conv_net's first block (`tfmeta.kernels.conv_block`); `norm_pool.cc` runs the later blocks'
+batch norm, ReLU and pooling forward, backward, and that backward pass's gradient (`tfmeta.kernels.norm_pool`);
+`batch_matmul.cc` multiplies the small per-task matrices of dense learners under `tf.vectorized_map`
+(`tfmeta.kernels.batch_matmul`). They are built once per machine with g++ and TensorFlow's headers (`tf.sysconfig`,
+about 40 s on two cores) into one library in `$TFMETA_KERNEL_CACHE` (default `~/.cache/tfmeta/kernels`), keyed by
+the sources, TensorFlow's version and the CPU (it is compiled for the machine's own instruction set). Where no
+compiler is present or the build fails, `load()` warns once and returns None, and tfmeta runs TensorFlow's own ops
+instead: the kernels change speed, never results beyond float rounding. `TFMETA_FUSED_KERNELS=0` turns them off;
+`disabled()` does so while a block of code traces (SavedModel exports use it, so that a served model needs no tfmeta
+kernels).
 """
 
 from __future__ import annotations

@@ -47,9 +47,13 @@ def _batch_matmul_grad(op, dz):
 def vectorized_products() -> Iterator[None]:
     """While `tf.vectorized_map` converts code inside, a product of two per-task real matrices becomes
     `TfmetaBatchMatMul` where tfmeta's kernels may run (`kernels.usable()`: not under XLA, not on a GPU, not while
-    exporting); other products convert as TensorFlow converts them."""
-    registry = pfor._pfor_converter_registry
-    tensorflows = registry["MatMul"]
+    exporting); other products convert as TensorFlow converts them. It swaps the `MatMul` converter of TensorFlow's
+    `pfor` module for the time, which is internal API: where that is missing, nothing changes."""
+    registry = getattr(pfor, "_pfor_converter_registry", {})
+    tensorflows = registry.get("MatMul")
+    if tensorflows is None:
+        yield
+        return
 
     def convert(pfor_input):
         from tfmeta import kernels
