@@ -4,8 +4,8 @@
 // Why: MAML's tasks, vectorised, turn each dense layer's product into BatchMatMulV2 of, on the sine MLP, 25 products
 // of 10x40 by 40x40. TensorFlow's kernels (oneDNN's and Eigen's) split so small a batch across the intra-op threads,
 // and waking a second thread costs more than the product: 25-40 us per op with two threads against 10 us with one
-// (docs/performance.md, issue 21). Here batches below about a millisecond of work run on the calling thread (a
-// meta-batch's other ops keep the second core busy), larger ones are split over the intra-op pool.
+// (docs/performance.md, issue 21). Here batches below about 8M multiply-adds run on the calling thread, larger ones
+// are split over the intra-op pool.
 //
 // out[b] = op(x[b]) op(y[b]), op(m) = m or its transpose (adj_x, adj_y; real types only), for x, y of rank 3 with the
 // same batch size.
@@ -35,9 +35,10 @@ using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
 typedef int64_t i64;
 
-// Multiply-adds below which a batch runs on the calling thread: about a millisecond of work, against the tens of
-// microseconds it costs to wake another thread on these machines.
-constexpr i64 kInlineMultiplyAdds = i64{1} << 24;
+// Multiply-adds below which a batch runs on the calling thread, against the tens of microseconds it costs to wake
+// another thread on these machines. Measured (25 products, 2 threads): at 4M multiply-adds one thread was faster, at
+// 16M two were (by a tenth).
+constexpr i64 kInlineMultiplyAdds = i64{1} << 23;
 
 REGISTER_OP("TfmetaBatchMatMul")
     .Input("x: T")
