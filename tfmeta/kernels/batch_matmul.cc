@@ -3,7 +3,7 @@
 //
 // Why: MAML's tasks, vectorised, turn each dense layer's product into BatchMatMulV2 of, on the sine MLP, 25 products
 // of 10x40 by 40x40. TensorFlow's kernels (oneDNN's and Eigen's) split so small a batch across the intra-op threads,
-// and waking a second thread costs more than the product: 25-40 us per op with two threads against 10 us with one
+// and waking a second thread costs more than the product: 26-53 us per op with two threads against 10 us with one
 // (docs/performance.md, issue 21). Here batches below about 8M multiply-adds run on the calling thread, larger ones
 // are split over the intra-op pool.
 //

@@ -3,8 +3,8 @@
 Why: vectorising a dense learner over tasks turns each layer's product, once the weights differ per task (after an
 inner step, and in the gradients), into a batched product (`BatchMatMulV2`) of small matrices: on the sine MLP, 21
 per meta-step of 25 products of at most 10x40 by 40x40. TensorFlow's kernels split so small a batch across the
-intra-op threads, and on these machines waking the second thread costs more than the product: 25-45 us per op
-against 3-12 us here (docs/performance.md, issue 21). `vectorized_products()` makes `tf.vectorized_map` emit
+intra-op threads, and on these machines waking the second thread costs more than the product: 29-51 us per op
+against 3-20 us here (docs/performance.md, issue 21). `vectorized_products()` makes `tf.vectorized_map` emit
 `TfmetaBatchMatMul` for such products; its gradient is the same kernel, so every order of derivative runs on it.
 """
 
