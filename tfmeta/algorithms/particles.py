@@ -22,7 +22,6 @@ from tfmeta import partition as partition_lib
 from tfmeta.algorithms.maml import MAML
 from tfmeta.episodic import vectorizable
 from tfmeta.inner_loop import at_step
-from tfmeta.kernels import batch_matmul
 from tfmeta.layers import batch_statistics_layers
 from tfmeta.registry import register
 
@@ -44,8 +43,7 @@ def particle_call(learner: keras.Model, trainable: list, state: list, x, trainin
         return learner.stateless_call(params, state, x, return_losses=return_losses, **kwargs)
 
     if mapping == "vectorized_map":
-        with batch_matmul.vectorized_products():
-            return tf.vectorized_map(one, list(trainable))
+        return tf.vectorized_map(one, list(trainable))
     results = [one([p[i] for p in trainable]) for i in range(trainable[0].shape[0])]
     return tf.nest.map_structure(lambda *xs: tf.stack(xs), *results)
 

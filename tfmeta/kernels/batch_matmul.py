@@ -75,7 +75,8 @@ def vectorized_products() -> Iterator[None]:
 
 @pfor.RegisterPFor("TfmetaBatchMatMul")
 def _convert_batch_matmul(pfor_input):
-    """Under an enclosing `tf.vectorized_map` (particles within tasks), the kernel over the merged batch axes."""
+    """Under an enclosing `tf.vectorized_map` (e.g. a user's map over meta-learners), the kernel over the merged
+    batch axes."""
     from tfmeta import kernels
 
     pfor_input.stack_inputs()
